@@ -1,0 +1,1 @@
+"""Torch side: TF-exact fake-quant numerics, quantizers, QAT modules and graph preparation."""
