@@ -45,10 +45,16 @@ def _as_f32(v, device=None) -> torch.Tensor:
     return torch.as_tensor(v, dtype=torch.float32, device=device)
 
 
-def _round_half_away_nonneg(v: torch.Tensor) -> torch.Tensor:
-    """std::round for v >= 0, exactly: floor(v + 0.5) in float32 would round 0.49999997 up."""
-    f = torch.floor(v)
-    return f + ((v - f) >= 0.5).to(v.dtype)
+def _nudge_core(mn, mx, qmin, qmax, where, floor):
+    """TF's Nudge (§1.2) over float32 arrays of either library: each op rounds in float32."""
+    steps = qmax - qmin
+    scale = (mx - mn) / steps
+    inv_scale = steps / (mx - mn)  # computed separately, NOT 1/scale
+    zp_from_min = qmin - mn / scale
+    f = floor(zp_from_min)  # std::round for values >= 0, exactly (floor(v + .5) would round 0.49999997 up)
+    rounded = where((zp_from_min - f) >= 0.5, f + 1, f)
+    zp = where(zp_from_min < qmin, qmin, where(zp_from_min > qmax, qmax, rounded))
+    return scale, zp, (qmin - zp) * scale, (qmax - zp) * scale, inv_scale
 
 
 def nudge_with_inverse(min_val, max_val, num_bits: int = 8, narrow_range: bool = False):
@@ -58,16 +64,17 @@ def nudge_with_inverse(min_val, max_val, num_bits: int = 8, narrow_range: bool =
     mx = _as_f32(max_val, device=mn.device)
     qmin = torch.tensor(float(qmin_i), dtype=torch.float32, device=mn.device)
     qmax = torch.tensor(float(qmax_i), dtype=torch.float32, device=mn.device)
-    steps = qmax - qmin
-    scale = (mx - mn) / steps
-    inv_scale = steps / (mx - mn)
-    zp_from_min = qmin - mn / scale
-    zp = torch.where(
-        zp_from_min < qmin, qmin, torch.where(zp_from_min > qmax, qmax, _round_half_away_nonneg(zp_from_min))
-    )
-    nudged_min = (qmin - zp) * scale
-    nudged_max = (qmax - zp) * scale
-    return Nudged(scale, zp, nudged_min, nudged_max), inv_scale
+    scale, zp, nmin, nmax, inv_scale = _nudge_core(mn, mx, qmin, qmax, torch.where, torch.floor)
+    return Nudged(scale, zp, nmin, nmax), inv_scale
+
+
+def nudge_numpy(min_val, max_val, num_bits: int = 8, narrow_range: bool = False) -> tuple[np.ndarray, ...]:
+    """`nudge` in numpy float32, for export-time searches over many candidate ranges."""
+    qmin_i, qmax_i = quant_bounds(num_bits, narrow_range)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = _nudge_core(np.asarray(min_val, np.float32), np.asarray(max_val, np.float32),
+                          np.float32(qmin_i), np.float32(qmax_i), np.where, np.floor)
+    return tuple(np.asarray(v, np.float32) for v in out[:4])
 
 
 def nudge(min_val, max_val, num_bits: int = 8, narrow_range: bool = False) -> Nudged:
@@ -113,3 +120,72 @@ def tflite_qparams(min_val, max_val, num_bits: int = 8, narrow_range: bool = Fal
         zp = np.where(degenerate, qmin, zp)
     zp = zp.astype(np.int64)
     return TFLiteQParams(scale.astype(np.float32), zp, zp - (1 << (num_bits - 1)))
+
+
+class SnappedRange(NamedTuple):
+    """A float32 range whose TF nudge and TFLite-converter qparams are the same grid."""
+
+    min: float
+    max: float
+    scale: float  # float32 value
+    zero_point: int  # unsigned code space
+    converter_disagreed: bool  # the original range would have given the converter another grid
+    scale_moved_ulps: int  # 0 unless the TF grid itself had no agreeing representation
+
+
+def _agree(mn: np.float32, mx: np.float32, num_bits: int, narrow_range: bool):
+    scale, zp, _, _ = nudge_numpy(mn, mx, num_bits, narrow_range)
+    q = tflite_qparams(mn, mx, num_bits, narrow_range)
+    s, z = np.float32(scale), int(zp)
+    return (s, z) if (q.scale == s and int(q.zero_point) == z) else None
+
+
+def canonical_range(scale: float, zero_point: int, num_bits: int = 8, narrow_range: bool = False,
+                    max_ulps: int = 4) -> tuple[float, float] | None:
+    """A float32 (min, max) that both TF's nudge and the TFLite converter turn into exactly
+    (scale, zero_point); None if no candidate within `max_ulps` of the grid ends does.
+
+    The exporter rebuilds FakeQuant ranges from ONNX Q/DQ (scale, zero point) with this, so the
+    .tflite stores the grid torch simulated (§4.3, §7 item 4).
+    """
+    qmin, qmax = quant_bounds(num_bits, narrow_range)
+    s = np.float32(scale)
+    base_lo = np.float32(np.float32(qmin - zero_point) * s)  # TF: nudged_min = (qmin - zp) * scale, float32
+    base_hi = np.float32(np.float32(qmax - zero_point) * s)
+    steps = sorted(range(-max_ulps, max_ulps + 1), key=abs)
+    for d in range(0, 2 * max_ulps + 1):  # total ulp distance, smallest first
+        for a in steps:
+            b_abs = d - abs(a)
+            if b_abs < 0:
+                continue
+            for b in {b_abs, -b_abs}:
+                lo, hi = _ulp_shift(base_lo, a), _ulp_shift(base_hi, b)
+                if _agree(lo, hi, num_bits, narrow_range) == (s, int(zero_point)):
+                    return float(lo), float(hi)
+    return None
+
+
+def _ulp_shift(v: np.float32, n: int) -> np.float32:
+    direction = np.float32(np.inf) if n > 0 else np.float32(-np.inf)
+    for _ in range(abs(n)):
+        v = np.nextafter(v, direction, dtype=np.float32)
+    return np.float32(v)
+
+
+def snap_range(min_val: float, max_val: float, num_bits: int = 8, narrow_range: bool = False) -> SnappedRange:
+    """The range to deploy for a learned (min, max): TF's nudged grid (what training simulated),
+    written so the converter derives the same grid. If that grid has no such representation, the
+    scale moves by the fewest float32 ulps that give one (reported in `scale_moved_ulps`).
+    """
+    mn, mx = np.float32(min_val), np.float32(max_val)
+    scale, zp, _, _ = nudge_numpy(mn, mx, num_bits, narrow_range)
+    s, z = np.float32(scale), int(zp)
+    disagreed = _agree(mn, mx, num_bits, narrow_range) is None
+    for k in range(0, 64):
+        for ulps in ([0] if k == 0 else [k, -k]):
+            r = canonical_range(_ulp_shift(s, ulps), z, num_bits, narrow_range)
+            if r is not None:
+                s2 = np.float32(_ulp_shift(s, ulps))
+                return SnappedRange(r[0], r[1], float(s2), z, disagreed, ulps)
+    raise ValueError(f"no float32 range near [{min_val}, {max_val}] gives TF and the TFLite converter the same "
+                     "grid; is the range degenerate (min == max) or not finite?")
