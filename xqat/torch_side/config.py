@@ -1,0 +1,69 @@
+"""QATConfig: every knob of a QAT model in one dataclass (bits, EMA, delays, range learning, skips)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from ..errors import QATConfigError
+
+__all__ = ["QATConfig", "EMA_MODES"]
+
+EMA_MODES = ("debias", "tfmot")
+
+
+@dataclass
+class QATConfig:
+    """How `prepare_qat` quantizes a model.
+
+    - `ema="debias"` (default): bias-corrected EMA as tf.contrib.quantize (zero_debias=True), so the first
+      step's range is the batch range. `ema="tfmot"`: tfmot's MovingAverageQuantizer exactly (init +-6, no
+      debias, float32 decay applied before the same step's fake quant; tf-quant-semantics §2.1).
+    - `quant_delay`: training steps during which ranges are collected but activations pass unquantized
+      (tf.contrib quant_delay, §3). Weights follow the same delay.
+    - `freeze_bn_delay`: training steps after which BN statistics are frozen and the fold uses the moving
+      statistics only (§3). None: never freeze during training.
+    - `learn_ranges`: after `range_warmup_steps` of EMA, activation min/max become trained parameters with
+      TF's gradient (§1.5).
+    - `skip`: module paths (or fx node names) left in float; the TFLite model is then not full-integer.
+    - `bn_stats`: where BN batch statistics come from while folding in training: "quantized" (default; the
+      quantized conv output rescaled, one conv per layer, as torch.ao) or "float" (a second, float conv,
+      exactly as tf.contrib.quantize and Jacob et al.).
+    - `sync_ranges`: under torch.distributed, all-reduce batch min/max before each EMA update.
+    """
+
+    activation_bits: int = 8
+    weight_bits: int = 8
+    ema: str = "debias"
+    ema_decay: float = 0.999
+    quant_delay: int = 0
+    freeze_bn_delay: int | None = None
+    learn_ranges: bool = False
+    range_warmup_steps: int = 100
+    skip: list[str] = field(default_factory=list)
+    bn_stats: str = "quantized"
+    sync_ranges: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("activation_bits", "weight_bits"):
+            bits = getattr(self, name)
+            if not isinstance(bits, int) or not 2 <= bits <= 16:
+                raise QATConfigError(f"QATConfig.{name} must be an int in 2..16, got {bits!r}")
+            if bits != 8:
+                warnings.warn(
+                    f"QATConfig.{name}={bits}: simulated only. TFLite integer kernels and the EdgeTPU run "
+                    "8-bit models; such a model cannot be exported as full-integer TFLite.",
+                    stacklevel=3,
+                )
+        if self.ema not in EMA_MODES:
+            raise QATConfigError(f"QATConfig.ema must be one of {EMA_MODES}, got {self.ema!r}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise QATConfigError(f"QATConfig.ema_decay must be in (0, 1), got {self.ema_decay}")
+        for name in ("quant_delay", "range_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise QATConfigError(f"QATConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.freeze_bn_delay is not None and self.freeze_bn_delay < 0:
+            raise QATConfigError(f"QATConfig.freeze_bn_delay must be >= 0 or None, got {self.freeze_bn_delay}")
+        if self.bn_stats not in ("quantized", "float"):
+            raise QATConfigError(f"QATConfig.bn_stats must be 'quantized' or 'float', got {self.bn_stats!r}")
+        self.skip = list(self.skip)

@@ -1,0 +1,176 @@
+"""QAT compute modules: fused Conv2d(+BN)(+ReLU/ReLU6), Linear(+ReLU), Add(+ReLU), and the float ops
+that sit between quantization points. Activation fake quant is not here: `prepare_qat` puts a
+`QuantPoint` after each module, exactly where the int8 TFLite graph has a tensor.
+
+BN folding in training follows tf.contrib.quantize / Jacob et al. (tf-quant-semantics.md §3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import WeightQuantizer
+
+__all__ = ["QConv2d", "QLinear", "QAdd", "ACTIVATIONS"]
+
+ACTIVATIONS = (None, "relu", "relu6")
+
+
+def _activate(y: torch.Tensor, act: str | None) -> torch.Tensor:
+    if act == "relu":
+        return F.relu(y)
+    if act == "relu6":
+        return F.hardtanh(y, 0.0, 6.0)
+    return y
+
+
+class _QuantDelay(nn.Module):
+    """Step counter shared by weight-quantized modules: quant_delay and freeze_bn_delay (§3)."""
+
+    def __init__(self, quant_delay: int) -> None:
+        super().__init__()
+        self.quant_delay = quant_delay
+        self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
+
+    def _tick(self) -> bool:
+        """Count a training step; True when weights are fake-quantized in this forward."""
+        if not self.training:
+            return True
+        self.step += 1
+        return int(self.step) > self.quant_delay
+
+
+class QConv2d(_QuantDelay):
+    """Conv2d or depthwise Conv2d with optional BN folded during training and a fused ReLU/ReLU6.
+
+    Without BN: y = conv(x, FQ(w)) + b. With BN before the freeze (§3): the weight is fake-quantized as
+    w·γ/σ_moving and the output corrected to the batch statistics,
+        y = conv(x, FQ(w·γ/σ_mv)) · σ_mv/σ_B + β − μ_B·γ/σ_B,
+    with μ_B, σ_B from the float conv (`bn_stats="float"`, as tf.contrib) or from the quantized conv
+    rescaled by σ_mv/γ (`bn_stats="quantized"`, one conv instead of two, as torch.ao). After the freeze,
+    in eval and at export: y = conv(x, FQ(w·γ/√(var_mv+ε))) + β + (b − μ_mv)·γ/σ_mv.
+    The bias is never fake-quantized: TFLite derives the int32 bias from s_in·s_w.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: str | None = None,
+                 quant_delay: int = 0, freeze_bn_delay: int | None = None, bn_stats: str = "quantized",
+                 weight_bits: int = 8) -> None:
+        super().__init__(quant_delay)
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+        if bn_stats not in ("quantized", "float"):
+            raise ValueError(f"bn_stats must be 'quantized' or 'float', got {bn_stats!r}")
+        self.conv, self.bn, self.act = conv, bn, act
+        self.freeze_bn_delay, self.bn_stats = freeze_bn_delay, bn_stats
+        self.weight_quant = WeightQuantizer(per_channel=True, num_bits=weight_bits)
+        self.register_buffer("bn_frozen", torch.tensor(False))
+
+    @property
+    def is_depthwise(self) -> bool:
+        c = self.conv
+        return c.groups > 1 and c.groups == c.in_channels
+
+    def extra_repr(self) -> str:
+        return f"bn={'folded' if self.bn is not None else 'none'}, act={self.act}"
+
+    def freeze_bn(self) -> None:
+        """Freeze BN statistics now: training then uses the moving statistics (the inference form)."""
+        self.bn_frozen.fill_(True)
+
+    def _bn_is_frozen(self) -> bool:
+        if bool(self.bn_frozen):
+            return True
+        if self.freeze_bn_delay is not None and int(self.step) > self.freeze_bn_delay:
+            self.bn_frozen.fill_(True)
+            return True
+        return False
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return self.conv._conv_forward(x, w, b)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Eval/export weight and bias: BN folded with the moving statistics (§3 eval graph)."""
+        w, b = self.conv.weight, self.conv.bias
+        if self.bn is None:
+            return w, b
+        bn = self.bn
+        factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        b0 = b if b is not None else torch.zeros_like(bn.running_mean)
+        return w * factor.reshape(-1, 1, 1, 1), bn.bias + (b0 - bn.running_mean) * factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        quant = self._tick()
+        wq = self.weight_quant if quant else (lambda w: w)
+        if self.bn is None or not self.training or self._bn_is_frozen():
+            w, b = self.folded()
+            return _activate(self._conv(x, wq(w), b), self.act)
+        return _activate(self._train_bn_fold(x, wq), self.act)
+
+    def _train_bn_fold(self, x: torch.Tensor, wq) -> torch.Tensor:
+        bn, w = self.bn, self.conv.weight
+        sigma_mv = torch.sqrt(bn.running_var + bn.eps)
+        gamma_over_mv = bn.weight / sigma_mv
+        y_q = self._conv(x, wq(w * gamma_over_mv.reshape(-1, 1, 1, 1)), None)
+        if self.bn_stats == "float":
+            y_stats = self._conv(x, w, None)
+        else:  # undo the fold on the quantized conv: y_q · σ_mv/γ ≈ conv(x, w)
+            safe = torch.where(gamma_over_mv == 0, torch.ones_like(gamma_over_mv), gamma_over_mv)
+            y_stats = y_q / safe.reshape(1, -1, 1, 1)
+        dims = (0, 2, 3)
+        mean_b = y_stats.mean(dims)
+        var_b = y_stats.var(dims, unbiased=False)
+        self._update_running_stats(mean_b, y_stats, var_b)
+        sigma_b = torch.sqrt(var_b + bn.eps)
+        y = y_q * (sigma_mv / sigma_b).reshape(1, -1, 1, 1)
+        return y + (bn.bias - mean_b * bn.weight / sigma_b).reshape(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean_b, y_stats, var_b) -> None:
+        """BatchNorm2d's own update: momentum, Bessel-corrected variance, conv bias in the mean."""
+        bn = self.bn
+        if not bn.track_running_stats:
+            return
+        bn.num_batches_tracked += 1
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        n = y_stats.numel() / y_stats.shape[1]
+        mean = mean_b + (self.conv.bias if self.conv.bias is not None else 0.0)
+        bn.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+        bn.running_var.mul_(1 - momentum).add_(var_b.detach() * (n / max(n - 1, 1)), alpha=momentum)
+
+
+class QLinear(_QuantDelay):
+    """Linear with per-tensor symmetric weight fake quant and an optional fused ReLU."""
+
+    def __init__(self, linear: nn.Linear, act: str | None = None, quant_delay: int = 0,
+                 weight_bits: int = 8) -> None:
+        super().__init__(quant_delay)
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+        self.linear, self.act = linear, act
+        self.weight_quant = WeightQuantizer(per_channel=False, num_bits=weight_bits)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}"
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.linear.weight, self.linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_quant(self.linear.weight) if self._tick() else self.linear.weight
+        return _activate(F.linear(x, w, self.linear.bias), self.act)
+
+
+class QAdd(nn.Module):
+    """Residual add with an optional fused ReLU/ReLU6 (TFLite ADD with a fused activation)."""
+
+    def __init__(self, act: str | None = None) -> None:
+        super().__init__()
+        self.act = act
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}"
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _activate(a + b, self.act)

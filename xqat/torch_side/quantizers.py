@@ -1,0 +1,217 @@
+"""Range state of QAT quantizers: EMA / learned activation ranges, last-value symmetric weight ranges.
+
+Quantizers hold statistics and decide the (min, max) to use; the numerics are `fake_quant` and
+`fake_quant_per_channel` (TF-exact), so a quantizer has no rounding code of its own.
+Spec: tf-quant-semantics.md §2.1 (tfmot EMA), §3 (tf.contrib zero-debias EMA, quant_delay).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .fake_quant import fake_quant, fake_quant_per_channel
+from .qparams import nudge, snap_range
+
+__all__ = ["ActivationQuantizer", "WeightQuantizer", "QuantPoint", "FIXED_RANGES"]
+
+# TFLite's fixed output grids (quantization_spec.md, §4.4), as FakeQuant ranges that nudge to them:
+# LOGISTIC/SOFTMAX: scale 1/256, int8 zero point -128; TANH: scale 1/128, zero point 0.
+FIXED_RANGES = {"sigmoid": (0.0, 255.0 / 256.0), "softmax": (0.0, 255.0 / 256.0), "tanh": (-1.0, 127.0 / 128.0)}
+
+
+def _all_reduce_(t: torch.Tensor, op) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op)
+
+
+class ActivationQuantizer(nn.Module):
+    """Per-tensor asymmetric activation range: EMA of batch min/max (always containing 0), optionally
+    learned with TF's gradient after a warm-up, or a fixed range (sigmoid/tanh/softmax outputs).
+
+    State (all in state_dict): min, max, step (training updates seen), biased_min/max (zero-debias
+    accumulators), nan_count (non-finite batches skipped), frozen.
+    """
+
+    def __init__(
+        self,
+        num_bits: int = 8,
+        ema: str = "debias",
+        decay: float = 0.999,
+        quant_delay: int = 0,
+        learn: bool = False,
+        warmup: int = 100,
+        fixed_range: tuple[float, float] | None = None,
+        sync: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_bits, self.ema, self.decay = num_bits, ema, decay
+        self.quant_delay, self.learn, self.warmup, self.sync = quant_delay, learn, warmup, sync
+        self.fixed = fixed_range is not None
+        init = fixed_range if self.fixed else ((-6.0, 6.0) if ema == "tfmot" else (0.0, 0.0))
+        mn, mx = torch.tensor(init[0]), torch.tensor(init[1])
+        if learn and not self.fixed:
+            self.min, self.max = nn.Parameter(mn), nn.Parameter(mx)
+        else:
+            self.register_buffer("min", mn)
+            self.register_buffer("max", mx)
+        self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("biased_min", torch.tensor(0.0))
+        self.register_buffer("biased_max", torch.tensor(0.0))
+        self.register_buffer("nan_count", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("frozen", torch.tensor(self.fixed))
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def initialized(self) -> bool:
+        """True once a range exists: fixed, observed at least once, or tfmot's +-6 init."""
+        return self.fixed or self.ema == "tfmot" or int(self.step) > 0
+
+    def _learning(self) -> bool:
+        return self.learn and not self.fixed and int(self.step) >= self.warmup
+
+    def freeze(self) -> None:
+        """Stop range updates (EMA and learning); forward keeps quantizing with the frozen range."""
+        self.frozen.fill_(True)
+        if isinstance(self.min, nn.Parameter):
+            self.min.requires_grad_(False)
+            self.max.requires_grad_(False)
+
+    def extra_repr(self) -> str:
+        kind = "fixed" if self.fixed else f"ema={self.ema}" + (", learned" if self.learn else "")
+        return f"{kind}, bits={self.num_bits}, range=[{float(self.min):.5g}, {float(self.max):.5g}]"
+
+    # -- statistics ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """One EMA update from a batch (§2.1 tfmot / §3 contrib zero-debias), skipping non-finite values."""
+        x = x.detach()
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            self.nan_count += 1
+            warnings.warn(
+                f"xqat: non-finite activations (NaN/Inf) reached a quantizer ({int(self.nan_count)} batches so "
+                "far); they are left out of the range statistics", RuntimeWarning, stacklevel=3)
+            x = x[finite]
+            if x.numel() == 0:
+                return
+        bmin = torch.clamp(x.min().float(), max=0.0)
+        bmax = torch.clamp(x.max().float(), min=0.0)
+        if self.sync:
+            _all_reduce_(bmin, dist.ReduceOp.MIN)
+            _all_reduce_(bmax, dist.ReduceOp.MAX)
+        self.step += 1
+        one_minus_decay = torch.tensor(1.0 - self.decay, dtype=torch.float32, device=bmin.device)
+        if self.ema == "tfmot":
+            # var <- var - (var - r) * float32(1 - decay); no debias, init +-6 (§2.1)
+            self.min.data.sub_((self.min.data - bmin) * one_minus_decay)
+            self.max.data.sub_((self.max.data - bmax) * one_minus_decay)
+            return
+        # tf.contrib assign_moving_average(zero_debias=True): biased <- biased - (biased - r)(1-d);
+        # unbiased <- unbiased - (unbiased - biased / (1 - d^t)) (§3)
+        self.biased_min.sub_((self.biased_min - bmin) * one_minus_decay)
+        self.biased_max.sub_((self.biased_max - bmax) * one_minus_decay)
+        debias = 1.0 - torch.pow(1.0 - one_minus_decay, self.step.float())
+        self.min.data.sub_(self.min.data - self.biased_min / debias)
+        self.max.data.sub_(self.max.data - self.biased_max / debias)
+
+    # -- numerics ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, observe: bool = True) -> torch.Tensor:
+        training = self.training and not bool(self.frozen)
+        if training and observe and not self._learning():
+            self.observe(x)
+        if not self.initialized:
+            return x  # nothing observed yet (a follower that runs before its group's observer)
+        if self.training and int(self.step) <= self.quant_delay and not self.fixed:
+            return x  # quant_delay: ranges collected, quantization not applied yet
+        if self._learning() and training:
+            return fake_quant(x, self.min, self.max, self.num_bits)
+        return fake_quant(x, self.min.detach(), self.max.detach(), self.num_bits)
+
+    def snapped(self):
+        """The deployable range: TF's grid for the current (min, max), written so the converter agrees."""
+        return snap_range(float(self.min), float(self.max), self.num_bits, False)
+
+    def scale_zero_point(self) -> tuple[float, int]:
+        """TF's (scale, unsigned zero point) for the current range."""
+        g = nudge(self.min.detach(), self.max.detach(), self.num_bits, False)
+        return float(g.scale), int(g.zero_point)
+
+
+class QuantPoint(nn.Module):
+    """A place in the graph where a tensor is fake-quantized with a (possibly shared) quantizer.
+
+    `observe=False` marks a tied use (same-scale ops such as concat inputs, pooling, reshape): it applies
+    the group's range without updating it. `passthrough=True` marks a point whose input is already on
+    the group's grid (max pool, reshape): the simulation skips it, the ONNX export still emits Q/DQ.
+    The shared quantizer is registered once, in the model's `xqat_quantizers`, not here.
+    """
+
+    def __init__(self, quantizer: ActivationQuantizer, observe: bool = True, passthrough: bool = False,
+                 group: str = "", label: str = "") -> None:
+        super().__init__()
+        object.__setattr__(self, "_quantizer", quantizer)  # not a submodule: one owner per group
+        self.observe, self.passthrough, self.group, self.label = observe, passthrough, group, label
+        self.exporting = False
+
+    @property
+    def quantizer(self) -> ActivationQuantizer:
+        return self._quantizer
+
+    @property
+    def role(self) -> str:
+        """own (observes the group's range), tied (uses it), pass (input already on the grid), fixed."""
+        if self.quantizer.fixed:
+            return "fixed"
+        return "own" if self.observe else ("pass" if self.passthrough else "tied")
+
+    def extra_repr(self) -> str:
+        return f"{self.label}, group={self.group}, {self.role}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exporting:
+            return self._qdq(x)
+        if self.passthrough:
+            return x
+        return self.quantizer(x, observe=self.observe)
+
+    def _qdq(self, x: torch.Tensor) -> torch.Tensor:
+        """ONNX export: a per-tensor int8 QuantizeLinear/DequantizeLinear with the snapped grid."""
+        r = self.quantizer.snapped()
+        scale = torch.tensor(r.scale, dtype=torch.float32)
+        zp = torch.tensor(r.zero_point - 128, dtype=torch.int32)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zp, -128, 127)
+
+
+class WeightQuantizer(nn.Module):
+    """Symmetric narrow-range weight fake quant, range = max|w| of the current weights (tfmot's
+    LastValueQuantizer without the stale-range trap, §2.1/§7.6): per output channel (axis 0) for
+    conv and depthwise conv, per tensor for Linear (the converter rejects per-channel FC, export-route.md).
+    """
+
+    def __init__(self, per_channel: bool, num_bits: int = 8) -> None:
+        super().__init__()
+        self.per_channel, self.num_bits = per_channel, num_bits
+
+    def extra_repr(self) -> str:
+        return f"{'per-channel axis 0' if self.per_channel else 'per-tensor'}, bits={self.num_bits}, narrow"
+
+    def absmax(self, w: torch.Tensor) -> torch.Tensor:
+        w = w.detach()
+        if self.per_channel:
+            return w.abs().reshape(w.shape[0], -1).amax(dim=1).float()
+        return w.abs().max().float()
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        m = self.absmax(w)
+        if self.per_channel:
+            return fake_quant_per_channel(w, -m, m, self.num_bits, narrow_range=True, axis=0)
+        return fake_quant(w, -m, m, self.num_bits, narrow_range=True)
+
+    def scales(self, w: torch.Tensor) -> torch.Tensor:
+        """TF's per-channel (or per-tensor) scale for these weights: nudge(-m, m, narrow)."""
+        m = self.absmax(w)
+        return nudge(-m, m, self.num_bits, True).scale
