@@ -11,6 +11,7 @@ __all__ = [
     "OnnxToTfVersionError",
     "TFLiteFileError",
     "ParityError",
+    "EmulationError",
 ]
 
 
@@ -40,3 +41,7 @@ class TFLiteFileError(XQATError):
 
 class ParityError(XQATError):
     """Torch model and TFLite model cannot be compared (shapes, tensor counts, mapping)."""
+
+
+class EmulationError(XQATError):
+    """The integer emulator cannot run a model (unsupported op or quantization) or got unfit inputs."""

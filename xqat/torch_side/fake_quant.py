@@ -66,7 +66,7 @@ class _FakeQuantFn(torch.autograd.Function):
         x, lo, hi = ctx.saved_tensors
         dx = dmin = dmax = None
         if ctx.needs_input_grad[0]:
-            dx = grad * ((x >= lo) & (x <= hi))
+            dx = grad * (torch.clamp(x, lo, hi) == x)  # == (lo <= x <= hi), NaN excluded, in 2 passes
         if ctx.needs_input_grad[1]:
             dmin = torch.where(x < lo, grad, 0.0).sum(ctx.reduce_dims).reshape(ctx.min_shape)
         if ctx.needs_input_grad[2]:

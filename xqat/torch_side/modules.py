@@ -113,28 +113,26 @@ class QConv2d(_QuantDelay):
         sigma_mv = torch.sqrt(bn.running_var + bn.eps)
         gamma_over_mv = bn.weight / sigma_mv
         y_q = self._conv(x, wq(w * gamma_over_mv.reshape(-1, 1, 1, 1)), None)
-        if self.bn_stats == "float":
-            y_stats = self._conv(x, w, None)
-        else:  # undo the fold on the quantized conv: y_q · σ_mv/γ ≈ conv(x, w)
-            safe = torch.where(gamma_over_mv == 0, torch.ones_like(gamma_over_mv), gamma_over_mv)
-            y_stats = y_q / safe.reshape(1, -1, 1, 1)
         dims = (0, 2, 3)
-        mean_b = y_stats.mean(dims)
-        var_b = y_stats.var(dims, unbiased=False)
-        self._update_running_stats(mean_b, y_stats, var_b)
+        if self.bn_stats == "float":
+            var_b, mean_b = torch.var_mean(self._conv(x, w, None), dims, correction=0)
+        else:  # stats of the quantized conv with the fold undone: y_q · σ_mv/γ ≈ conv(x, w)
+            safe = torch.where(gamma_over_mv == 0, torch.ones_like(gamma_over_mv), gamma_over_mv)
+            var_q, mean_q = torch.var_mean(y_q, dims, correction=0)
+            mean_b, var_b = mean_q / safe, var_q / (safe * safe)
+        self._update_running_stats(mean_b, var_b, y_q.numel() / y_q.shape[1])
         sigma_b = torch.sqrt(var_b + bn.eps)
-        y = y_q * (sigma_mv / sigma_b).reshape(1, -1, 1, 1)
-        return y + (bn.bias - mean_b * bn.weight / sigma_b).reshape(1, -1, 1, 1)
+        scale = (sigma_mv / sigma_b).reshape(1, -1, 1, 1)
+        return torch.addcmul((bn.bias - mean_b * bn.weight / sigma_b).reshape(1, -1, 1, 1), y_q, scale)
 
     @torch.no_grad()
-    def _update_running_stats(self, mean_b, y_stats, var_b) -> None:
-        """BatchNorm2d's own update: momentum, Bessel-corrected variance, conv bias in the mean."""
+    def _update_running_stats(self, mean_b, var_b, n: float) -> None:
+        """BatchNorm2d's own update: momentum, Bessel-corrected variance (n per channel), conv bias in the mean."""
         bn = self.bn
         if not bn.track_running_stats:
             return
         bn.num_batches_tracked += 1
         momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        n = y_stats.numel() / y_stats.shape[1]
         mean = mean_b + (self.conv.bias if self.conv.bias is not None else 0.0)
         bn.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
         bn.running_var.mul_(1 - momentum).add_(var_b.detach() * (n / max(n - 1, 1)), alpha=momentum)

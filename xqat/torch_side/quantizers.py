@@ -89,17 +89,18 @@ class ActivationQuantizer(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         """One EMA update from a batch (§2.1 tfmot / §3 contrib zero-debias), skipping non-finite values."""
         x = x.detach()
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
+        bmin, bmax = torch.aminmax(x)  # one pass; NaN/Inf anywhere shows up in these two
+        if not bool(torch.isfinite(bmin) & torch.isfinite(bmax)):
+            finite = torch.isfinite(x)
             self.nan_count += 1
             warnings.warn(
                 f"xqat: non-finite activations (NaN/Inf) reached a quantizer ({int(self.nan_count)} batches so "
                 "far); they are left out of the range statistics", RuntimeWarning, stacklevel=3)
-            x = x[finite]
-            if x.numel() == 0:
+            if not bool(finite.any()):
                 return
-        bmin = torch.clamp(x.min().float(), max=0.0)
-        bmax = torch.clamp(x.max().float(), min=0.0)
+            bmin, bmax = torch.aminmax(x[finite])
+        bmin = torch.clamp(bmin.float(), max=0.0)
+        bmax = torch.clamp(bmax.float(), min=0.0)
         if self.sync:
             _all_reduce_(bmin, dist.ReduceOp.MIN)
             _all_reduce_(bmax, dist.ReduceOp.MAX)

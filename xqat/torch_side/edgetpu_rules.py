@@ -1,0 +1,122 @@
+"""Torch layers that can never run on the EdgeTPU (edgetpu-readiness.md §4 "PyTorch-side rules").
+
+`edgetpu_layer_problems` finds them in a float or prepared model before training, so users change the
+architecture before spending compute; `xqat.check_edgetpu` judges the exported file afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["edgetpu_layer_problems"]
+
+_ACT_FIX = "use nn.ReLU / nn.ReLU6 (or nn.PReLU); SiLU = Sigmoid*x also maps"
+_RESIZE_FIX = "use nn.Upsample(scale_factor=..., mode='nearest')"
+_GROUPED_FIX = "split it into per-group convs + torch.cat, or use depthwise (groups=in_channels) + 1x1 conv"
+
+
+@dataclass(frozen=True)
+class _ModuleRule:
+    types: tuple[type[nn.Module], ...]
+    check: Callable[[nn.Module], str | None]  # what is wrong, or None
+    fix: str
+
+
+def _grouped(m) -> str | None:
+    if m.groups > 1 and not (m.groups == m.in_channels and isinstance(m, nn.Conv2d)):
+        return (f"grouped conv (groups={m.groups}, in_channels={m.in_channels}) becomes CONV_2D v6, which "
+                "compiler 16 rejects (§2, edgetpu#631)")
+    return None
+
+
+def _dilation(m) -> str | None:
+    d = m.dilation if isinstance(m.dilation, tuple) else (m.dilation, m.dilation)
+    return f"dilation {d[0]}x{d[1]} differs between H and W (§1a Conv2d)" if d[0] != d[1] else None
+
+
+def _upsample(m) -> str | None:
+    mode = getattr(m, "mode", "nearest")
+    if isinstance(m, nn.UpsamplingBilinear2d) or mode != "nearest":
+        how = "align_corners=True" if getattr(m, "align_corners", False) else "half-pixel centers"
+        return f"mode '{mode}' resizes with {how}, which the EdgeTPU does not map (§1a Resize*)"
+    return None
+
+
+def _bidirectional(m) -> str | None:
+    return "bidirectional LSTM is not supported (unidirectional only, §1a)" if m.bidirectional else None
+
+
+def _always(reason: str) -> Callable[[nn.Module], str]:
+    return lambda m: reason
+
+
+_MODULE_RULES: tuple[_ModuleRule, ...] = (
+    _ModuleRule((nn.Conv2d, nn.ConvTranspose2d), _grouped, _GROUPED_FIX),
+    _ModuleRule((nn.Conv2d,), _dilation, "use the same dilation in H and W"),
+    _ModuleRule((nn.Hardswish,), _always("HARD_SWISH is not in the EdgeTPU op table (edgetpu#272)"), _ACT_FIX),
+    _ModuleRule((nn.LeakyReLU,), _always("LEAKY_RELU is not in the EdgeTPU op table (edgetpu#597)"), _ACT_FIX),
+    _ModuleRule((nn.GELU,), _always("GELU (op code 150) is unknown to compiler 16 (edgetpu#818)"), _ACT_FIX),
+    _ModuleRule((nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus),
+                _always("needs EXP/LOG, which stay on the CPU (§1a)"), _ACT_FIX),
+    _ModuleRule((nn.LogSoftmax,), _always("LOG_SOFTMAX is not in the EdgeTPU op table"),
+                "use nn.Softmax on a (1, N) tensor, or move it to postprocessing"),
+    _ModuleRule((nn.Upsample, nn.UpsamplingBilinear2d), _upsample, _RESIZE_FIX),
+    _ModuleRule((nn.PixelShuffle,), _always("DEPTH_TO_SPACE is not in the EdgeTPU op table"),
+                "use nn.ConvTranspose2d or nearest upsampling + conv"),
+    _ModuleRule((nn.Conv3d, nn.ConvTranspose3d, nn.MaxPool3d, nn.AvgPool3d, nn.BatchNorm3d),
+                _always("works on 5-D tensors; the EdgeTPU maps at most 3 dims > 1 (§1 requirement 4)"),
+                "fold the extra dim into channels or batch-1 2-D layers"),
+    _ModuleRule((nn.LSTM,), _bidirectional, "use a unidirectional LSTM"),
+    _ModuleRule((nn.GRU, nn.RNN), _always("GRU/RNN ops are not in the EdgeTPU op table"), "use nn.LSTM"),
+    _ModuleRule((nn.Embedding,), _always("GATHER is not in the EdgeTPU op table"),
+                "look embeddings up outside the model"),
+)
+
+# Functional calls seen in torch.fx graphs: target -> (what is wrong, fix).
+_FUNCTION_RULES: dict[object, tuple[str, str]] = {
+    F.hardswish: ("HARD_SWISH is not in the EdgeTPU op table", _ACT_FIX),
+    F.leaky_relu: ("LEAKY_RELU is not in the EdgeTPU op table", _ACT_FIX),
+    F.gelu: ("GELU (op code 150) is unknown to compiler 16", _ACT_FIX),
+    F.elu: ("needs EXP, which stays on the CPU", _ACT_FIX),
+    F.selu: ("needs EXP, which stays on the CPU", _ACT_FIX),
+    F.mish: ("needs EXP/LOG, which stay on the CPU", _ACT_FIX),
+    F.softplus: ("needs EXP/LOG, which stay on the CPU", _ACT_FIX),
+    F.log_softmax: ("LOG_SOFTMAX is not in the EdgeTPU op table", "use softmax on a (1, N) tensor"),
+    F.pixel_shuffle: ("DEPTH_TO_SPACE is not in the EdgeTPU op table", "use nearest upsampling + conv"),
+    F.conv3d: ("works on 5-D tensors", "use 2-D layers"),
+    torch.exp: ("EXP is not in the EdgeTPU op table", "avoid exp in the inference graph"),
+}
+
+
+def _function_problem(node: torch.fx.Node) -> tuple[str, str] | None:
+    if node.op != "call_function":
+        return None
+    if node.target is F.interpolate:
+        mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
+        if mode != "nearest":
+            return f"interpolate mode '{mode}' uses half-pixel centers or align_corners (§1a Resize*)", _RESIZE_FIX
+        return None
+    return _FUNCTION_RULES.get(node.target)
+
+
+def edgetpu_layer_problems(module: nn.Module) -> list[str]:
+    """One line per layer that can never map to the EdgeTPU: module path, class, why, and the fix.
+
+    Walks `named_modules()`; for a torch.fx.GraphModule it also checks functional calls (F.gelu, ...).
+    An empty list means no known blocker (the exported .tflite is still checked by `check_edgetpu`)."""
+    problems = []
+    for path, m in module.named_modules():
+        for rule in _MODULE_RULES:
+            if isinstance(m, rule.types) and (why := rule.check(m)):
+                problems.append(f"{path or '<root>'} ({type(m).__name__}): {why}; fix: {rule.fix}")
+    if isinstance(module, torch.fx.GraphModule):
+        for node in module.graph.nodes:
+            if (found := _function_problem(node)) is not None:
+                name = getattr(node.target, "__name__", str(node.target))
+                problems.append(f"{node.name} (call to {name}): {found[0]}; fix: {found[1]}")
+    return problems
