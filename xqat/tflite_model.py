@@ -84,6 +84,8 @@ class TFLiteModel:
     outputs: tuple[int, ...]
     num_subgraphs: int
     source: str
+    schema_version: int = 3  # Model.version of the flatbuffer (3 for every current converter)
+    metadata: dict[str, bytes] = field(default_factory=dict)  # e.g. "min_runtime_version" -> b"1.14.0"
 
     def tensor(self, index: int) -> TFLiteTensor:
         return self.tensors[index]
@@ -139,6 +141,16 @@ def _tensor(i: int, t, buffers) -> TFLiteTensor:
                         int(q.quantizedDimension) if q is not None else 0, data)
 
 
+def _metadata(m) -> dict[str, bytes]:
+    out = {}
+    for md in m.metadata or []:
+        name = md.name.decode("utf-8", "replace") if isinstance(md.name, bytes) else str(md.name)
+        buf = m.buffers[md.buffer] if 0 <= md.buffer < len(m.buffers) else None
+        data = getattr(buf, "data", None)
+        out[name] = np.asarray(data, np.uint8).tobytes() if data is not None else b""
+    return out
+
+
 def read_tflite(model: str | Path | bytes) -> TFLiteModel:
     """Parse a .tflite file (path or bytes). A missing or corrupt file raises TFLiteFileError."""
     if isinstance(model, (bytes, bytearray)):
@@ -170,7 +182,7 @@ def read_tflite(model: str | Path | bytes) -> TFLiteModel:
             for i, o in enumerate(sg.operators or [])
         )
         return TFLiteModel(ops, tensors, tuple(int(x) for x in sg.inputs), tuple(int(x) for x in sg.outputs),
-                           len(m.subgraphs), source)
+                           len(m.subgraphs), source, int(m.version), _metadata(m))
     except TFLiteFileError:
         raise
     except Exception as e:  # flatbuffers raises assorted errors on garbage

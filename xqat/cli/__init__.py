@@ -15,7 +15,7 @@ import sys
 from ..errors import XQATError
 
 # Subcommand modules, in the order `xqat --help` lists them.
-COMMANDS = ["demo"]
+COMMANDS = ["demo", "check_edgetpu"]
 
 DESCRIPTION = """\
 xqat trains quantization-aware models in PyTorch with TensorFlow's exact fake-quant numerics and
@@ -24,6 +24,7 @@ learned in torch.
 
 Typical flow:
   xqat demo                                  train -> QAT -> export -> parity on the bundled digits data
+  xqat check-edgetpu model.tflite            what EdgeTPU compiler 16 would reject or run on the CPU
 """
 
 

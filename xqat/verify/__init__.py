@@ -1,0 +1,1 @@
+"""Verification: parity, integer emulation, EdgeTPU readiness."""
