@@ -32,7 +32,32 @@ class _QuantDelay(nn.Module):
     def __init__(self, quant_delay: int) -> None:
         super().__init__()
         self.quant_delay = quant_delay
+        self.exporting = False  # set by the exporter: forward emits weight Q/DQ for ONNX
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
+
+    @torch.no_grad()
+    def export_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(fake-quantized folded weight, its TF scale(s), float bias): what the deployed model holds.
+
+        An all-zero channel has scale 0; any positive scale gives it code 0, so 1e-8 is used (TFLite
+        needs positive scales), which keeps the int32 bias of that channel exact."""
+        w, b = self.folded()
+        scales = self.weight_quant.scales(w)
+        scales = torch.where(scales > 0, scales, torch.full_like(scales, 1e-8))
+        return self.weight_quant(w).detach(), scales, (b.detach().clone() if b is not None else None)
+
+    def _qdq_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight through an int8 QuantizeLinear/DequantizeLinear (zero point 0) for the ONNX export; the
+        weight is already on TF's grid, so ONNX's rounding recovers TF's codes exactly."""
+        if "xqat_export_weight" in self._buffers:  # registered by the exporter, so tracing keeps the Q/DQ
+            wq, scales, b = (self._buffers[k] for k in ("xqat_export_weight", "xqat_export_scale", "xqat_export_bias"))
+        else:
+            wq, scales, b = self.export_weights()
+        if self.weight_quant.per_channel:
+            zeros = torch.zeros(scales.shape, dtype=torch.int32)
+            return torch.fake_quantize_per_channel_affine(wq, scales, zeros, 0, -128, 127), b
+        return torch.fake_quantize_per_tensor_affine(wq, scales.reshape(()), torch.tensor(0, dtype=torch.int32),
+                                                     -128, 127), b
 
     def _tick(self) -> bool:
         """Count a training step; True when weights are fake-quantized in this forward."""
@@ -101,6 +126,8 @@ class QConv2d(_QuantDelay):
         return w * factor.reshape(-1, 1, 1, 1), bn.bias + (b0 - bn.running_mean) * factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exporting:
+            return _activate(self._conv(x, *self._qdq_weight()), self.act)
         quant = self._tick()
         wq = self.weight_quant if quant else (lambda w: w)
         if self.bn is None or not self.training or self._bn_is_frozen():
@@ -156,6 +183,8 @@ class QLinear(_QuantDelay):
         return self.linear.weight, self.linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exporting:
+            return _activate(F.linear(x, *self._qdq_weight()), self.act)
         w = self.weight_quant(self.linear.weight) if self._tick() else self.linear.weight
         return _activate(F.linear(x, w, self.linear.bias), self.act)
 

@@ -1,0 +1,49 @@
+"""The TFLite interpreter (ai-edge-litert) on a named backend, and TFLite's float->int8 input rule per
+backend. tf-quant-semantics.md §5.3: the default resolver applies XNNPACK; "builtin" is the optimized
+kernels without delegates; "reference" the reference kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ParityError
+
+__all__ = ["BACKENDS", "make_interpreter", "quantize_input", "QUANTIZE_RULES"]
+
+BACKENDS = ("xnnpack", "builtin", "reference")
+
+# How TFLite's own QUANTIZE op turns float32 into codes on each backend (§5.3, QUANTIZE f32->i8).
+QUANTIZE_RULES = {
+    "reference": "q = round_half_away_from_zero(float32(x / scale)) + zero_point, clamped (reference kernel)",
+    "builtin": "q = round_half_to_even(float32(x * float32(1 / scale))) + zero_point, clamped (optimized kernel)",
+    "xnnpack": "q = round_half_to_even(float32(x * float32(1 / scale))) + zero_point, clamped (XNNPACK)",
+}
+
+
+def make_interpreter(model: bytes, backend: str = "xnnpack", preserve_all_tensors: bool = False,
+                     num_threads: int = 1):
+    """An allocated ai_edge_litert Interpreter on `backend`."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    if backend not in BACKENDS:
+        raise ParityError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    resolver = {"xnnpack": OpResolverType.AUTO, "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+                "reference": OpResolverType.BUILTIN_REF}[backend]
+    it = Interpreter(model_content=model, experimental_op_resolver_type=resolver,
+                     experimental_preserve_all_tensors=preserve_all_tensors, num_threads=num_threads)
+    it.allocate_tensors()
+    return it
+
+
+def quantize_input(x: np.ndarray, scale: float, zero_point: int, dtype, backend: str) -> np.ndarray:
+    """Float32 -> integer codes exactly as TFLite's QUANTIZE op on `backend` (see QUANTIZE_RULES)."""
+    x = np.asarray(x, np.float32)
+    info = np.iinfo(dtype)
+    if backend == "reference":
+        t = (x / np.float32(scale)).astype(np.float32)
+        q = np.where(np.abs(t) - np.floor(np.abs(t)) >= 0.5, np.sign(t) * (np.floor(np.abs(t)) + 1),
+                     np.sign(t) * np.floor(np.abs(t)))
+    else:
+        t = (x * np.float32(np.float32(1.0) / np.float32(scale))).astype(np.float32)
+        q = np.rint(t)
+    return np.clip(q + zero_point, info.min, info.max).astype(dtype)
