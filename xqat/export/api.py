@@ -158,10 +158,13 @@ def build_report(model: nn.Module, ex: OnnxExport, conv: Conversion, path: str,
                               codes_equal=same_codes))
         w = weights_by_name.get(onnx_w)
         if w is not None and w.bias is not None and w.input_activation in scale_of_onnx:
-            s_in = np.float64(np.float32(scale_of_onnx[w.input_activation]))
-            bias_scales = (s_in * scales.astype(np.float64)).astype(np.float32)  # §4.4: double product
+            # §4.4: float32 of the product of the converter's *double* scales, which the canonical ranges
+            # of the torch grids determine (up to 1 ulp off float32(s_in * s_w))
+            bias_scales = w.bias_scales(conv.plan.activations[w.input_activation].converter_scale)
             bidx = conv.bias_map.get(w.bias)
             bt = tfl.tensors[bidx] if bidx is not None else None
+            if bt is not None and bt.scales.size == 1 and np.all(bias_scales == bias_scales[0]):
+                bias_scales = bias_scales[:1]  # per-tensor FC: one bias scale
             rows.append(TensorRow("bias", f"{path_name} (bias)", bidx, bt.name if bt else "",
                                   tuple(map(float, bias_scales)), (0,) * len(bias_scales),
                                   tuple(map(float, bt.scales)) if bt else (),

@@ -132,9 +132,11 @@ def _export_mode(model: nn.Module) -> Iterator[None]:
     model.eval()
     try:
         for m in mods:
-            if isinstance(m, _QuantDelay):  # buffers, so the ONNX tracer keeps W -> Q -> DQ as graph ops
-                for name, t in zip(_EXPORT_BUFFERS, m.export_weights()):
-                    m.register_buffer(name, t)  # persistent: non-persistent ones are baked in as constants
+            if isinstance(m, _QuantDelay):  # weight/bias as buffers, so the tracer keeps W -> Q -> DQ as ops
+                w, scales, b = m.export_weights()
+                m.register_buffer(_EXPORT_BUFFERS[0], w)  # persistent: non-persistent ones become constants
+                m.register_buffer(_EXPORT_BUFFERS[2], b)
+                m.xqat_export_scale = scales  # a plain tensor: a Constant in the ONNX graph
             m.exporting = True
         yield
     finally:
@@ -142,6 +144,7 @@ def _export_mode(model: nn.Module) -> Iterator[None]:
             m.exporting = False
             for name in _EXPORT_BUFFERS:
                 m._buffers.pop(name, None)
+                m.__dict__.pop(name, None)
         model.train(training)
 
 

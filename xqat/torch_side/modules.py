@@ -50,7 +50,7 @@ class _QuantDelay(nn.Module):
         """Weight through an int8 QuantizeLinear/DequantizeLinear (zero point 0) for the ONNX export; the
         weight is already on TF's grid, so ONNX's rounding recovers TF's codes exactly."""
         if "xqat_export_weight" in self._buffers:  # registered by the exporter, so tracing keeps the Q/DQ
-            wq, scales, b = (self._buffers[k] for k in ("xqat_export_weight", "xqat_export_scale", "xqat_export_bias"))
+            wq, scales, b = self.xqat_export_weight, self.xqat_export_scale, self.xqat_export_bias
         else:
             wq, scales, b = self.export_weights()
         if self.weight_quant.per_channel:
