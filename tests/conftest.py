@@ -22,3 +22,19 @@ def tf():
     import tensorflow
 
     return tensorflow
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """Every model of the set, calibrated and exported once (int8 I/O): name -> (qat model, path, report)."""
+    import xqat
+    from tests.models import INPUT_SHAPE, MODELS, calibrate, make_model
+
+    out = {}
+    folder = tmp_path_factory.mktemp("exported")
+    for name in MODELS:
+        qat = calibrate(xqat.prepare_qat(make_model(name), torch.randn(INPUT_SHAPE)))
+        path = folder / f"{name}.tflite"
+        report = xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), path)
+        out[name] = (qat, path, report)
+    return out

@@ -190,3 +190,22 @@ EXPECTED_POINTS = {
     "functional": [("input:x", "own"), ("c1", "tied"), ("c2", "own"), ("c3", "own"), ("add", "tied"),
                    ("cat", "own"), ("avg_pool2d", "tied"), ("mean", "own"), ("fc", "own"), ("sigmoid", "fixed")],
 }
+
+
+# Factories for the CLI tests (`xqat export tests.models:plain ...`).
+def plain() -> nn.Module:
+    return make_model("plain")
+
+
+def functional() -> nn.Module:
+    return make_model("functional")
+
+
+def calibrate(qat: nn.Module, steps: int = 5, batch: int = 8, seed: int = 0) -> nn.Module:
+    """A few train-mode forward passes on uniform [0, 1) images: ranges observed, BN statistics moved."""
+    g = torch.Generator().manual_seed(seed)
+    qat.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            qat(torch.rand(batch, *INPUT_SHAPE[1:], generator=g))
+    return qat.eval()

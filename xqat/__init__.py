@@ -14,11 +14,34 @@ from .torch_side.prepare import freeze_bn, freeze_ranges, is_qat_model, prepare_
 from .torch_side.qparams import TFLiteQParams, nudge, snap_range, tflite_qparams
 from .verify.edgetpu import EdgeTPUReport, check_edgetpu
 
+from .checkpoint import load_qat, save_qat
+
 __version__ = "0.1.0"
+
+# Heavy stages (TensorFlow, onnx2tf, the interpreter) load on first use, so `import xqat` stays light.
+_LAZY = {
+    "export_tflite": ("xqat.export.api", "export_tflite"),
+    "ExportReport": ("xqat.export.report", "ExportReport"),
+    "parity": ("xqat.verify.parity", "parity"),
+    "ParityReport": ("xqat.verify.parity", "ParityReport"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'xqat' has no attribute {name!r}")
+
 
 __all__ = [
     "fake_quant", "fake_quant_per_channel", "nudge", "tflite_qparams", "snap_range", "TFLiteQParams",
     "QATConfig", "prepare_qat", "freeze_ranges", "freeze_bn", "is_qat_model", "quant_points",
     "XQATError", "UnsupportedLayerError", "QATConfigError", "ExportError", "TFLiteFileError", "ParityError",
-    "check_edgetpu", "EdgeTPUReport",
+    "check_edgetpu", "EdgeTPUReport", "save_qat", "load_qat",
+    "export_tflite", "ExportReport", "parity", "ParityReport",
 ]

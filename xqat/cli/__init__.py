@@ -15,7 +15,7 @@ import sys
 from ..errors import XQATError
 
 # Subcommand modules, in the order `xqat --help` lists them.
-COMMANDS = ["demo", "check_edgetpu"]
+COMMANDS = ["demo", "export", "parity", "check_edgetpu"]
 
 DESCRIPTION = """\
 xqat trains quantization-aware models in PyTorch with TensorFlow's exact fake-quant numerics and
@@ -24,6 +24,10 @@ learned in torch.
 
 Typical flow:
   xqat demo                                  train -> QAT -> export -> parity on the bundled digits data
+  xqat export pkg.nets:build --weights qat.pt -o model.tflite
+                                             full-integer .tflite, every scale/zero point checked vs torch
+  xqat parity model.tflite --model pkg.nets:build --weights qat.pt --layerwise
+                                             torch simulation vs interpreter, per output and per layer
   xqat check-edgetpu model.tflite            what EdgeTPU compiler 16 would reject or run on the CPU
 """
 

@@ -1,0 +1,155 @@
+"""export_tflite on the model set: full-integer, every qparam and weight code equal to torch, no requantize
+or layout ops, within 1 LSB of the simulation; determinism, atomic writes, snapping, errors, CLI (issue 4)."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import xqat
+from tests.models import INPUT_SHAPE, MODELS, calibrate, make_model
+from xqat.tflite_model import read_tflite
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_set_exports_full_integer_with_equal_qparams(exported, name):
+    qat, path, report = exported[name]
+    assert report.ok, report.problems()
+    assert report.all_qparams_equal and len(report.tensors) > 5
+    kinds = {r.kind for r in report.tensors}
+    assert kinds == {"activation", "weight", "bias"}
+    assert all(r.codes_equal for r in report.tensors if r.kind == "weight")
+    m = read_tflite(path)
+    assert not [t.name for t in m.tensors if t.dtype == "FLOAT32"], "full-integer model expected"
+    inner = [op.name for op in m.ops]
+    assert "QUANTIZE" not in inner and "TRANSPOSE" not in inner and "DEQUANTIZE" not in inner
+    assert m.tensors[m.inputs[0]].dtype == "INT8" and m.tensors[m.inputs[0]].shape == (1, 16, 16, 3)  # NHWC
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fake_quant_points_are_exactly_the_int8_activation_tensors(exported, name):
+    """Count from the real conversion: every point has a tensor, every int8 activation tensor has a point
+    (PAD outputs that onnx2tf adds for asymmetric padding share the conv input's grid)."""
+    qat, path, report = exported[name]
+    m = read_tflite(path)
+    activations = {t.index for t in m.tensors if t.data is None and t.dtype == "INT8"}
+    pad_outputs = {op.outputs[0] for op in m.ops if op.name == "PAD"}
+    mapped = set(report.point_tensors.values())
+    assert len(report.point_tensors) == len(xqat.quant_points(qat))
+    assert mapped | pad_outputs == activations
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_set_output_within_one_lsb_of_simulation(exported, name):
+    qat, path, _ = exported[name]
+    x = torch.rand(64, *INPUT_SHAPE[1:], generator=torch.Generator().manual_seed(7))
+    r = xqat.parity(qat, path, x)
+    out = r.outputs[0]
+    within = (out.histogram["0"] + out.histogram["1"]) / out.elements
+    assert within >= 0.99, r.table()
+    if out.top1_agreement is not None and name != "functional":  # functional ends in a sigmoid
+        assert out.top1_agreement == 1.0, r.table()
+
+
+def test_export_is_deterministic(exported, tmp_path):
+    qat, path, _ = exported["mobilenet_v2"]
+    again = tmp_path / "again.tflite"
+    xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), again)
+    assert Path(path).read_bytes() == again.read_bytes()
+
+
+def test_io_dtypes_uint8_and_float(exported, tmp_path):
+    qat, _, _ = exported["plain"]
+    for io in ("uint8", "float32"):
+        p = tmp_path / f"plain_{io}.tflite"
+        rep = xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), p, io_dtype=io)
+        assert rep.ok, rep.problems()
+        m = read_tflite(p)
+        assert m.tensors[m.inputs[0]].dtype == io.upper() and m.tensors[m.outputs[0]].dtype == io.upper()
+        r = xqat.parity(qat, p, torch.rand(16, *INPUT_SHAPE[1:]))
+        assert r.outputs[0].max_abs <= 1
+
+
+def test_snapping_keeps_the_trained_grid_on_zero_point_ties(tmp_path):
+    """Ranges built to put TF's float zero point on k + 0.5: the converter alone would pick another zp."""
+    qat = calibrate(xqat.prepare_qat(make_model("mobilenet_v1"), torch.randn(INPUT_SHAPE)))
+    rng = np.random.default_rng(0)
+    tied = []
+    for key, q in qat.xqat_quantizers.items():
+        if q.fixed:
+            continue
+        s = np.float32(rng.uniform(0.01, 0.05))
+        k = int(rng.integers(20, 200)) + 0.5 + 1e-7
+        q.min.fill_(float(np.float32(-k * s)))
+        q.max.fill_(float(np.float32((255 - k) * s)))
+        tied.append(key)
+    before = {k: qat.xqat_quantizers[k].scale_zero_point() for k in tied}
+    converter = {k: xqat.tflite_qparams(float(qat.xqat_quantizers[k].min), float(qat.xqat_quantizers[k].max))
+                 for k in tied}
+    differs = {k for k in tied if int(converter[k].zero_point) != before[k][1]
+               or float(converter[k].scale) != np.float32(before[k][0])}
+    assert any(int(converter[k].zero_point) != before[k][1] for k in tied), "stress ranges must split zero points"
+    report = xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), tmp_path / "ties.tflite")
+    assert report.ok, report.problems()
+    snapped = {s.group for s in report.snaps if s.converter_disagreed}
+    assert snapped == differs
+    after = {k: qat.xqat_quantizers[k].scale_zero_point() for k in tied}
+    assert all(s.delta <= 0.5 * after[s.group][0] * 1.001 for s in report.snaps)  # at most half a step
+    assert all(after[k][1] == before[k][1] for k in tied)  # the TF grid training used is what ships
+
+
+def test_unwritable_path_fails_before_any_work(tmp_path):
+    qat = calibrate(xqat.prepare_qat(make_model("plain"), torch.randn(INPUT_SHAPE)))
+    ranges = {k: (float(q.min), float(q.max)) for k, q in qat.xqat_quantizers.items()}
+    with pytest.raises(xqat.ExportError, match="no_such_dir"):
+        xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), tmp_path / "no_such_dir" / "m.tflite")
+    assert ranges == {k: (float(q.min), float(q.max)) for k, q in qat.xqat_quantizers.items()}  # nothing ran
+
+
+def test_failed_export_leaves_no_file_and_no_stray_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    qat = calibrate(xqat.prepare_qat(make_model("plain"), torch.randn(INPUT_SHAPE)))
+    with torch.no_grad():
+        qat.get_submodule("conv3").conv.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(xqat.ExportError, match="conv3"):
+        xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), tmp_path / "m.tflite")
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_errors_name_the_problem(tmp_path):
+    with pytest.raises(xqat.ExportError, match="not made by xqat.prepare_qat"):
+        xqat.export_tflite(make_model("plain"), torch.rand(INPUT_SHAPE), tmp_path / "a.tflite")
+    fresh = xqat.prepare_qat(make_model("plain"), torch.randn(INPUT_SHAPE))
+    with pytest.raises(xqat.ExportError, match="input:x is still at its initial value"):
+        xqat.export_tflite(fresh, torch.rand(INPUT_SHAPE), tmp_path / "b.tflite")
+    qat = calibrate(xqat.prepare_qat(make_model("plain"), torch.randn(INPUT_SHAPE)))
+    qat.xqat_quantizers["gap"].max.fill_(float("inf"))
+    with pytest.raises(xqat.ExportError, match="gap.*not finite"):
+        xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), tmp_path / "c.tflite")
+    with pytest.raises(xqat.ExportError, match="io_dtype"):
+        xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), tmp_path / "d.tflite", io_dtype="int16")
+
+
+def test_exported_model_set_passes_the_edgetpu_check(exported):
+    for name, (_, path, _) in exported.items():
+        r = xqat.check_edgetpu(path)
+        assert r.ok and r.fully_mapped, f"{name}:\n{r.table()}"
+
+
+def test_cli_export_prints_the_report(exported, tmp_path, capsys, monkeypatch):
+    from xqat.cli import main
+
+    qat, _, _ = exported["plain"]
+    ckpt = tmp_path / "plain.pt"
+    xqat.save_qat(qat, ckpt, INPUT_SHAPE)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    out = tmp_path / "cli.tflite"
+    rc = main(["export", "tests.models:plain", "--weights", str(ckpt), "--input-shape", "1,3,16,16",
+               "-o", str(out), "--json", str(tmp_path / "r.json")])
+    text = capsys.readouterr().out
+    assert rc == 0 and out.is_file() and "every scale and zero point equals the torch side" in text
+    assert "stem.0" in text and (tmp_path / "r.json").is_file()
+    rc = main(["export", "tests.models:plain", "--weights", str(tmp_path / "missing.pt"), "-o", str(out)])
+    assert rc == 2 and "missing.pt" in capsys.readouterr().err

@@ -1,0 +1,60 @@
+"""`xqat parity`: torch simulation vs the TFLite interpreter, at the output and layer by layer."""
+
+from __future__ import annotations
+
+import argparse
+
+from .export import parse_shape
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "parity", help="compare the torch QAT simulation with the .tflite in the interpreter, in output LSB",
+        description="Run the same inputs through the QAT model (eval) and the TFLite interpreter and compare "
+        "integer codes: identical share, |Δ| histogram, max |Δ|, mean Δ (bias), top-1 agreement. With "
+        "--layerwise, every fake-quant point is matched to its TFLite tensor through the mapping stored at "
+        "export, and the first diverging layer is named.")
+    p.add_argument("tflite", metavar="MODEL.tflite", help="a .tflite written by `xqat export`")
+    p.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="callable that builds the float model")
+    p.add_argument("--weights", required=True, metavar="CKPT", help="QAT checkpoint (.pt)")
+    p.add_argument("--input-shape", type=parse_shape, default=None, metavar="N,C,H,W",
+                   help="model input shape (default: the one saved in the checkpoint)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", metavar="FILE.npy", help="float inputs, NCHW, batch along axis 0")
+    src.add_argument("--random", type=int, metavar="N", default=32,
+                     help="N uniform [0, 1) random inputs (default 32)")
+    p.add_argument("--layerwise", action="store_true", help="compare every layer, name the first diverging one")
+    p.add_argument("--backend", choices=["xnnpack", "builtin", "reference"], default="xnnpack",
+                   help="interpreter kernels (default xnnpack: what the interpreter uses by default)")
+    p.add_argument("--tolerance", type=int, default=1, help="LSB beyond which a layer counts as diverging")
+    p.add_argument("--plot", metavar="OUT.png", help="per-layer |Δ| chart")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from ..checkpoint import load_qat
+    from ..errors import XQATError
+    from ..verify.parity import parity
+
+    qat, shape = load_qat(args.model, args.weights, args.input_shape)
+    if args.data:
+        try:
+            x = torch.from_numpy(np.load(args.data)).float()
+        except (OSError, ValueError) as e:
+            raise XQATError(f"cannot read inputs from {args.data}: {e}") from e
+    else:
+        x = torch.rand(args.random, *shape[1:], generator=torch.Generator().manual_seed(0))
+    report = parity(qat, args.tflite, x, backend=args.backend, layerwise=args.layerwise, tolerance=args.tolerance)
+    print(report.table())
+    if args.plot:
+        report.plot(args.plot)
+        print(f"plot: {args.plot}")
+    if args.json:
+        Path(args.json).write_text(report.to_json())
+    return 0
