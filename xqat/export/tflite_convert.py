@@ -1,0 +1,399 @@
+"""TF FakeQuant graph -> full-integer TFLite, and the whole ONNX(Q/DQ) -> .tflite step with its tensor map.
+
+Converter settings (tf-quant-semantics.md §4.1, export-route.md "Converter pitfalls"):
+optimizations=[DEFAULT], no representative dataset, supported_ops left at the default, I/O type per
+`io_dtype`. Every ONNX activation DequantizeLinear output and every quantized weight is located in the
+.tflite and its (scale, zero point) compared with the ONNX Q/DQ (§4.3, §4.4).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..errors import ExportError
+from ..tflite_model import TFLiteModel, read_tflite
+from .atomic import atomic_directory, check_writable
+from .onnx2tf_adapter import (
+    ActivationQ,
+    ActivationRecord,
+    QDQPlan,
+    WeightQ,
+    analyze_qdq,
+    fold_constants,
+    onnx_to_keras,
+)
+
+__all__ = ["IO_DTYPES", "Conversion", "QParamCheck", "TensorLocations", "convert_qdq_onnx", "keras_to_tflite",
+           "locate_tensors", "save_saved_model"]
+
+IO_DTYPES = ("int8", "uint8", "float32")
+
+
+# --------------------------------------------------------------------------------------------------
+# Keras -> TFLite
+# --------------------------------------------------------------------------------------------------
+
+
+def _input_specs(model, batch_size: int | None):
+    import tensorflow as tf
+
+    specs = []
+    for t in model.inputs:
+        shape = list(t.shape)
+        if shape and shape[0] is None and batch_size is not None:
+            shape[0] = batch_size
+        specs.append(tf.TensorSpec(shape, t.dtype, name=t.name.split(":")[0]))
+    return specs
+
+
+def _concrete_function(model, batch_size: int | None):
+    import tensorflow as tf
+
+    specs = _input_specs(model, batch_size)
+    if len(specs) == 1:
+        fn = tf.function(lambda x: model(x))
+    else:
+        fn = tf.function(lambda *xs: model(list(xs)))
+    return fn.get_concrete_function(*specs)
+
+
+def _trackable(model):
+    """What to save alongside the graph. The converter (and SavedModel export) serializes it; for a Keras
+    model that is ~20 s of layer serialization on MobileNetV2. Ours holds only constants (the FakeQuant
+    layers keep their values as graph constants), so a bare tf.Module does; with variables, the model."""
+    import tensorflow as tf
+
+    return model if model.variables else tf.Module()
+
+
+def keras_to_tflite(model, io_dtype: str = "int8", batch_size: int | None = 1) -> bytes:
+    """Convert a Keras model holding FakeQuant ops to a full-integer .tflite (QAT path, §4.1).
+
+    No representative dataset: every range comes from the FakeQuant ops. `supported_ops` stays at the
+    default because TFLITE_BUILTINS_INT8 without a dataset fails for QAT graphs in TF 2.21 (§4.1).
+    """
+    import tensorflow as tf
+
+    if io_dtype not in IO_DTYPES:
+        raise ExportError(f"io_dtype must be one of {IO_DTYPES}, got {io_dtype!r}")
+    fn = _concrete_function(model, batch_size)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], _trackable(model))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    io_type = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}[io_dtype]
+    converter.inference_input_type = io_type
+    converter.inference_output_type = io_type
+    try:
+        return bytes(converter.convert())
+    except Exception as e:  # the converter raises assorted ConverterError / RuntimeError types
+        same_scale = re.search(r"'tfl\.(\w+)' op quantization parameters violate the same scale constraint", str(e))
+        if same_scale:
+            raise ExportError(
+                f"the TFLite converter rejects a {same_scale.group(1).upper()} whose input and output quantization "
+                "ranges differ: TFLite needs the same scale on both sides of same-scale ops (MaxPool, AvgPool, "
+                "Concat, Reshape, Pad); tie those ranges in training (prepare_qat does). Converter said: "
+                f"{str(e)[:600]}") from e
+        raise ExportError(f"the TFLite converter failed on the FakeQuant graph: {str(e)[:2000]}") from e
+
+
+def save_saved_model(model, path: str | os.PathLike, batch_size: int | None = 1) -> Path:
+    """Write the TF FakeQuant graph as a SavedModel (serving signature with the static input shape)."""
+    import tensorflow as tf
+
+    fn = _concrete_function(model, batch_size)
+    with atomic_directory(path) as tmp:
+        tf.saved_model.save(_trackable(model), str(tmp), signatures=fn)
+    return Path(path).expanduser().absolute()
+
+
+# --------------------------------------------------------------------------------------------------
+# ONNX tensor -> TFLite tensor map
+# --------------------------------------------------------------------------------------------------
+
+
+def _layers_of(name: str, model_name: str) -> set[str]:
+    """Keras layer names in a TFLite tensor name. The converter names a tensor after the TF ops fused
+    into its producer, ';'-joined, each as '<model>/<layer>/<op>...'."""
+    out = set()
+    for part in name.split(";"):
+        bits = part.split("/")
+        if len(bits) >= 2 and bits[0] == model_name:
+            out.add(bits[1])
+    return out
+
+
+@dataclass(frozen=True)
+class TensorLocations:
+    """Where the ONNX quantized tensors went in the .tflite."""
+
+    tensor_map: dict[str, int]  # activation DQ output -> TFLite tensor index
+    weight_map: dict[str, int]  # weight initializer -> TFLite tensor index (int8 kernel)
+    bias_map: dict[str, int]  # bias initializer -> TFLite tensor index (int32)
+    located_by: dict[str, str]  # activation -> "fake_quant" | "producer" | "producer^k" (k-th ancestor layer)
+    fused: dict[str, int]  # activation -> index of the TFLite op that absorbed the tensor (e.g. PAD into CONV)
+    unmapped: tuple[str, ...]  # found nowhere (should not happen; the report flags it)
+
+
+def locate_tensors(tfl: TFLiteModel, plan: QDQPlan, records: dict[str, ActivationRecord],
+                   model_name: str) -> TensorLocations:
+    """Find the TFLite tensor of every activation DQ output and every weight / bias, by graph structure.
+
+    The converter names each tensor after the TF ops fused into its producer. An activation FakeQuant
+    either survives in the name of the tensor it quantizes (at the input, or as a kept QUANTIZE), or is
+    folded into the op that produces its input: the tensor is then that op's output, named after the
+    producer layer (shape must match; through a dropped reshape, the element count). If the producer
+    layer only names a tensor of another shape, the tensor was absorbed into that tensor's op (a PAD
+    into CONV_2D). Weights are inputs[1] (bias: inputs[2]) of the op whose kernel carries the weight
+    FakeQuant's layer name.
+    """
+    by_layer: dict[str, list[int]] = {}
+    for t in tfl.tensors:
+        for layer in _layers_of(t.name, model_name):
+            by_layer.setdefault(layer, []).append(t.index)
+    produced = set(tfl.producers) | set(tfl.inputs)
+
+    def activations_of(layer: str) -> list[int]:
+        return [i for i in by_layer.get(layer, []) if i in produced and tfl.tensors[i].data is None]
+
+    tensor_map: dict[str, int] = {}
+    how: dict[str, str] = {}
+    fused: dict[str, int] = {}
+    unmapped: list[str] = []
+    for name in plan.activations:
+        rec = records.get(name)
+        found = _locate_activation(rec, activations_of, tfl) if rec is not None else None
+        if found is None:
+            unmapped.append(name)
+        elif found[1] == "fused":
+            fused[name] = found[0]
+        else:
+            tensor_map[name], how[name] = found
+
+    weight_map: dict[str, int] = {}
+    bias_map: dict[str, int] = {}
+    for w in plan.weights.values():
+        consts = [i for i in by_layer.get(w.layer, []) if tfl.tensors[i].data is not None]
+        users = [op for i in consts for op in tfl.consumers.get(i, []) if len(op.inputs) > 1 and op.inputs[1] == i]
+        if len(consts) == 1 and users:
+            weight_map[w.name] = consts[0]
+            op = users[0]
+            if w.bias is not None and len(op.inputs) > 2 and op.inputs[2] >= 0:
+                bias_map[w.bias] = op.inputs[2]
+        else:
+            unmapped.append(w.name)
+    return TensorLocations(tensor_map, weight_map, bias_map, how, fused, tuple(unmapped))
+
+
+def _locate_activation(rec: ActivationRecord, activations_of, tfl: TFLiteModel) -> tuple[int, str] | None:
+    shape = rec.shape
+    own = [i for i in activations_of(rec.fq_layer) if _shape_matches(tfl.tensors[i].shape, shape)]
+    if len(own) > 1:  # the FakeQuant also names a float copy (for a float consumer): the quantized one
+        own = [i for i in own if tfl.tensors[i].dtype in ("INT8", "UINT8")]
+    if len(own) > 1:  # FakeQuant kept as a QUANTIZE op: its output, not its input
+        own = [i for i in own if tfl.producers.get(i) is not None and tfl.producers[i].name == "QUANTIZE"]
+    if len(own) == 1:
+        return own[0], "fake_quant"
+    for depth, layer in enumerate(rec.producers):
+        named = activations_of(layer)
+        exact = [i for i in named if _shape_matches(tfl.tensors[i].shape, shape)]
+        if depth > 0 and not exact:  # through a dropped reshape / flatten: same data, other shape
+            exact = [i for i in named if _same_size(tfl.tensors[i].shape, shape)]
+        if len(exact) == 1:
+            return exact[0], "producer" if depth == 0 else f"producer^{depth + 1}"
+        if exact:
+            return None  # several tensors carry that layer: refuse to guess
+        if depth == 0 and named:  # the producer's op was fused into the op writing another-shaped tensor
+            ops = {tfl.producers[i].index for i in named if i in tfl.producers}
+            return (ops.pop(), "fused") if len(ops) == 1 else None
+    return None
+
+
+def _same_size(tflite_shape: tuple[int, ...], keras_shape: tuple[int | None, ...]) -> bool:
+    return None not in keras_shape and int(np.prod(tflite_shape)) == int(np.prod(keras_shape))
+
+
+def _shape_matches(tflite_shape: tuple[int, ...], keras_shape: tuple[int | None, ...]) -> bool:
+    return len(tflite_shape) == len(keras_shape) and all(k is None or k == d for d, k in zip(tflite_shape, keras_shape))
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole step
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QParamCheck:
+    """One quantized tensor: what the ONNX Q/DQ says and what the .tflite stores."""
+
+    onnx_name: str
+    kind: str  # "activation" | "weight" | "bias"
+    tflite_index: int | None
+    tflite_name: str | None
+    expected_scale: np.ndarray  # float32
+    expected_zero_point: np.ndarray  # int64 (int8 code space)
+    scale: np.ndarray | None
+    zero_point: np.ndarray | None
+
+    @property
+    def equal(self) -> bool:
+        """Bit-for-bit equal; a per-tensor value also matches a per-channel array of that value."""
+        if self.scale is None or self.zero_point is None or not self.scale.size:
+            return False
+        return _same(self.scale, self.expected_scale) and _same(self.zero_point, self.expected_zero_point)
+
+
+def _same(got: np.ndarray, expected: np.ndarray) -> bool:
+    if got.size == expected.size:
+        return bool(np.array_equal(got.ravel(), expected.ravel()))
+    if got.size == 1 or expected.size == 1:  # per-tensor stored once vs repeated per channel
+        return bool(np.all(got.ravel() == expected.ravel()[0]) and np.all(expected.ravel() == got.ravel()[0]))
+    return False
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """Result of `convert_qdq_onnx`: the .tflite bytes and where every ONNX quantized tensor went."""
+
+    tflite: bytes
+    model: TFLiteModel
+    plan: QDQPlan
+    tensor_map: dict[str, int]  # ONNX activation DequantizeLinear output -> TFLite tensor index
+    weight_map: dict[str, int]  # ONNX weight initializer -> TFLite tensor index
+    bias_map: dict[str, int]  # ONNX bias initializer -> TFLite tensor index (int32)
+    located_by: dict[str, str]  # activation -> "fake_quant" | "producer" | "producer^k": how it was found
+    fused: dict[str, int]  # activation whose tensor an op absorbed (PAD into CONV_2D) -> that op's index
+    unmapped: tuple[str, ...]  # ONNX quantized tensors with no TFLite tensor found
+    io_dtype: str
+    onnx2tf_version: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    saved_model_dir: Path | None = None
+
+    @property
+    def activations(self) -> dict[str, ActivationQ]:
+        return self.plan.activations
+
+    @property
+    def weights(self) -> dict[str, WeightQ]:
+        return self.plan.weights_by_name
+
+    def qparam_checks(self) -> list[QParamCheck]:
+        """Per quantized tensor (activations, weights, biases): ONNX (scale, zero point) vs the .tflite's."""
+        t = self.model.tensors
+        rows: list[QParamCheck] = []
+
+        def row(name, kind, idx, s, z):
+            if idx is None:
+                rows.append(QParamCheck(name, kind, None, None, s, z, None, None))
+            else:
+                rows.append(QParamCheck(name, kind, idx, t[idx].name, s, z, t[idx].scales, t[idx].zero_points))
+
+        for name, a in self.plan.activations.items():
+            idx = self.tensor_map.get(name)
+            if name in self.fused:  # absorbed (PAD into CONV_2D): the grid of the data the op reads
+                idx = self.model.ops[self.fused[name]].inputs[0]
+            row(name, "activation", idx, np.float32([a.scale]), np.int64([a.zero_point_int8]))
+        for w in self.plan.weights.values():
+            row(w.name, "weight", self.weight_map.get(w.name), w.scales, np.zeros(w.scales.size, np.int64))
+            if w.bias is not None and w.input_activation is not None:  # int32 bias, scale s_in * s_w (§4.4)
+                s_in = self.plan.activations[w.input_activation].converter_scale
+                row(w.bias, "bias", self.bias_map.get(w.bias), w.bias_scales(s_in), np.zeros(w.scales.size, np.int64))
+        return rows
+
+    def io_tensor(self, onnx_name: str) -> int:
+        """TFLite input/output tensor index of an ONNX graph input or output: the mapped int8 tensor itself
+        (int8 I/O) or the one a boundary QUANTIZE / DEQUANTIZE converts it from / to (uint8 / float32 I/O)."""
+        m = self.model
+        if onnx_name in self.plan.input_names:  # its Q/DQ pair is the first thing the input meets
+            mapped = {self.tensor_map[a] for a, q in self.plan.activations.items()
+                      if q.source == onnx_name and a in self.tensor_map}
+            for idx in m.inputs:
+                if idx in mapped or any(op.name == "QUANTIZE" and set(op.outputs) & mapped
+                                        for op in m.consumers.get(idx, [])):
+                    return idx
+        elif onnx_name in self.tensor_map:
+            mapped_idx = self.tensor_map[onnx_name]
+            for idx in m.outputs:
+                op = m.producers.get(idx)
+                if idx == mapped_idx or (op is not None and op.name in ("QUANTIZE", "DEQUANTIZE")
+                                         and mapped_idx in op.inputs):
+                    return idx
+        raise ExportError(f"ONNX tensor '{onnx_name}' is not an input or output of the .tflite")
+
+    def float_tensors(self) -> list[int]:
+        """Non-constant FLOAT32 tensors: none may be left in a full-integer model with int8/uint8 I/O."""
+        return [t.index for t in self.model.tensors if t.dtype == "FLOAT32" and t.data is None]
+
+    def inner_ops(self, op_name: str) -> list[int]:
+        """Indices of `op_name` ops other than the I/O type conversions at the model's boundary (the
+        uint8 <-> int8 QUANTIZE or float DEQUANTIZE that uint8 / float32 I/O adds): with int8 I/O every
+        QUANTIZE counts, since it requantizes."""
+        m = self.model
+
+        def io_conversion(op) -> bool:
+            ins = [i for i in op.inputs if i >= 0]
+            if not ins or not op.outputs or m.tensors[ins[0]].dtype == m.tensors[op.outputs[0]].dtype:
+                return False
+            return ins[0] in m.inputs or op.outputs[0] in m.outputs
+
+        return [op.index for op in m.ops if op.name == op_name and not io_conversion(op)]
+
+
+def convert_qdq_onnx(onnx_model: onnx.ModelProto | str | os.PathLike, *, io_dtype: str = "int8",
+                     batch_size: int | None = 1, saved_model_dir: str | os.PathLike | None = None,
+                     workdir: str | os.PathLike | None = None) -> Conversion:
+    """ONNX with Q/DQ pairs -> onnx2tf with xqat's handlers -> TF FakeQuant graph -> full-integer .tflite.
+
+    Deterministic (same ONNX, same bytes), offline, and leaves no files behind: onnx2tf's scratch goes
+    to a temporary folder (inside `workdir` if given) that is removed afterwards. `batch_size` fixes the
+    batch dimension (EdgeTPU needs a static 1); None keeps the ONNX input's. The returned maps say which
+    TFLite tensor carries each ONNX quantized tensor.
+    """
+    if io_dtype not in IO_DTYPES:
+        raise ExportError(f"io_dtype must be one of {IO_DTYPES}, got {io_dtype!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
+        raise ExportError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    if saved_model_dir is not None:  # fail before the slow work
+        check_writable(saved_model_dir, what="SavedModel folder", directory=True)
+    if workdir is not None and not Path(workdir).is_dir():
+        raise ExportError(f"{workdir}: workdir must be an existing folder (onnx2tf's scratch goes there)")
+    t0 = time.perf_counter()
+    model = fold_constants(_load(onnx_model))
+    plan = analyze_qdq(model)
+    scratch = Path(tempfile.mkdtemp(prefix="xqat-onnx2tf-", dir=workdir))
+    try:
+        t1 = time.perf_counter()
+        graph = onnx_to_keras(model, plan, scratch, batch_size)
+        t2 = time.perf_counter()
+        tflite = keras_to_tflite(graph.model, io_dtype, batch_size)
+        t3 = time.perf_counter()
+        saved = save_saved_model(graph.model, saved_model_dir, batch_size) if saved_model_dir else None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    tfl = read_tflite(tflite)
+    loc = locate_tensors(tfl, plan, graph.activation_records, graph.model.name)
+    seconds = {"analyze": t1 - t0, "onnx2tf": t2 - t1, "tflite_converter": t3 - t2,
+               "total": time.perf_counter() - t0}
+    return Conversion(tflite, tfl, plan, loc.tensor_map, loc.weight_map, loc.bias_map, loc.located_by, loc.fused,
+                      loc.unmapped, io_dtype, graph.onnx2tf_version, seconds, saved)
+
+
+def _load(onnx_model: Any) -> onnx.ModelProto:
+    if isinstance(onnx_model, onnx.ModelProto):
+        return onnx_model
+    p = Path(onnx_model)
+    if not p.is_file():
+        raise ExportError(f"{p}: no such ONNX file")
+    try:
+        return onnx.load(str(p))
+    except Exception as e:
+        raise ExportError(f"{p}: cannot read the ONNX model ({type(e).__name__}: {e})") from e
+
