@@ -256,7 +256,7 @@ def analyze_qdq(model: onnx.ModelProto) -> QDQPlan:
         weights[n.output[0]] = _weight(n, src, consts, codes, scale, zp, users, where, len(weights))
 
     for n in g.node:  # every Conv / Gemm needs a quantized weight, or the converter invents one
-        if n.op_type in ("Conv", "Gemm") and n.input[1] not in weights:
+        if n.op_type in ("Conv", "Gemm") and n.input[1] not in weights and (activations or weights):
             raise ExportError(f"{n.op_type} '{n.name}': its weight '{n.input[1]}' has no QuantizeLinear->"
                               "DequantizeLinear; the converter would pick its own weight scales. Export the "
                               "model from prepare_qat so every weight carries its learned range")
