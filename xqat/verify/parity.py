@@ -111,7 +111,8 @@ class ParityReport:
         bottom = np.zeros(len(rows))
         for key, color in (("1", "#f2c14e"), ("2", "#f78154"), (">=3", "#b4436c")):
             share = np.array([100 * t.histogram[key] / max(t.elements, 1) for t in rows])
-            ax.bar(range(len(rows)), share, bottom=bottom, color=color, label=f"|Δ| = {key} LSB")
+            label = "|Δ| ≥ 3 LSB" if key == ">=3" else f"|Δ| = {key} LSB"
+            ax.bar(range(len(rows)), share, bottom=bottom, color=color, label=label)
             bottom += share
         ax.set_xticks(range(len(rows)), names, rotation=70, ha="right", fontsize=7)
         ax.set_ylabel("% of elements differing")
