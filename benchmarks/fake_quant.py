@@ -12,6 +12,7 @@ import torch
 
 import xqat
 from benchmarks._timing import compare, machine
+from xqat.torch_side.fake_quant import use_fused_kernels
 
 
 def main() -> dict[str, float]:
@@ -36,13 +37,24 @@ def main() -> dict[str, float]:
     def run_torch():
         torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255).backward(g)
 
-    t = compare({"xqat": run_xqat, "xqat_learned_range": run_xqat_learned, "torch": run_torch})
+    def run_fused():
+        use_fused_kernels(True)
+        try:
+            xqat.fake_quant(x, mn, mx).backward(g)
+        finally:
+            use_fused_kernels(False)
+
+    t = compare({"xqat": run_xqat, "xqat_learned_range": run_xqat_learned, "xqat_fused": run_fused,
+                 "torch": run_torch})
     print(f"fake quant fwd+bwd, tensor {shape}, CPU ({machine()})")
     print(f"  torch.fake_quantize_per_tensor_affine : {t['torch'] * 1e3:8.2f} ms")
     print(f"  xqat.fake_quant (fixed range)         : {t['xqat'] * 1e3:8.2f} ms   ratio {t['xqat'] / t['torch']:.2f}x")
     print(f"  xqat.fake_quant (min/max with grad)   : {t['xqat_learned_range'] * 1e3:8.2f} ms   "
           f"ratio {t['xqat_learned_range'] / t['torch']:.2f}x")
-    return {"ratio": t["xqat"] / t["torch"], "ratio_learned": t["xqat_learned_range"] / t["torch"]}
+    print(f"  xqat.fake_quant (fused kernels)       : {t['xqat_fused'] * 1e3:8.2f} ms   "
+          f"ratio {t['xqat_fused'] / t['torch']:.2f}x")
+    return {"ratio": t["xqat"] / t["torch"], "ratio_learned": t["xqat_learned_range"] / t["torch"],
+            "ratio_fused": t["xqat_fused"] / t["torch"]}
 
 
 if __name__ == "__main__":

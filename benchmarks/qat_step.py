@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python -m benchmarks.qat_step [--batch 16] [--size 96] [--width 0.5]
 Same batch, same model, interleaved repeats; prints median ms and the ratios
-(targets: xqat <= 1.5x float, and no slower than torch.ao QAT).
+(targets: xqat <= 1.5x float, and no slower than torch.ao QAT). "xqat_fused" runs the same numerics
+through torch.compile-fused fake-quant kernels (xqat.use_fused_kernels).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 import xqat
 from benchmarks._timing import compare, machine
+from xqat.torch_side.fake_quant import use_fused_kernels
 from xqat.zoo import InvertedResidual, MobileNetV2
 
 
@@ -65,12 +67,14 @@ def main() -> dict[str, float]:
         models = {
             "float": copy.deepcopy(base).train(),
             "xqat": xqat.prepare_qat(base, x[:1]).train(),
+            "xqat_fused": xqat.prepare_qat(base, x[:1]).train(),
             "torch.ao": torch_ao_eager_qat(base),
         }
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in models.items()}
 
     def step(k):
         def run():
+            use_fused_kernels(k == "xqat_fused")
             loss = F.cross_entropy(models[k](x), y)
             opts[k].zero_grad()
             loss.backward()
@@ -82,8 +86,12 @@ def main() -> dict[str, float]:
           f"({machine()})")
     for k in models:
         print(f"  {k:9s}: {t[k] * 1e3:8.1f} ms   {t[k] / t['float']:.2f}x float")
-    print(f"  xqat / torch.ao eager QAT: {t['xqat'] / t['torch.ao']:.2f}x")
-    return {"xqat_vs_float": t["xqat"] / t["float"], "xqat_vs_torch_ao": t["xqat"] / t["torch.ao"]}
+    print(f"  xqat / torch.ao eager QAT: {t['xqat'] / t['torch.ao']:.2f}x (fused kernels: "
+          f"{t['xqat_fused'] / t['torch.ao']:.2f}x)")
+    use_fused_kernels(False)
+    return {"xqat_vs_float": t["xqat"] / t["float"], "xqat_vs_torch_ao": t["xqat"] / t["torch.ao"],
+            "xqat_fused_vs_float": t["xqat_fused"] / t["float"],
+            "xqat_fused_vs_torch_ao": t["xqat_fused"] / t["torch.ao"]}
 
 
 if __name__ == "__main__":

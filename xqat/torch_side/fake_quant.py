@@ -10,11 +10,13 @@ FakeQuantWithMinMaxVarsGradient (§1.5): a straight-through estimator inside the
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .qparams import check_num_bits, nudge_with_inverse
 
-__all__ = ["fake_quant", "fake_quant_per_channel"]
+__all__ = ["fake_quant", "fake_quant_per_channel", "use_fused_kernels"]
 
 _INF = float("inf")
 # TF's CPU kernels run with denormals flushed to zero, so a denormal x compares like 0. Where a
@@ -39,19 +41,61 @@ def _grid(min_val: torch.Tensor, max_val: torch.Tensor, num_bits: int, narrow_ra
     return zero, scale, inv_scale, nmin, nmax, quant_zero
 
 
+def _forward_eager(x, nmin, nmax, step, scale, quant_zero, divide: bool):
+    """§1.3 in TF's op order, each step a separately rounded float32 op (in place after the clamp)."""
+    out = torch.clamp(x, nmin, nmax)
+    out.sub_(nmin)
+    out.div_(step) if divide else out.mul_(step)
+    return out.sub_(quant_zero).add_(0.5).floor_().mul_(scale)
+
+
+def _forward_functional(x, nmin, nmax, step, scale, quant_zero, divide: bool):
+    t = torch.clamp(x, nmin, nmax) - nmin
+    t = t / step if divide else t * step
+    return torch.floor((t - quant_zero) + 0.5) * scale
+
+
+def _ste_mask_functional(grad, x, lo, hi):
+    return grad * ((x >= lo) & (x <= hi))
+
+
+class _Kernels:
+    """Eager torch ops by default; with `use_fused_kernels(True)`, the same op sequence compiled by
+    torch.compile (Inductor, fp-contract off) into one pass each for forward and backward."""
+
+    fused = os.environ.get("XQAT_FUSED_KERNELS", "0") == "1"
+    _forward = _mask = None
+
+    @classmethod
+    def forward(cls, *args):
+        if not cls.fused:
+            return _forward_eager(*args)
+        if cls._forward is None:
+            cls._forward = torch.compile(_forward_functional, dynamic=True)
+        return cls._forward(*args)
+
+    @classmethod
+    def ste(cls, grad, x, lo, hi):
+        if not cls.fused:
+            return grad * (torch.clamp(x, lo, hi) == x)  # == (lo <= x <= hi), NaN excluded, in 2 passes
+        if cls._mask is None:
+            cls._mask = torch.compile(_ste_mask_functional, dynamic=True)
+        return cls._mask(grad, x, lo, hi)
+
+
+def use_fused_kernels(enabled: bool = True) -> None:
+    """Run fake quant through torch.compile-fused kernels (same float32 op sequence, bit-identical; needs a
+    C++ compiler; the first call per shape family compiles, tens of seconds). Also: XQAT_FUSED_KERNELS=1."""
+    _Kernels.fused = bool(enabled)
+
+
 class _FakeQuantFn(torch.autograd.Function):
     """x, min, max are float32 and already broadcastable; `divide` picks the per-tensor form."""
 
     @staticmethod
     def forward(ctx, x, min_val, max_val, num_bits: int, narrow_range: bool, divide: bool, reduce_dims):
         zero, scale, inv_scale, nmin, nmax, quant_zero = _grid(min_val, max_val, num_bits, narrow_range)
-        out = torch.clamp(x, nmin, nmax)
-        out.sub_(nmin)
-        if divide:
-            out.div_(scale)
-        else:
-            out.mul_(inv_scale)
-        out.sub_(quant_zero).add_(0.5).floor_().mul_(scale)
+        out = _Kernels.forward(x, nmin, nmax, scale if divide else inv_scale, scale, quant_zero, divide)
         # Gradient bounds: the zero-range case passes everything (infinite range there), and a
         # bound at 0 admits denormals as TF's flush-to-zero does.
         lo = torch.where(zero, -_INF, torch.where(nmin == 0, -_DENORM_MAX, nmin))
@@ -66,7 +110,7 @@ class _FakeQuantFn(torch.autograd.Function):
         x, lo, hi = ctx.saved_tensors
         dx = dmin = dmax = None
         if ctx.needs_input_grad[0]:
-            dx = grad * (torch.clamp(x, lo, hi) == x)  # == (lo <= x <= hi), NaN excluded, in 2 passes
+            dx = _Kernels.ste(grad, x, lo, hi)
         if ctx.needs_input_grad[1]:
             dmin = torch.where(x < lo, grad, 0.0).sum(ctx.reduce_dims).reshape(ctx.min_shape)
         if ctx.needs_input_grad[2]:
