@@ -20,6 +20,9 @@ def test_model_set_exports_full_integer_with_equal_qparams(exported, name):
     assert report.all_qparams_equal and len(report.tensors) > 5
     kinds = {r.kind for r in report.tensors}
     assert kinds == {"activation", "weight", "bias"}
+    n_weighted = sum(1 for m in qat.modules() if hasattr(m, "weight_quant"))
+    assert sum(r.kind == "weight" for r in report.tensors) == n_weighted  # every layer is checked
+    assert sum(r.kind == "activation" for r in report.tensors) == len(xqat.quant_points(qat))
     assert all(r.codes_equal for r in report.tensors if r.kind == "weight")
     m = read_tflite(path)
     assert not [t.name for t in m.tensors if t.dtype == "FLOAT32"], "full-integer model expected"

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from torch import nn
 from ..errors import ExportError
 from ..torch_side.modules import _QuantDelay
 from ..torch_side.prepare import QUANTIZERS, is_qat_model, quant_points
+from ..torch_side.qparams import snap_range
 from ..torch_side.quantizers import QuantPoint
 from .onnx2tf_adapter import fold_constants
 
@@ -114,12 +116,15 @@ def snap_ranges(model: nn.Module) -> list[SnapRecord]:
         if q.fixed:
             continue
         old = (float(q.min), float(q.max))
-        r = q.snapped()
+        zero = old == (0.0, 0.0)  # observed, all-zero tensor (a dead ReLU, x*0): TF outputs 0 (§1.4)
+        # the converter's degenerate scale 1.0 (§4.3) with the zero point at the top of the grid: every x >= 0
+        # (a ReLU output: all of them) still quantizes to exactly 0, and |x| < 0.5 below it does too
+        r = snap_range(-float((1 << q.num_bits) - 1), 0.0, q.num_bits, False) if zero else q.snapped()
         if (r.min, r.max) != old:
             q.min.data.fill_(r.min)
             q.max.data.fill_(r.max)
-        if r.converter_disagreed or r.scale_moved_ulps:
-            records.append(SnapRecord(key, labels.get(key, ()), old, (r.min, r.max), r.converter_disagreed,
+        if zero or r.converter_disagreed or r.scale_moved_ulps:
+            records.append(SnapRecord(key, labels.get(key, ()), old, (r.min, r.max), zero or r.converter_disagreed,
                                       r.scale_moved_ulps))
     return records
 
@@ -199,15 +204,23 @@ def _check_point_qparams(model, proto, points, dqs) -> None:
 
 
 def _weight_tensors(model: nn.Module, proto: onnx.ModelProto) -> dict[str, str]:
-    """Module path of each weight-quantized module -> the ONNX name of its weight fed to QuantizeLinear."""
-    consts = {i.name for i in proto.graph.initializer} | {
-        o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    """Module path of each weight-quantized module -> the ONNX name of its weight fed to QuantizeLinear.
+
+    Weight Q nodes appear in execution order, as the modules do in the fx graph; each pairing is then
+    verified by content (the initializer must equal the module's exported weight bit for bit)."""
+    consts = {i.name: i for i in proto.graph.initializer}
     weight_q = [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in consts]
-    mods = [name for name, m in model.named_modules() if isinstance(m, _QuantDelay)]
+    mods = [str(n.target) for n in model.graph.nodes
+            if n.op == "call_module" and isinstance(model.get_submodule(n.target), _QuantDelay)]
+    if len(mods) != len(weight_q):
+        raise ExportError(f"internal: {len(weight_q)} weight Q/DQ pairs in the ONNX graph for {len(mods)} "
+                          "weight-quantized layers; please report this with the model definition")
     out = {}
-    for name in mods:
-        scope = "/" + name + "/"
-        hits = [n for n in weight_q if n.name.startswith(scope) and n.name.count("/") == scope.count("/")]
-        if len(hits) == 1:
-            out[name] = hits[0].input[0]
+    for name, q in zip(mods, weight_q):
+        expected = model.get_submodule(name).export_weights()[0].numpy()
+        got = onnx.numpy_helper.to_array(consts[q.input[0]])
+        if got.shape != expected.shape or not np.array_equal(got, expected):
+            raise ExportError(f"internal: the ONNX weight '{q.input[0]}' is not the weight of '{name}'; please "
+                              "report this with the model definition")
+        out[name] = q.input[0]
     return out
