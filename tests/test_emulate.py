@@ -1,0 +1,526 @@
+"""xqat.emulate against the real TFLite interpreter on its three backends (tf-quant-semantics §4.4, §5).
+
+Models are int8 TFLite files converted at test time from TF fake-quant graphs (no representative
+dataset, §4.1). Ranges with power-of-two scales put many requantizations exactly on ties, where the
+backends round differently. Every op output of every sample is compared, bit for bit.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import xqat
+import xqat.torch_side.qparams
+from xqat.errors import EmulationError
+from xqat.tflite_model import read_tflite
+from xqat.verify.emulate import rounding
+
+BACKENDS = ("reference", "builtin", "xnnpack")
+_RESOLVER = {"reference": "BUILTIN_REF", "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "xnnpack": "AUTO"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracle: the interpreter, one sample at a time, every op output preserved
+
+
+def interpreter(model: bytes, backend: str, preserve: bool = True):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        it = Interpreter(model_content=model, experimental_preserve_all_tensors=preserve,
+                         experimental_op_resolver_type=getattr(OpResolverType, _RESOLVER[backend]))
+    it.allocate_tensors()
+    return it
+
+
+def run_interpreter(model: bytes, backend: str, inputs: list[np.ndarray], preserve: bool = True):
+    """{tensor index: stacked values over the batch} for every op output (model outputs only if not
+    preserve). With preserve, the XNNPACK delegate runs each node as its own partition."""
+    m = read_tflite(model)
+    it = interpreter(model, backend, preserve)
+    wanted = [t for op in m.ops for t in op.outputs] if preserve else list(m.outputs)
+    out = {t: [] for t in wanted}
+    for n in range(inputs[0].shape[0]):
+        for idx, x in zip(m.inputs, inputs):
+            it.set_tensor(idx, x[n:n + 1])
+        it.invoke()
+        for t in wanted:
+            out[t].append(it.get_tensor(t).copy())
+    return {t: np.concatenate(v) for t, v in out.items()}
+
+
+def mismatches(got: torch.Tensor, want: np.ndarray) -> int:
+    """Elements that differ; float32 tensors are compared bit for bit."""
+    got = got.cpu().numpy().reshape(want.shape)
+    if got.dtype == np.float32:
+        return int((got.view(np.int32) != want.view(np.int32)).sum())
+    return int((got.astype(np.int64) != want.astype(np.int64)).sum())
+
+
+def compare_all(model: bytes, inputs: list[np.ndarray], backend: str) -> tuple[int, int]:
+    """(mismatched elements, compared elements) over every op output of every sample."""
+    m = read_tflite(model)
+    want = run_interpreter(model, backend, inputs)
+    _, got = xqat.emulate(model, [torch.as_tensor(x) for x in inputs], backend=backend, intermediates=True)
+    bad = total = 0
+    for op in m.ops:
+        t = op.outputs[0]
+        bad += mismatches(got[t], want[t])
+        total += want[t].size
+    return bad, total
+
+
+# ---------------------------------------------------------------------------------------------
+# Model builders (TF fake-quant graphs -> TFLite converter)
+
+
+def pow2_range(zp_unsigned: int, k: int) -> tuple[float, float]:
+    """FakeQuant range with scale exactly 2^-k and the given (uint8) zero point."""
+    s = 2.0 ** -k
+    return -zp_unsigned * s, (255 - zp_unsigned) * s
+
+
+def tie_weights(rng, shape, ks) -> np.ndarray:
+    """Integer weights times 2^-k with max |w| = 127 * 2^-k per output channel: power-of-two weight scales."""
+    w = rng.integers(-127, 128, size=shape).astype(np.float32).reshape(-1, shape[-1])
+    w[0] = 127 * rng.choice([-1, 1], size=shape[-1])
+    return (w * 2.0 ** -np.asarray(ks, np.float64)).reshape(shape).astype(np.float32)
+
+
+class Builder:
+    """Small helpers around the real TF ops and converter."""
+
+    def __init__(self, tf):
+        self.tf = tf
+
+    def fq(self, x, r, narrow=False):
+        return self.tf.quantization.fake_quant_with_min_max_vars(x, r[0], r[1], narrow_range=narrow)
+
+    def wfq(self, w, per_channel=True):
+        tf = self.tf
+        if per_channel:
+            m = np.abs(w).reshape(-1, w.shape[-1]).max(0).astype(np.float32)
+            return tf.quantization.fake_quant_with_min_max_vars_per_channel(w, -m, m, narrow_range=True)
+        m = float(np.abs(w).max())
+        return self.fq(w, (-m, m), narrow=True)
+
+    def convert(self, fn, io="int8") -> bytes:
+        tf = self.tf
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        if io is not None:
+            conv.inference_input_type = conv.inference_output_type = getattr(tf, io)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return conv.convert()
+
+    def spec(self, *shapes):
+        return [self.tf.TensorSpec(s, self.tf.float32) for s in shapes]
+
+
+def digits_cnn(b: Builder, io="int8") -> bytes:
+    """CONV+RELU, DEPTHWISE (M=2, 12 channels, linear, ties), 1x1 CONV+RELU6, AVG_POOL, RESHAPE, FC,
+    SOFTMAX."""
+    tf, rng = b.tf, np.random.default_rng(1)
+    w1 = tie_weights(rng, (3, 3, 1, 6), rng.integers(5, 8, 6))
+    b1 = (rng.integers(-400, 400, 6) * 2.0 ** -10).astype(np.float32)
+    dw = tie_weights(rng, (3, 3, 1, 12), rng.integers(5, 8, 12))
+    w3 = tie_weights(rng, (1, 1, 12, 10), rng.integers(5, 8, 10))
+    fc = rng.normal(size=(160, 10)).astype(np.float32) * 0.2
+
+    @tf.function(input_signature=b.spec([1, 8, 8, 1]))
+    def f(x):
+        x = b.fq(x, (0.0, 16.0))
+        y = b.fq(tf.nn.relu(tf.nn.conv2d(x, b.wfq(w1), 1, "SAME") + b1), pow2_range(0, 4))
+        y = b.fq(tf.nn.depthwise_conv2d(y, tf.reshape(b.wfq(dw), (3, 3, 6, 2)), [1, 1, 1, 1], "SAME"),
+                 pow2_range(100, 3))
+        y = b.fq(tf.nn.relu6(tf.nn.conv2d(y, b.wfq(w3), 1, "SAME")), (0.0, 6.0))
+        y = b.fq(tf.nn.avg_pool2d(y, 2, 2, "VALID"), (0.0, 6.0))
+        logits = b.fq(tf.matmul(tf.reshape(y, [1, 160]), b.wfq(fc, per_channel=False)), (-7.3, 9.1))
+        return b.fq(tf.nn.softmax(logits), (0.0, 1.0))
+
+    return b.convert(f, io)
+
+
+def branchy(b: Builder, io="int8") -> bytes:
+    """CONV, AVG/MAX_POOL (SAME, stride 2), ADD, MUL, CONCATENATION (+requantize), PAD, MEAN, RESHAPE, FC."""
+    tf, rng = b.tf, np.random.default_rng(2)
+    w1 = tie_weights(rng, (3, 3, 4, 6), rng.integers(6, 9, 6))
+    b1 = (rng.integers(-300, 300, 6) * 2.0 ** -11).astype(np.float32)
+    fcw = rng.normal(size=(18, 7)).astype(np.float32) * 0.3
+    fcb = rng.normal(size=7).astype(np.float32) * 0.1
+    rc, rs, rcc = pow2_range(140, 4), pow2_range(70, 3), pow2_range(120, 3)
+
+    @tf.function(input_signature=b.spec([1, 9, 9, 4]))
+    def f(x):
+        x = b.fq(x, pow2_range(130, 5))
+        c = b.fq(tf.nn.conv2d(x, b.wfq(w1), 1, "SAME") + b1, rc)
+        a = b.fq(tf.nn.avg_pool2d(c, 3, 2, "SAME"), rc)
+        m = tf.nn.max_pool2d(c, 3, 2, "SAME")
+        s = b.fq(a + m, rs)
+        p = b.fq(s * m, (-2.1, 5.3))
+        cc = b.fq(tf.concat([s, p, m], -1), rcc)
+        pd = b.fq(tf.pad(cc, [[0, 0], [1, 2], [0, 1], [0, 0]]), rcc)
+        mean = b.fq(tf.reduce_mean(pd, [1, 2], keepdims=True), pow2_range(90, 5))
+        return b.fq(tf.matmul(tf.reshape(mean, [1, -1]), b.wfq(fcw, per_channel=False)) + fcb, (-3.2, 2.7))
+
+    return b.convert(f, io)
+
+
+def heads(b: Builder) -> bytes:
+    """FC, FC+RELU, LOGISTIC, TANH, two SOFTMAX (each followed by the converter's requantize)."""
+    tf, rng = b.tf, np.random.default_rng(3)
+    w1 = rng.normal(size=(16, 12)).astype(np.float32) * 0.5
+    b1 = rng.normal(size=12).astype(np.float32) * 0.2
+    w2 = rng.normal(size=(12, 10)).astype(np.float32) * 0.5
+
+    @tf.function(input_signature=b.spec([1, 16]))
+    def f(x):
+        x = b.fq(x, (-2.5, 3.1))
+        h = b.fq(tf.matmul(x, b.wfq(w1, False)) + b1, (-6.2, 5.4))
+        g = b.fq(tf.nn.relu(tf.matmul(h, b.wfq(w2, False))), (0.0, 4.7))
+        return {"sigmoid": b.fq(tf.sigmoid(h), (0.0, 1.0)), "tanh": b.fq(tf.tanh(h), (-1.0, 1.0)),
+                "softmax": b.fq(tf.nn.softmax(h), (0.0, 1.0)), "relu": g,
+                "softmax2": b.fq(tf.nn.softmax(g), (0.0, 1.0))}
+
+    return b.convert(f)
+
+
+def quantize_input(model: bytes, x: np.ndarray) -> np.ndarray:
+    """Float samples -> the model input's integer codes (float32 x / scale, half away, as TFLite's
+    reference QUANTIZE does)."""
+    t = read_tflite(model).tensor(read_tflite(model).inputs[0])
+    lo, hi = (-128, 127) if t.dtype == "INT8" else (0, 255)
+    q = np.round((x / np.float32(t.scales[0])).astype(np.float32)) + int(t.zero_points[0])
+    return np.clip(q, lo, hi).astype(np.int8 if t.dtype == "INT8" else np.uint8)
+
+
+@pytest.fixture(scope="module")
+def builder(tf):
+    return Builder(tf)
+
+
+@pytest.fixture(scope="module")
+def model_set(builder):
+    """name -> (tflite bytes, [batched inputs]); >= 1000 samples in all, real digits and random codes."""
+    from sklearn.datasets import load_digits
+
+    rng = np.random.default_rng(0)
+    digits = load_digits().images.astype(np.float32)[:, :, :, None]  # (1797, 8, 8, 1) in [0, 16]
+    m_digits, m_digits_u8 = digits_cnn(builder), digits_cnn(builder, io="uint8")
+    m_branchy, m_float = branchy(builder), branchy(builder, io=None)
+    m_heads = heads(builder)
+    return {
+        "digits_cnn": (m_digits, [np.concatenate([quantize_input(m_digits, digits[:400]),
+                                                  rng.integers(-128, 128, (100, 8, 8, 1)).astype(np.int8)])]),
+        "digits_cnn_uint8_io": (m_digits_u8, [quantize_input(m_digits_u8, digits[400:550])]),
+        "branchy": (m_branchy, [rng.integers(-128, 128, (300, 9, 9, 4)).astype(np.int8)]),
+        "branchy_float_io": (m_float, [rng.uniform(-4.5, 4.5, (150, 9, 9, 4)).astype(np.float32)]),
+        "heads": (m_heads, [rng.integers(-128, 128, (300, 16)).astype(np.int8)]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models: every op output, every sample
+
+
+def test_model_set_covers_the_ops(model_set):
+    ops = {op.name for model, _ in model_set.values() for op in read_tflite(model).ops}
+    assert ops >= {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "AVERAGE_POOL_2D",
+                   "MAX_POOL_2D", "MEAN", "CONCATENATION", "RESHAPE", "PAD", "QUANTIZE", "DEQUANTIZE",
+                   "LOGISTIC", "TANH", "SOFTMAX"}
+    acts = {op.fused_activation for model, _ in model_set.values() for op in read_tflite(model).ops}
+    assert {"RELU", "RELU6"} <= acts
+    assert sum(x[0].shape[0] for _, x in model_set.values()) >= 1000
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_set_bit_exact_on_every_tensor(model_set, backend):
+    report = {}
+    for name, (model, inputs) in model_set.items():
+        report[name] = compare_all(model, inputs, backend)
+    assert all(bad == 0 for bad, _ in report.values()), report
+    assert sum(total for _, total in report.values()) > 200_000
+
+
+def test_xnnpack_outputs_equal_the_default_interpreter(model_set):
+    """preserve_all_tensors splits the XNNPACK delegate per node; the plain default interpreter
+    (what users deploy) must give the same outputs, and so must the emulator."""
+    emu = {}
+    for name, (model, inputs) in model_set.items():
+        want = run_interpreter(model, "xnnpack", inputs, preserve=False)
+        got = xqat.emulate(model, [torch.as_tensor(x) for x in inputs])  # default backend: xnnpack
+        emu[name] = sum(mismatches(g, want[t]) for g, t in zip(got, read_tflite(model).outputs))
+    assert emu == {name: 0 for name in model_set}
+
+
+def test_backends_really_differ_on_the_model_set(model_set):
+    """The model set is tie-heavy enough that the three interpreters disagree with each other."""
+    model, inputs = model_set["digits_cnn"]
+    out = {b: run_interpreter(model, b, inputs) for b in BACKENDS}
+    t_dw = [op.outputs[0] for op in read_tflite(model).ops if op.name == "DEPTHWISE_CONV_2D"][0]
+    pairs = [("reference", "builtin"), ("reference", "xnnpack"), ("builtin", "xnnpack")]
+    assert all(int((out[a][t_dw] != out[b][t_dw]).sum()) > 0 for a, b in pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exhaustive: ADD over all int8 pairs, requantize over all codes, tables over all codes
+
+_ADD_CASES = [
+    (pow2_range(128, 5), pow2_range(100, 6), pow2_range(140, 5)),  # power-of-two scales: ties
+    (pow2_range(90, 3), pow2_range(200, 5), pow2_range(30, 2)),
+    ((-4.045, 1.37), (-0.52, 3.9), (-2.77, 4.61)),
+    ((-50.0, 50.0), (-40.0, 40.0), (-0.05, 0.1)),  # ratio >= 256: XNNPACK leaves it; int16 wrap in builtin
+]
+
+
+@pytest.fixture(scope="module")
+def add_models(builder):
+    tf = builder.tf
+    models = []
+    for r1, r2, ro in _ADD_CASES:
+        @tf.function(input_signature=builder.spec([1, 65536], [1, 65536]))
+        def f(a, c, r1=r1, r2=r2, ro=ro):
+            return builder.fq(builder.fq(a, r1) + builder.fq(c, r2), ro)
+        models.append(builder.convert(f))
+    return models
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_all_int8_pairs(add_models, backend):
+    codes = np.arange(-128, 128)
+    a = np.repeat(codes, 256).astype(np.int8)[None]
+    c = np.tile(codes, 256).astype(np.int8)[None]
+    for model in add_models:
+        m = read_tflite(model)
+        assert [op.name for op in m.ops] == ["ADD"]
+        inputs = [a if m.tensor(i).name.startswith("a") else c for i in m.inputs]
+        want = run_interpreter(model, backend, inputs)[m.outputs[0]]
+        got = xqat.emulate(model, inputs, backend=backend)[0]
+        assert mismatches(got, want) == 0, (backend, m.source)
+
+
+@pytest.fixture(scope="module")
+def requantize_models(builder):
+    """QUANTIZE int8 -> int8 (the converter requantizes a concat input): 270 elements per call, so the
+    optimized kernel has a 16-lane body (256 elements) and a 14-element scalar tail."""
+    tf, rng = builder.tf, np.random.default_rng(5)
+    cases = [(pow2_range(100, 6), pow2_range(128, 4)), (pow2_range(250, 7), pow2_range(3, 4)),  # ratios 1/4,
+             (pow2_range(128, 5), pow2_range(37, 4)), (pow2_range(128, 4), pow2_range(100, 6))]  # 1/8: ties
+    cases += [((-float(rng.uniform(0.01, 5)), float(rng.uniform(0.01, 5))),
+               (-float(rng.uniform(0.01, 5)), float(rng.uniform(0.01, 5)))) for _ in range(4)]
+    cases += [((-100.0, 100.0), (-0.3, 0.3))]  # ratio > 128: XNNPACK leaves the node to builtin
+    models = []
+    for r1, r2 in cases:
+        @tf.function(input_signature=builder.spec([1, 270], [1, 1]))
+        def f(x, y, r1=r1, r2=r2):
+            return builder.fq(tf.concat([builder.fq(x, r1), builder.fq(y, r2)], -1), r2)
+        models.append(builder.convert(f))
+    return models
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_requantize_all_codes(requantize_models, backend):
+    codes = np.arange(-128, 128).astype(np.int8)
+    x = np.stack([np.concatenate([np.roll(codes, j), codes[(14 * j + np.arange(14)) % 256]])
+                  for j in range(19)])  # body: all codes in every row; tails: all codes over the rows
+    for model in requantize_models:
+        m = read_tflite(model)
+        assert m.ops[0].name == "QUANTIZE" and m.tensor(m.ops[0].inputs[0]).dtype == "INT8"
+        inputs = [x if m.tensor(i).shape[1] == 270 else np.zeros((19, 1), np.int8) for i in m.inputs]
+        want = run_interpreter(model, backend, inputs)
+        _, got = xqat.emulate(model, inputs, backend=backend, intermediates=True)
+        bad = [mismatches(got[op.outputs[0]], want[op.outputs[0]]) for op in m.ops]
+        assert not any(bad), (backend, m.source, bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_quantize_ties_and_dequantize(builder, backend):
+    """QUANTIZE float32 -> int8 on inputs exactly at (k + 1/2) * scale, and DEQUANTIZE, with 13 elements
+    per call (8-lane SIMD body + scalar tail of the optimized kernels)."""
+    tf, rng = builder.tf, np.random.default_rng(6)
+    for r in (pow2_range(128, 4), (-1.3, 2.9)):
+        @tf.function(input_signature=builder.spec([1, 13]))
+        def f(x, r=r):
+            return builder.fq(builder.fq(x, r) * 1.0, r)
+        model = builder.convert(f, io=None)
+        m = read_tflite(model)
+        assert [op.name for op in m.ops] == ["QUANTIZE", "DEQUANTIZE"]
+        s = np.float32(m.tensor(m.ops[0].outputs[0]).scales[0])
+        x = ((rng.integers(-140, 140, (200, 13)) + np.float32(0.5)) * s).astype(np.float32)
+        x[::4] = np.nextafter(x[::4], np.float32(np.inf))
+        want = run_interpreter(model, backend, [x])
+        _, got = xqat.emulate(model, x, backend=backend, intermediates=True)
+        assert all(mismatches(got[op.outputs[0]], want[op.outputs[0]]) == 0 for op in m.ops), (backend, r)
+
+
+# Input grids (scale, int8 zero point) on which the XNNPACK sigmoid table (function in double, lrintf)
+# and TFLite's (float32 expf, round half away) differ in one or two entries.
+_SIGMOID_GRIDS = [(0.01892166957259178, 60), (0.03434683382511139, -61), (0.05812663212418556, 5),
+                  (0.052152086049318314, -74), (0.022350898012518883, 74), (0.07014720141887665, 12)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logistic_tanh_all_codes(builder, backend):
+    tf = builder.tf
+    codes = np.arange(-128, 128).astype(np.int8)[None]
+    grids = [xqat.torch_side.qparams.canonical_range(np.float32(s), zp + 128) for s, zp in _SIGMOID_GRIDS]
+    for r in [pow2_range(128, 4), pow2_range(60, 2), (-7.08, 3.77), (-0.93, 11.2)] + grids:
+        @tf.function(input_signature=builder.spec([1, 256]))
+        def f(x, r=r):
+            x = builder.fq(x, r)
+            return {"a": builder.fq(tf.sigmoid(x), (0.0, 1.0)), "b": builder.fq(tf.tanh(x), (-1.0, 1.0))}
+        model = builder.convert(f)
+        m = read_tflite(model)
+        want = run_interpreter(model, backend, [codes])
+        _, got = xqat.emulate(model, codes, backend=backend, intermediates=True)
+        assert {op.name for op in m.ops} == {"LOGISTIC", "TANH", "QUANTIZE"}
+        assert all(mismatches(got[op.outputs[0]], want[op.outputs[0]]) == 0 for op in m.ops), (backend, r)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend choice matters, exactly where the spec says (§5.2, §5.3)
+
+
+@pytest.fixture(scope="module")
+def pointwise_tie_model(builder):
+    """1x1 CONV_2D with power-of-two scales: the multiplier is exactly 2^-8, so acc * M sits on a tie
+    for 1 accumulator in 256 (and next to one, where double rounding shows, for 2 more)."""
+    tf, rng = builder.tf, np.random.default_rng(7)
+    w = tie_weights(rng, (1, 1, 16, 11), np.full(11, 7))
+
+    @tf.function(input_signature=builder.spec([1, 5, 5, 16]))
+    def f(x):
+        return builder.fq(tf.nn.conv2d(builder.fq(x, pow2_range(128, 4)), builder.wfq(w), 1, "VALID"),
+                          pow2_range(128, 3))
+
+    model = builder.convert(f)
+    x = rng.integers(-128, 128, (400, 5, 5, 16)).astype(np.int8)
+    return model, x
+
+
+def _spec_requantize(acc: np.ndarray, backend: str) -> np.ndarray:
+    """acc * 2^-8 rounded by each backend's rule of §5.2/§5.3, in Python integers (independent of xqat)."""
+    m, right = 1 << 30, 7  # QuantizeMultiplier(2^-8) = (2^30, shift -7)
+    if backend == "reference":  # gemmlowp: SRDHM then RDBP, both half away from zero
+        return np.array([_rdbp_ref(_srdhm_ref(int(a), m), right) for a in acc.ravel()]).reshape(acc.shape)
+    if backend == "builtin":  # ruy x86: (a*M + 2^30) >> 31, then (r + 2^(e-1)) >> e, both half up
+        return np.array([(((int(a) * m + (1 << 30)) >> 31) + (1 << (right - 1))) >> right
+                         for a in acc.ravel()]).reshape(acc.shape)
+    return np.rint(acc.astype(np.float32) * np.float32(2.0 ** -8)).astype(np.int64)  # XNNPACK fp32: half even
+
+
+def test_backends_differ_exactly_where_their_roundings_differ(pointwise_tie_model):
+    """REF rounds twice half away from zero, builtin (ruy) twice half up, XNNPACK once half even. The
+    emulator of one backend disagrees with the interpreter of another exactly on the elements where
+    those rules give different codes (ties and near-ties), and agrees with its own interpreter."""
+    model, x = pointwise_tie_model
+    m = read_tflite(model)
+    op = m.ops[0]
+    t_in, t_w, t_out = (m.tensor(i) for i in (op.inputs[0], op.inputs[1], op.outputs[0]))
+    assert np.all(np.float64(t_in.scales[0]) * t_w.scales.astype(np.float64) / np.float64(t_out.scales[0])
+                  == 2.0 ** -8)
+    xq = x.reshape(-1, 16).astype(np.int64) - int(t_in.zero_points[0])
+    acc = xq @ t_w.data.reshape(11, 16).T.astype(np.int64)
+    if len(op.inputs) > 2 and op.inputs[2] >= 0:
+        acc = acc + m.tensor(op.inputs[2]).data.astype(np.int64)
+    code = {b: np.clip(_spec_requantize(acc, b) + int(t_out.zero_points[0]), -128, 127) for b in BACKENDS}
+    frac = (acc % 256) / 256.0
+    near_tie = np.abs(frac - 0.5) <= 1 / 256
+    assert (frac == 0.5).sum() > 100
+    interp = {b: run_interpreter(model, b, [x])[op.outputs[0]].reshape(-1, 11).astype(np.int64)
+              for b in BACKENDS}
+    emu = {b: xqat.emulate(model, x, backend=b)[0].numpy().reshape(-1, 11).astype(np.int64) for b in BACKENDS}
+    for a in BACKENDS:
+        assert np.array_equal(emu[a], interp[a])
+        assert np.array_equal(emu[a], code[a])  # the spec's rule, computed independently
+        for b in BACKENDS:
+            if a != b:
+                differ = emu[a] != interp[b]
+                assert differ.sum() > 0, (a, b)
+                assert np.array_equal(differ, code[a] != code[b])  # exactly where the rules disagree
+                assert not (differ & ~near_tie).any(), (a, b)  # and only at (near) ties
+    assert not ((emu["builtin"] != interp["reference"]) & (acc > 0)).any()  # half up = half away for x > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# API behaviour
+
+
+def test_emulator_is_batch_free_and_reusable(model_set):
+    model, inputs = model_set["heads"]
+    emu = xqat.Emulator(model, backend="reference")
+    x = torch.as_tensor(inputs[0][:64])
+    whole = emu.run(x)
+    one_by_one = [emu.run(x[i:i + 1]) for i in range(0, 64, 9)]
+    for k, out in enumerate(whole):
+        assert torch.equal(out[::9], torch.cat([o[k] for o in one_by_one]))
+    assert whole[0].dtype == torch.int8 and whole[0].shape[0] == 64
+    assert xqat.emulate(emu, x)[0].equal(whole[0])
+    with pytest.raises(EmulationError, match="built for backend 'reference'"):
+        xqat.emulate(emu, x, backend="xnnpack")
+
+
+def test_bad_inputs_get_clear_errors(model_set):
+    model, inputs = model_set["branchy"]
+    emu = xqat.Emulator(model)
+    with pytest.raises(EmulationError, match="must be torch.int8"):
+        emu.run(torch.zeros(2, 9, 9, 4))
+    with pytest.raises(EmulationError, match=r"shape \(N, 9, 9, 4\)"):
+        emu.run(torch.zeros(2, 9, 9, 3, dtype=torch.int8))
+    with pytest.raises(EmulationError, match="1 inputs, got 2"):
+        emu.run([inputs[0], inputs[0]])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        xqat.Emulator(model, backend="gpu")
+
+
+def test_unsupported_op_is_named(builder):
+    tf = builder.tf
+
+    @tf.function(input_signature=builder.spec([1, 8], [1, 8]))
+    def f(a, c):
+        return builder.fq(tf.maximum(builder.fq(a, (-1.0, 1.0)), builder.fq(c, (-1.0, 1.0))), (-1.0, 1.0))
+
+    model = builder.convert(f)
+    op = [o for o in read_tflite(model).ops if o.name == "MAXIMUM"][0]
+    with pytest.raises(EmulationError, match=rf"op #{op.index} MAXIMUM .* not supported"):
+        xqat.Emulator(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounding primitives against the spec's scalar formulas (§5.1, §5.2)
+
+
+def _srdhm_ref(a: int, b: int) -> int:
+    if a == b == -(1 << 31):
+        return (1 << 31) - 1
+    ab = a * b
+    nudge = (1 << 30) if ab >= 0 else 1 - (1 << 30)
+    q = abs(ab + nudge) // (1 << 31)
+    return q if ab + nudge >= 0 else -q
+
+
+def _rdbp_ref(x: int, e: int) -> int:
+    mask = (1 << e) - 1
+    return (x >> e) + int((x & mask) > (mask >> 1) + int(x < 0))
+
+
+def test_rounding_primitives_match_the_spec_formulas():
+    rng = np.random.default_rng(8)
+    a = rng.integers(-(1 << 31), 1 << 31, 4000)
+    b = rng.integers(1 << 30, 1 << 31, 4000)
+    a[:64] = np.arange(-32, 32) * (1 << 26)  # exact ties of the 2^31 division
+    got = rounding.srdhm(torch.as_tensor(a), torch.as_tensor(b)).numpy()
+    assert [int(g) for g in got] == [_srdhm_ref(int(x), int(y)) for x, y in zip(a, b)]
+    x = rng.integers(-(1 << 20), 1 << 20, 4000)
+    for e in (1, 3, 12, 31):
+        got = rounding.rdbp(torch.as_tensor(x), e).numpy()
+        assert [int(g) for g in got] == [_rdbp_ref(int(v), e) for v in x]
+    mult, shift = rounding.quantize_multiplier([0.5, 0.75, 1.0, 3.0, 2.0 ** -40, 0.0, 0.999999999999])
+    assert mult.tolist() == [1 << 30, 3 << 29, 1 << 30, 3 << 29, 0, 0, 1 << 30]
+    assert shift.tolist() == [0, 0, 1, 2, 0, 0, 1]

@@ -1,0 +1,109 @@
+"""Run a whole .tflite graph with the integer kernels of one backend, batched (tf-quant-semantics §5.3).
+
+The model is parsed and every op compiled once (`Emulator`); `run` then walks the ops in file order
+(TFLite stores them topologically sorted) on N samples at a time, where the interpreter runs one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...errors import EmulationError
+from ...tflite_model import TFLiteModel, read_tflite
+from .kernels import TORCH_DTYPES, build
+from .rules import BACKENDS
+
+__all__ = ["Emulator"]
+
+TensorLike = torch.Tensor | np.ndarray
+
+
+class Emulator:
+    """A .tflite model compiled into torch integer kernels for one backend, ready to run batches.
+
+    backend: "reference" (BUILTIN_REF kernels), "builtin" (optimized kernels without delegates) or
+    "xnnpack" (the interpreter's default: XNNPACK delegate, builtin kernels for the ops it leaves).
+    """
+
+    def __init__(self, model: str | Path | bytes | TFLiteModel, backend: str = "xnnpack",
+                 device: str | torch.device = "cpu"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        self.model = model if isinstance(model, TFLiteModel) else read_tflite(model)
+        self.backend = backend
+        self.device = torch.device(device)
+        if self.model.num_subgraphs != 1:
+            raise EmulationError(f"{self.model.source}: {self.model.num_subgraphs} subgraphs; the emulator "
+                                 "runs single-subgraph models only")
+        self._kernels = [(op, build(op, self.model, backend, self.device)) for op in self.model.ops]
+        self._constants: dict[int, torch.Tensor] = {}
+        last: dict[int, int] = {}
+        for pos, op in enumerate(self.model.ops):
+            for t in op.inputs:
+                last[t] = pos
+        keep = set(self.model.outputs)
+        self._free_after = [[t for t, p in last.items() if p == pos and t not in keep]
+                            for pos in range(len(self.model.ops))]
+
+    def __repr__(self) -> str:
+        return f"Emulator({self.model.source!r}, backend={self.backend!r}, device={str(self.device)!r})"
+
+    def _check_inputs(self, inputs: TensorLike | Sequence[TensorLike]) -> list[torch.Tensor]:
+        if isinstance(inputs, (torch.Tensor, np.ndarray)):
+            inputs = [inputs]
+        inputs = list(inputs)
+        if len(inputs) != len(self.model.inputs):
+            raise EmulationError(f"{self.model.source}: the model has {len(self.model.inputs)} inputs, got "
+                                 f"{len(inputs)} tensors")
+        out = []
+        for x, idx in zip(inputs, self.model.inputs):
+            t = self.model.tensor(idx)
+            want = TORCH_DTYPES.get(t.dtype)
+            x = torch.as_tensor(x)
+            if x.dtype != want:
+                raise EmulationError(f"input '{t.name}' must be {want} (the model's {t.dtype} input, batched "
+                                     f"along dim 0), got {x.dtype}; quantize it with the input's scale and "
+                                     "zero point first, or pass the raw integer codes")
+            if x.dim() != len(t.shape) or tuple(x.shape[1:]) != tuple(t.shape[1:]):
+                dims = ", ".join(map(str, t.shape[1:]))
+                raise EmulationError(f"input '{t.name}' must have shape (N, {dims}) (TFLite layout, any N), "
+                                     f"got {tuple(x.shape)}")
+            out.append(x.to(self.device))
+        return out
+
+    def _constant(self, idx: int) -> torch.Tensor:
+        if idx not in self._constants:
+            t = self.model.tensor(idx)
+            self._constants[idx] = torch.as_tensor(np.array(t.data)).to(self.device)
+        return self._constants[idx]
+
+    @torch.no_grad()
+    def run(self, inputs: TensorLike | Sequence[TensorLike], intermediates: bool = False):
+        """Outputs (list, model output order) for a batch of inputs; with intermediates=True also a dict
+        tflite tensor index -> tensor for every tensor computed (inputs included)."""
+        xs = self._check_inputs(inputs)
+        env: dict[int, torch.Tensor] = dict(zip(self.model.inputs, xs))
+        for pos, (op, kernel) in enumerate(self._kernels):
+            args = []
+            for t in op.inputs:
+                if t < 0:
+                    args.append(None)
+                elif t in env:
+                    args.append(env[t])
+                elif self.model.tensor(t).is_constant:
+                    args.append(self._constant(t))
+                else:
+                    raise EmulationError(f"op #{op.index} {op.name} reads tensor {t} "
+                                         f"('{self.model.tensor(t).name}') before any op writes it")
+            env[op.outputs[0]] = kernel(args)
+            if not intermediates:
+                for t in self._free_after[pos]:
+                    env.pop(t, None)
+        outputs = [env[t] for t in self.model.outputs]
+        return (outputs, env) if intermediates else outputs
+
+    __call__ = run

@@ -1,0 +1,55 @@
+"""float32 expf/tanhf from the C math library the TFLite runtime itself links (glibc libm on Linux).
+
+The lookup tables of LOGISTIC, TANH and SOFTMAX are built from expf/tanhf in float32 (§5.3 notes);
+a 1-ulp difference in expf can flip a table entry at a rounding tie, so the tables call the same
+libm functions through ctypes. Elsewhere numpy's float32 functions are the (documented) fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from functools import lru_cache
+
+import numpy as np
+
+__all__ = ["expf", "tanhf", "libm_available"]
+
+
+@lru_cache(maxsize=1)
+def _libm():
+    name = ctypes.util.find_library("m")
+    if name is None:
+        return None
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError:
+        return None
+    for fn in ("expf", "tanhf"):
+        getattr(lib, fn).restype = ctypes.c_float
+        getattr(lib, fn).argtypes = [ctypes.c_float]
+    return lib
+
+
+def libm_available() -> bool:
+    """True when the tables are computed with the C library's expf/tanhf (bit-exact with TFLite)."""
+    return _libm() is not None
+
+
+def _apply(name: str, x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    lib = _libm()
+    if lib is None:  # pragma: no cover - non-glibc platforms
+        return getattr(np, name[:-1])(x).astype(np.float32)
+    f = getattr(lib, name)
+    return np.array([f(float(v)) for v in x.ravel()], np.float32).reshape(x.shape)
+
+
+def expf(x) -> np.ndarray:
+    """Elementwise C expf on float32 values."""
+    return _apply("expf", x)
+
+
+def tanhf(x) -> np.ndarray:
+    """Elementwise C tanhf on float32 values."""
+    return _apply("tanhf", x)

@@ -1,0 +1,78 @@
+"""Which arithmetic each TFLite backend uses, per op: the backend table of tf-quant-semantics §5.3 as data.
+
+Kernels look their rounding up here instead of branching on the backend name, so the differences
+between the backends live in one table. Each rule name is implemented once in `kernels.py`.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+__all__ = ["BACKENDS", "RULES", "XNNPACK_OPS", "rules_for"]
+
+BACKENDS = ("reference", "builtin", "xnnpack")
+
+_REFERENCE = {
+    "conv": "gemmlowp",            # MultiplyByQuantizedMultiplier, double rounding (§5.2)
+    "depthwise": "gemmlowp",
+    "fully_connected": "float64",  # round_half_away(double(acc) * double multiplier)
+    "fc_multiplier": "double",     # s_in * s_w / s_out in double
+    "add": "gemmlowp",             # left_shift 20, three double-rounding MBQMs
+    "mul": "gemmlowp",             # MBQM(prod, s1*s2/s_out in double)
+    "mean": "reference",           # QuantizedMeanOrSum: multiplier << k / N, biased rounding
+    "quantize": "div_half_away",   # TfLiteRound(x / scale) + zp, float32
+    "requantize": "gemmlowp",
+    "dequantize": "exact",         # float32(double(s) * (q - zp)): one rounding
+    "lut": "tflite",               # LUTPopulate: float32, libm, round half away
+    "softmax": "fixed_point",      # gemmlowp exp / reciprocal
+    "activation_range": "tflite",  # zp + TfLiteRound(f / scale)
+}
+
+_BUILTIN = {
+    **_REFERENCE,
+    "conv": "ruy",                 # x86 ruy: two round-half-up steps
+    "depthwise": "ruy8",           # AVX2 blocks of 8 channels like ruy, remainder channels gemmlowp
+    "fully_connected": "ruy",
+    "fc_multiplier": "float_product",  # GetQuantizedConvolutionMultipler: float(s_in * s_w) / s_out
+    "add": "simd16_int16wrap",     # single-rounding input scalings; 16-lane blocks wrap results to int16
+    "mean": "optimized",           # optimized_integer_ops::Mean for 4-D spatial means
+    "quantize": "simd8_mul_even_tail_ddiv_away",  # 8-lane blocks: x * (1/s) half even; tail: x / s in double
+    "requantize": "simd16_ruy_tail_gemmlowp",     # 16-lane blocks: ruy rounding; tail: gemmlowp
+    "dequantize": "simd8_two_step",  # blocks of 8: f32(q * s) + f32(-zp * s); tail: one rounding
+    "softmax": "float_table",      # expf table, float32 sum, round half away
+}
+
+_XNNPACK = {
+    **_BUILTIN,
+    "conv": "fp32",                # float32(acc) * f32(f32(s_in*s_w)/s_out), round half even
+    "depthwise": "fp32",
+    "fully_connected": "fp32",
+    "add": "xnnpack",              # qs8 vadd fixed point, arithmetic shift
+    "mul": "fp32",
+    "mean": "fp32",
+    "requantize": "xnnpack",       # qs8 convert: 8 fractional bits
+    "dequantize": "exact",
+    "quantize": "mul_half_even",   # x * (1/scale), float32, round half even
+    "lut": "xnnpack",              # function in double -> float32, lrintf (half even)
+    "activation_range": "xnnpack",  # lrintf(f / scale + zp)
+}
+
+RULES = MappingProxyType({
+    "reference": MappingProxyType(_REFERENCE),
+    "builtin": MappingProxyType(_BUILTIN),
+    "xnnpack": MappingProxyType(_XNNPACK),
+})
+
+# Int8 ops the XNNPACK delegate takes (seen with ai-edge-litert 2.3.0 on x86); any other op runs the
+# builtin optimized kernel even in the default (XNNPACK) interpreter.
+XNNPACK_OPS = frozenset({
+    "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "MAX_POOL_2D", "MEAN",
+    "CONCATENATION", "RESHAPE", "PAD", "PADV2", "QUANTIZE", "DEQUANTIZE", "LOGISTIC", "TANH",
+})
+
+
+def rules_for(backend: str, op_name: str) -> MappingProxyType:
+    """The rule set that runs `op_name` on `backend` (XNNPACK falls back to builtin for ops it leaves)."""
+    if backend == "xnnpack" and op_name not in XNNPACK_OPS:
+        return RULES["builtin"]
+    return RULES[backend]
