@@ -1,6 +1,7 @@
 """QAT fine-tuning recovers float accuracy on real data shipped in a pip package (sklearn digits)."""
 
 import torch
+
 import xqat
 from xqat.datasets import digits
 from xqat.training import accuracy, fit

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import xqat
+from tests.models import EXPECTED_POINTS, INPUT_SHAPE, MODELS, make_model
 from xqat.torch_side.modules import QConv2d
 from xqat.torch_side.quantizers import ActivationQuantizer
-from tests.models import EXPECTED_POINTS, INPUT_SHAPE, MODELS, make_model
 
 
 def _conv_bn(seed=0, groups=1, cin=4, cout=6):
@@ -56,7 +56,8 @@ def test_training_fold_before_freeze_matches_contrib_formula(bn_stats):
         y_q / (bn.weight / sigma_mv).reshape(1, -1, 1, 1)
     mean_b, var_b = stats.mean((0, 2, 3)), stats.var((0, 2, 3), unbiased=False)
     sigma_b = torch.sqrt(var_b + bn.eps)
-    ref = y_q * (sigma_mv / sigma_b).reshape(1, -1, 1, 1) + (bn.bias - mean_b * bn.weight / sigma_b).reshape(1, -1, 1, 1)
+    shift = (bn.bias - mean_b * bn.weight / sigma_b).reshape(1, -1, 1, 1)
+    ref = y_q * (sigma_mv / sigma_b).reshape(1, -1, 1, 1) + shift
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-6)
     # the moving statistics were updated like BatchNorm2d's own (conv bias included in the mean)
     n = 8 * 8 * 8

@@ -23,7 +23,8 @@ def stress_ranges():
     ranges = _near_tie_ranges(rng, 80)
     ranges += [(np.float32(rng.uniform(-5, 0)), np.float32(rng.uniform(0, 5))) for _ in range(30)]
     ranges += [(np.float32(0.5), np.float32(2.0)), (np.float32(-2), np.float32(-0.5)),
-               (np.float32(0), np.float32(3)), (np.float32(-3), np.float32(0)), (np.float32(-1e-3), np.float32(7)), (np.float32(-0.26289), np.float32(10.0506))]
+               (np.float32(0), np.float32(3)), (np.float32(-3), np.float32(0)), (np.float32(-1e-3), np.float32(7)),
+               (np.float32(-0.26289), np.float32(10.0506))]  # the spec's example of a split zero point
     return ranges
 
 

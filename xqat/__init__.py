@@ -1,7 +1,10 @@
 """xqat: PyTorch quantization-aware training with TensorFlow's numerics, deployed as full-integer TFLite."""
 
+from .checkpoint import load_qat, save_qat
 from .errors import (
+    EmulationError,
     ExportError,
+    InputError,
     ParityError,
     QATConfigError,
     TFLiteFileError,
@@ -14,8 +17,6 @@ from .torch_side.prepare import freeze_bn, freeze_ranges, is_qat_model, prepare_
 from .torch_side.qparams import TFLiteQParams, nudge, snap_range, tflite_qparams
 from .verify.edgetpu import EdgeTPUReport, check_edgetpu
 
-from .checkpoint import load_qat, save_qat
-
 __version__ = "0.1.0"
 
 # Heavy stages (TensorFlow, onnx2tf, the interpreter) load on first use, so `import xqat` stays light.
@@ -24,6 +25,8 @@ _LAZY = {
     "ExportReport": ("xqat.export.report", "ExportReport"),
     "parity": ("xqat.verify.parity", "parity"),
     "ParityReport": ("xqat.verify.parity", "ParityReport"),
+    "emulate": ("xqat.verify.emulate", "emulate"),
+    "Emulator": ("xqat.verify.emulate", "Emulator"),
 }
 
 
@@ -44,4 +47,6 @@ __all__ = [
     "XQATError", "UnsupportedLayerError", "QATConfigError", "ExportError", "TFLiteFileError", "ParityError",
     "check_edgetpu", "EdgeTPUReport", "save_qat", "load_qat",
     "export_tflite", "ExportReport", "parity", "ParityReport",
+    "emulate", "Emulator", "EmulationError",
+    "InputError",
 ]

@@ -12,6 +12,7 @@ __all__ = [
     "TFLiteFileError",
     "ParityError",
     "EmulationError",
+    "InputError",
 ]
 
 
@@ -45,3 +46,7 @@ class ParityError(XQATError):
 
 class EmulationError(XQATError):
     """The integer emulator cannot run a model (unsupported op or quantization) or got unfit inputs."""
+
+
+class InputError(XQATError, ValueError):
+    """Inputs do not fit a QAT model (rank, channels/features, dtype); the message names the input and its needs."""

@@ -23,7 +23,6 @@ from torch import nn
 from ..errors import ExportError
 from ..torch_side.modules import _QuantDelay
 from ..torch_side.prepare import QUANTIZERS, is_qat_model, quant_points
-from ..torch_side.qparams import snap_range
 from ..torch_side.quantizers import QuantPoint
 from .onnx2tf_adapter import fold_constants
 
@@ -116,10 +115,8 @@ def snap_ranges(model: nn.Module) -> list[SnapRecord]:
         if q.fixed:
             continue
         old = (float(q.min), float(q.max))
-        zero = old == (0.0, 0.0)  # observed, all-zero tensor (a dead ReLU, x*0): TF outputs 0 (§1.4)
-        # the converter's degenerate scale 1.0 (§4.3) with the zero point at the top of the grid: every x >= 0
-        # (a ReLU output: all of them) still quantizes to exactly 0, and |x| < 0.5 below it does too
-        r = snap_range(-float((1 << q.num_bits) - 1), 0.0, q.num_bits, False) if zero else q.snapped()
+        zero = old == (0.0, 0.0)  # an all-zero tensor: deployed on another grid (see ActivationQuantizer.snapped)
+        r = q.snapped()
         if (r.min, r.max) != old:
             q.min.data.fill_(r.min)
             q.max.data.fill_(r.max)

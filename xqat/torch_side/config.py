@@ -29,7 +29,11 @@ class QATConfig:
     - `bn_stats`: where BN batch statistics come from while folding in training: "quantized" (default; the
       quantized conv output rescaled, one conv per layer, as torch.ao) or "float" (a second, float conv,
       exactly as tf.contrib.quantize and Jacob et al.).
-    - `sync_ranges`: under torch.distributed, all-reduce batch min/max before each EMA update.
+    - `sync_ranges`: under torch.distributed, all-reduce batch min/max before each EMA update, so every
+      rank keeps the same ranges (those of the global batch).
+    - `sync_bn`: under torch.distributed, compute the BN batch statistics of the training-time fold over
+      all ranks, as torch.nn.SyncBatchNorm does (forward and gradient). Off by default, like plain
+      BatchNorm under DDP: each rank then folds with its own batch's statistics.
     """
 
     activation_bits: int = 8
@@ -43,6 +47,7 @@ class QATConfig:
     skip: list[str] = field(default_factory=list)
     bn_stats: str = "quantized"
     sync_ranges: bool = True
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         for name in ("activation_bits", "weight_bits"):

@@ -7,7 +7,10 @@ BN folding in training follows tf.contrib.quantize / Jacob et al. (tf-quant-sema
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -24,6 +27,38 @@ def _activate(y: torch.Tensor, act: str | None) -> torch.Tensor:
     if act == "relu6":
         return F.hardtanh(y, 0.0, 6.0)
     return y
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient is the sum of every rank's gradient, as in SyncBatchNorm's backward."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
+def _sync_var_mean(var: torch.Tensor, mean: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel (biased var, mean, count) of the batch on every rank together, differentiable: the
+    count-weighted mean and Chan's pooled variance, what torch.nn.SyncBatchNorm combines (uneven counts ok)."""
+    if n == 0:  # an empty local batch still joins the collectives
+        var, mean = torch.zeros_like(var), torch.zeros_like(mean)
+    total = _AllReduceSum.apply(torch.cat([mean * n, mean.new_full((1,), float(n))]))
+    count = total[-1]
+    mean_g = total[:-1] / count
+    m2 = _AllReduceSum.apply(n * (var + (mean - mean_g).square()))
+    return m2 / count, mean_g, int(count)
 
 
 class _QuantDelay(nn.Module):
@@ -74,21 +109,22 @@ class QConv2d(_QuantDelay):
     w·γ/σ_moving and the output corrected to the batch statistics,
         y = conv(x, FQ(w·γ/σ_mv)) · σ_mv/σ_B + β − μ_B·γ/σ_B,
     with μ_B, σ_B from the float conv (`bn_stats="float"`, as tf.contrib) or from the quantized conv
-    rescaled by σ_mv/γ (`bn_stats="quantized"`, one conv instead of two, as torch.ao). After the freeze,
+    rescaled by σ_mv/γ (`bn_stats="quantized"`, one conv instead of two, as torch.ao); `sync_bn` takes
+    them over all torch.distributed ranks (SyncBatchNorm semantics, gradient included). After the freeze,
     in eval and at export: y = conv(x, FQ(w·γ/√(var_mv+ε))) + β + (b − μ_mv)·γ/σ_mv.
     The bias is never fake-quantized: TFLite derives the int32 bias from s_in·s_w.
     """
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: str | None = None,
                  quant_delay: int = 0, freeze_bn_delay: int | None = None, bn_stats: str = "quantized",
-                 weight_bits: int = 8) -> None:
+                 weight_bits: int = 8, sync_bn: bool = False) -> None:
         super().__init__(quant_delay)
         if act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
         if bn_stats not in ("quantized", "float"):
             raise ValueError(f"bn_stats must be 'quantized' or 'float', got {bn_stats!r}")
         self.conv, self.bn, self.act = conv, bn, act
-        self.freeze_bn_delay, self.bn_stats = freeze_bn_delay, bn_stats
+        self.freeze_bn_delay, self.bn_stats, self.sync_bn = freeze_bn_delay, bn_stats, sync_bn
         self.weight_quant = WeightQuantizer(per_channel=True, num_bits=weight_bits)
         self.register_buffer("bn_frozen", torch.tensor(False))
 
@@ -147,22 +183,37 @@ class QConv2d(_QuantDelay):
             safe = torch.where(gamma_over_mv == 0, torch.ones_like(gamma_over_mv), gamma_over_mv)
             var_q, mean_q = torch.var_mean(y_q, dims, correction=0)
             mean_b, var_b = mean_q / safe, var_q / (safe * safe)
-        self._update_running_stats(mean_b, var_b, y_q.numel() / y_q.shape[1])
+        n = y_q.numel() // y_q.shape[1]
+        if self.sync_bn and _world_size() > 1:
+            var_b, mean_b, n = _sync_var_mean(var_b, mean_b, n)
+        self._update_running_stats(mean_b, var_b, n)
         sigma_b = torch.sqrt(var_b + bn.eps)
         scale = (sigma_mv / sigma_b).reshape(1, -1, 1, 1)
         return torch.addcmul((bn.bias - mean_b * bn.weight / sigma_b).reshape(1, -1, 1, 1), y_q, scale)
 
     @torch.no_grad()
-    def _update_running_stats(self, mean_b, var_b, n: float) -> None:
-        """BatchNorm2d's own update: momentum, Bessel-corrected variance (n per channel), conv bias in the mean."""
+    def _update_running_stats(self, mean_b, var_b, n: int) -> None:
+        """BatchNorm2d's own update: momentum, Bessel-corrected variance (n per channel), conv bias in the mean.
+        Channels whose batch statistics are NaN/Inf keep their moving statistics (with a warning), so one bad
+        batch cannot poison the folded weights of every later step and of the exported model."""
         bn = self.bn
         if not bn.track_running_stats:
             return
         bn.num_batches_tracked += 1
         momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        mean = mean_b + (self.conv.bias if self.conv.bias is not None else 0.0)
-        bn.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
-        bn.running_var.mul_(1 - momentum).add_(var_b.detach() * (n / max(n - 1, 1)), alpha=momentum)
+        mean = (mean_b + (self.conv.bias if self.conv.bias is not None else 0.0)).detach()
+        var = var_b.detach() * (n / max(n - 1, 1))
+        new_mean = bn.running_mean.mul(1 - momentum).add_(mean, alpha=momentum)
+        new_var = bn.running_var.mul(1 - momentum).add_(var, alpha=momentum)
+        finite = torch.isfinite(new_mean) & torch.isfinite(new_var)
+        if not bool(finite.all()):
+            warnings.warn(f"xqat: non-finite BN batch statistics in {int((~finite).sum())} of {finite.numel()} "
+                          "channels of a folded conv (NaN/Inf activations); those channels keep their moving "
+                          "statistics", RuntimeWarning, stacklevel=4)
+            new_mean = torch.where(finite, new_mean, bn.running_mean)
+            new_var = torch.where(finite, new_var, bn.running_var)
+        bn.running_mean.copy_(new_mean)
+        bn.running_var.copy_(new_var)
 
 
 class QLinear(_QuantDelay):

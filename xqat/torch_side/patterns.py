@@ -87,7 +87,8 @@ def _is_relu6_clamp(node: fx.Node) -> bool:
 def _is_global_mean(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
         return _arg(node, 1, "output_size") in (1, (1, 1), [1, 1])
-    if (node.op == "call_function" and node.target is torch.mean) or (node.op == "call_method" and node.target == "mean"):
+    is_mean = node.op == "call_function" and node.target is torch.mean
+    if is_mean or (node.op == "call_method" and node.target == "mean"):
         dims = _arg(node, 1, "dim")
         dims = {dims} if isinstance(dims, int) else set(dims or ())
         return dims in _SPATIAL_DIMS

@@ -11,15 +11,19 @@ Placement rules (issue "QAT on the torch side"; export-route.md):
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import sys
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import UnsupportedLayerError
+from ..errors import InputError, UnsupportedLayerError
 from .config import QATConfig
 from .modules import QAdd, QConv2d, QLinear
 from .patterns import OpKind, classify, describe, module_path, tensor_inputs
@@ -102,16 +106,16 @@ def prepare_qat(model: nn.Module, example_inputs, config: QATConfig | None = Non
 
     The result is an `nn.Module` (a torch.fx GraphModule): train it with your own loop, call `.eval()`
     for the deterministic simulation, save it with `state_dict()`, and hand it to the exporter.
-    `example_inputs` (a tensor or a tuple of tensors) is run once, in eval mode, to learn shapes.
+    `example_inputs` (a tensor or a tuple of tensors) is run once, in eval mode, to learn shapes; the
+    result then refuses inputs of another rank, channel count (dim 1) or dtype with an `InputError`.
     """
     config = config or QATConfig()
     was_training = model.training
     gm = _trace(copy.deepcopy(model))
     gm.graph.eliminate_dead_code()
-    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    inputs = _example_tensors(gm, example_inputs, type(model).__name__)
     gm.eval()
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*inputs)
+    _propagate_shapes(gm, inputs, type(model).__name__)
 
     kinds = {n: classify(gm, n) for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")}
     skipped = {n for n in kinds if module_path(gm, n) in config.skip or n.name in config.skip}
@@ -188,11 +192,87 @@ def prepare_qat(model: nn.Module, example_inputs, config: QATConfig | None = Non
 
     gm.delete_all_unused_submodules()  # BN and activation modules absorbed by fusion
     _install_points(gm, points, slots, config)
+    _install_input_checks(gm, inputs)
     gm.graph.lint()
     gm.recompile()
     gm.xqat_config = config
     gm.train(was_training)
     return gm
+
+
+def _example_tensors(gm: fx.GraphModule, example_inputs, model_name: str) -> tuple:
+    """`example_inputs` as a tuple, one per model input; tensors must be float with a batch dimension."""
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n.name for n in placeholders if not n.args]  # no default value
+    if not len(required) <= len(inputs) <= len(placeholders):
+        raise InputError(f"prepare_qat: {model_name}.forward takes the inputs "
+                         f"{[n.name for n in placeholders]}, but {len(inputs)} example input(s) were given")
+    for node, x in zip(placeholders, inputs):
+        if isinstance(x, np.ndarray):
+            raise InputError(f"prepare_qat: example input '{node.name}' is a numpy array; pass a torch tensor "
+                             "shaped like a training batch, e.g. torch.from_numpy(x).float()")
+        if isinstance(x, torch.Tensor) and (not x.is_floating_point() or x.dim() == 0):
+            raise InputError(f"prepare_qat: example input '{node.name}' is a {x.dim()}-D {x.dtype} tensor; QAT "
+                             "models take float inputs with a batch dimension (N, C, H, W for images): pass e.g. "
+                             "x.float() or x.unsqueeze(0)")
+    return inputs
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it is running, so a failure can name the layer."""
+
+    def run_node(self, n: fx.Node):
+        self.current = n
+        return super().run_node(n)
+
+
+def _propagate_shapes(gm: fx.GraphModule, inputs: tuple, model_name: str) -> None:
+    """Run the example once to record tensor shapes; an example that does not fit names the failing layer
+    (ShapeProp's own printed traceback is swallowed; anything else the model prints is passed on)."""
+    prop, captured = _ShapeProp(gm), io.StringIO()
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(captured):
+            prop.propagate(*inputs)
+    except Exception as e:
+        cause = e.__cause__ if e.__cause__ is not None else e
+        node = getattr(prop, "current", None)
+        where = f" at '{module_path(gm, node)}' ({describe(gm, node)})" if node is not None else ""
+        shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
+                           for x in inputs)
+        raise InputError(f"prepare_qat: the example input ({shapes}) does not fit {model_name}{where}: "
+                         f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}. Pass an "
+                         "example shaped like one training batch (N, C, H, W for images)") from cause
+    sys.stderr.write(captured.getvalue())
+
+
+def _install_input_checks(gm: fx.GraphModule, inputs: tuple) -> None:
+    """Put `check_input` right after each model input, so a wrong rank, channel count or dtype fails at once
+    with the input's name (it lives in the graph, so it survives deepcopy, pickling and DDP)."""
+    for ph, x in zip([n for n in gm.graph.nodes if n.op == "placeholder"], inputs):
+        if not isinstance(x, torch.Tensor):
+            continue
+        with gm.graph.inserting_after(ph):
+            c = gm.graph.call_function(check_input, (ph, ph.name, tuple(x.shape), x.dtype))
+        c.meta = dict(ph.meta)
+        ph.replace_all_uses_with(c, delete_user_cb=lambda user, c=c: user is not c)
+
+
+def check_input(x, name: str, example_shape: tuple[int, ...], dtype: torch.dtype):
+    """`x` unchanged if it can be a batch like the example of `prepare_qat` (same rank, same size in dim 1,
+    same dtype; batch and spatial sizes may differ), else InputError naming the input and what it needs."""
+    if isinstance(x, fx.Proxy):  # fx re-traces the generated code when a pickled QAT model is loaded: keep the node
+        return x.tracer.create_proxy("call_function", check_input, (x, name, example_shape, dtype), {})
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"QAT model input '{name}' must be a torch.Tensor, got {type(x).__name__}")
+    rank = len(example_shape)
+    if x.dim() == rank and x.dtype == dtype and (rank < 2 or x.shape[1] == example_shape[1]):
+        return x
+    need = f"{rank}-D {str(dtype).replace('torch.', '')}" + (f" with {example_shape[1]} in dim 1" if rank > 1 else "")
+    shape = tuple(int(d) for d in x.shape)  # ints, also while torch.onnx traces
+    raise InputError(f"QAT model input '{name}' has shape {shape} ({str(x.dtype).replace('torch.', '')}); "
+                     f"it needs {need} (prepared with example shape {example_shape}; batch and spatial sizes may "
+                     "differ)")
 
 
 def _is_tensor_node(node: fx.Node) -> bool:
@@ -238,7 +318,7 @@ def _fuse_conv(gm, conv_node, bn_node, act_node, act, cfg: QATConfig) -> None:
     conv = gm.get_submodule(conv_node.target)
     bn = gm.get_submodule(bn_node.target) if bn_node is not None else None
     _replace_module(gm, conv_node.target, QConv2d(conv, bn, act, cfg.quant_delay, cfg.freeze_bn_delay,
-                                                  cfg.bn_stats, cfg.weight_bits))
+                                                  cfg.bn_stats, cfg.weight_bits, cfg.sync_bn))
     for n in (act_node, bn_node):  # erase users first
         _drop(gm, conv_node, n)
     if bn_node is not None:  # the BN now lives inside the QConv2d only

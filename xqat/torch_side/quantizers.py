@@ -132,12 +132,24 @@ class ActivationQuantizer(nn.Module):
             return fake_quant(x, self.min, self.max, self.num_bits)
         return fake_quant(x, self.min.detach(), self.max.detach(), self.num_bits)
 
+    def _all_zero(self) -> bool:
+        return float(self.min) == 0.0 and float(self.max) == 0.0
+
     def snapped(self):
-        """The deployable range: TF's grid for the current (min, max), written so the converter agrees."""
+        """The deployable range: TF's grid for the current (min, max), written so the converter agrees.
+
+        An all-zero range (an all-constant tensor: a dead ReLU, x*0), where TF outputs 0 (§1.4), deploys as the
+        converter's degenerate scale 1.0 (§4.3) with the zero point at the top of the grid: every x >= 0 (a
+        ReLU output: all of them) still quantizes to exactly 0."""
+        if self._all_zero():
+            return snap_range(-float((1 << self.num_bits) - 1), 0.0, self.num_bits, False)
         return snap_range(float(self.min), float(self.max), self.num_bits, False)
 
     def scale_zero_point(self) -> tuple[float, int]:
-        """TF's (scale, unsigned zero point) for the current range."""
+        """TF's (scale, unsigned zero point) for the current range (the deployed grid for an all-zero one)."""
+        if self._all_zero():
+            r = self.snapped()
+            return r.scale, r.zero_point
         g = nudge(self.min.detach(), self.max.detach(), self.num_bits, False)
         return float(g.scale), int(g.zero_point)
 
