@@ -156,3 +156,9 @@ def test_cli_export_prints_the_report(exported, tmp_path, capsys, monkeypatch):
     assert "stem.0" in text and (tmp_path / "r.json").is_file()
     rc = main(["export", "tests.models:plain", "--weights", str(tmp_path / "missing.pt"), "-o", str(out)])
     assert rc == 2 and "missing.pt" in capsys.readouterr().err
+
+
+def test_edgetpu_export_passes_for_the_model_set_defaults(exported, tmp_path):
+    qat, _, _ = exported["mobilenet_v2"]
+    report = xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), tmp_path / "tpu.tflite", edgetpu=True)
+    assert report.ok

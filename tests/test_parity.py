@@ -72,8 +72,9 @@ def test_parity_errors_are_clear(exported, inputs, tmp_path):
         xqat.parity(qat, path, torch.rand(2, 3, 8, 8))
     bad = tmp_path / "corrupt.tflite"
     bad.write_bytes(b"\x00" * 64)
-    with pytest.raises(xqat.TFLiteFileError, match="corrupt"):
+    with pytest.raises(xqat.TFLiteFileError, match="corrupt") as e:
         xqat.parity(qat, bad, inputs)
+    assert "corrupt.tflite" in str(e.value)
     with pytest.raises(xqat.ParityError, match="backend"):
         xqat.parity(qat, path, inputs, backend="gpu")
 

@@ -266,3 +266,20 @@ def test_prepare_does_not_touch_the_float_model():
     qat(torch.randn(4, 3, 16, 16))
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert math.isfinite(float(qat.xqat_quantizers["x"].max))
+
+
+def test_edgetpu_config_refuses_unmappable_layers_at_prepare_time():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.act = nn.Hardswish()
+
+        def forward(self, x):
+            return F.gelu(self.act(self.conv(x)))
+
+    with pytest.raises(xqat.UnsupportedLayerError, match="EdgeTPU") as e:
+        xqat.prepare_qat(Net(), torch.randn(1, 3, 8, 8), xqat.QATConfig(edgetpu=True))
+    assert "act" in str(e.value) and "Hardswish" in str(e.value) and "gelu" in str(e.value).lower()
+    ok = xqat.prepare_qat(make_model("mobilenet_v2"), torch.randn(INPUT_SHAPE), xqat.QATConfig(edgetpu=True))
+    assert xqat.qat_config(ok).edgetpu

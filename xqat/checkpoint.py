@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import XQATError
 from .torch_side.config import QATConfig
-from .torch_side.prepare import is_qat_model, prepare_qat
+from .torch_side.prepare import is_qat_model, prepare_qat, qat_config
 
 __all__ = ["save_qat", "load_qat", "load_factory"]
 
@@ -30,7 +30,7 @@ def save_qat(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, 
     """Save a QAT model's full state (ranges, step counters, freeze flags, BN statistics) and config."""
     if not is_qat_model(model):
         raise XQATError(f"{type(model).__name__} was not made by xqat.prepare_qat; save it with torch.save instead")
-    torch.save({"format": FORMAT, "config": dataclasses.asdict(model.xqat_config),
+    torch.save({"format": FORMAT, "config": dataclasses.asdict(qat_config(model)),
                 "input_shape": list(input_shape), "state_dict": model.state_dict()}, path)
 
 
@@ -67,8 +67,10 @@ def load_qat(factory: str, checkpoint: str | os.PathLike, input_shape: tuple[int
         raise XQATError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise XQATError(f"cannot read checkpoint {path}: {e}") from e
+    except Exception as e:  # torch's own text suggests weights_only=False, which is wrong advice here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise XQATError(f"cannot read checkpoint {path}: corrupt, truncated or not a torch file ({first[:200]}); "
+                        "save it with xqat.save_qat") from e
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
         config, state = QATConfig(**ckpt["config"]), ckpt["state_dict"]
         input_shape = tuple(input_shape or ckpt["input_shape"])

@@ -85,7 +85,7 @@ def validate_for_export(model: nn.Module) -> None:
             raise ExportError(
                 f"activation range of {where} is still at its initial value (never observed): run some training "
                 "or calibration batches through the QAT model in train() mode before exporting")
-        lo, hi = float(q.min), float(q.max)
+        lo, hi = float(q.min.detach()), float(q.max.detach())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ExportError(f"activation range of {where} is not finite ([{lo}, {hi}]): training diverged; "
                               "restore a good checkpoint")
@@ -114,7 +114,7 @@ def snap_ranges(model: nn.Module) -> list[SnapRecord]:
     for key, q in getattr(model, QUANTIZERS).items():
         if q.fixed:
             continue
-        old = (float(q.min), float(q.max))
+        old = (float(q.min.detach()), float(q.max.detach()))
         zero = old == (0.0, 0.0)  # an all-zero tensor: deployed on another grid (see ActivationQuantizer.snapped)
         r = q.snapped()
         if (r.min, r.max) != old:

@@ -26,6 +26,8 @@ class QATConfig:
     - `learn_ranges`: after `range_warmup_steps` of EMA, activation min/max become trained parameters with
       TF's gradient (§1.5).
     - `skip`: module paths (or fx node names) left in float; the TFLite model is then not full-integer.
+    - `edgetpu`: refuse, at prepare time, layers that can never run on the EdgeTPU (grouped conv, GELU,
+      HardSwish, ...), so you learn it before training; `export_tflite(..., edgetpu=True)` checks again.
     - `bn_stats`: where BN batch statistics come from while folding in training: "quantized" (default; the
       quantized conv output rescaled, one conv per layer, as torch.ao) or "float" (a second, float conv,
       exactly as tf.contrib.quantize and Jacob et al.).
@@ -46,6 +48,7 @@ class QATConfig:
     range_warmup_steps: int = 100
     skip: list[str] = field(default_factory=list)
     bn_stats: str = "quantized"
+    edgetpu: bool = False
     sync_ranges: bool = True
     sync_bn: bool = False
 

@@ -29,7 +29,7 @@ from .modules import QAdd, QConv2d, QLinear
 from .patterns import OpKind, classify, describe, module_path, tensor_inputs
 from .quantizers import FIXED_RANGES, ActivationQuantizer, QuantPoint
 
-__all__ = ["prepare_qat", "freeze_ranges", "freeze_bn", "is_qat_model", "quant_points", "PointInfo"]
+__all__ = ["prepare_qat", "freeze_ranges", "freeze_bn", "is_qat_model", "quant_points", "qat_config", "PointInfo"]
 
 POINTS = "xqat_points"
 QUANTIZERS = "xqat_quantizers"
@@ -117,6 +117,13 @@ def prepare_qat(model: nn.Module, example_inputs, config: QATConfig | None = Non
     gm.eval()
     _propagate_shapes(gm, inputs, type(model).__name__)
 
+    if config.edgetpu:
+        from .edgetpu_rules import edgetpu_layer_problems
+
+        problems = edgetpu_layer_problems(gm)
+        if problems:
+            raise UnsupportedLayerError("QATConfig(edgetpu=True): layers that can never run on the EdgeTPU:\n  "
+                                        + "\n  ".join(problems))
     kinds = {n: classify(gm, n) for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")}
     skipped = {n for n in kinds if module_path(gm, n) in config.skip or n.name in config.skip}
     slots, points, slot_of = _Slots(), [], {}
@@ -195,7 +202,7 @@ def prepare_qat(model: nn.Module, example_inputs, config: QATConfig | None = Non
     _install_input_checks(gm, inputs)
     gm.graph.lint()
     gm.recompile()
-    gm.xqat_config = config
+    getattr(gm, QUANTIZERS).xqat_config = config  # a plain Module attribute: survives deepcopy and pickling
     gm.train(was_training)
     return gm
 
@@ -398,6 +405,13 @@ def quant_points(model: nn.Module) -> list[PointInfo]:
             qp = model.get_submodule(n.target)
             out.append(PointInfo(str(n.target)[len(POINTS) + 1:], qp.label, qp.group, qp.role))
     return out
+
+
+def qat_config(model: nn.Module) -> QATConfig:
+    """The QATConfig a `prepare_qat` model was made with."""
+    if not is_qat_model(model):
+        raise UnsupportedLayerError(f"{type(model).__name__} was not made by xqat.prepare_qat")
+    return getattr(model, QUANTIZERS).xqat_config
 
 
 def freeze_ranges(model: nn.Module) -> nn.Module:

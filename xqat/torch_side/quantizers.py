@@ -82,7 +82,7 @@ class ActivationQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "fixed" if self.fixed else f"ema={self.ema}" + (", learned" if self.learn else "")
-        return f"{kind}, bits={self.num_bits}, range=[{float(self.min):.5g}, {float(self.max):.5g}]"
+        return f"{kind}, bits={self.num_bits}, range=[{float(self.min.detach()):.5g}, {float(self.max.detach()):.5g}]"
 
     # -- statistics ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -133,7 +133,7 @@ class ActivationQuantizer(nn.Module):
         return fake_quant(x, self.min.detach(), self.max.detach(), self.num_bits)
 
     def _all_zero(self) -> bool:
-        return float(self.min) == 0.0 and float(self.max) == 0.0
+        return float(self.min.detach()) == 0.0 and float(self.max.detach()) == 0.0
 
     def snapped(self):
         """The deployable range: TF's grid for the current (min, max), written so the converter agrees.
@@ -143,7 +143,7 @@ class ActivationQuantizer(nn.Module):
         ReLU output: all of them) still quantizes to exactly 0."""
         if self._all_zero():
             return snap_range(-float((1 << self.num_bits) - 1), 0.0, self.num_bits, False)
-        return snap_range(float(self.min), float(self.max), self.num_bits, False)
+        return snap_range(float(self.min.detach()), float(self.max.detach()), self.num_bits, False)
 
     def scale_zero_point(self) -> tuple[float, int]:
         """TF's (scale, unsigned zero point) for the current range (the deployed grid for an all-zero one)."""

@@ -144,7 +144,7 @@ def parity(model: nn.Module, tflite: str | os.PathLike | bytes, inputs, backend:
     path = "<bytes>" if isinstance(tflite, bytes) else str(tflite)
     if not is_qat_model(model):
         raise ParityError(f"{type(model).__name__} was not made by xqat.prepare_qat; pass the QAT model")
-    tfl = read_tflite(raw)
+    tfl = read_tflite(raw if isinstance(tflite, bytes) else tflite)
     meta = read_metadata(raw, XQAT_KEY)
     if meta is None:
         raise ParityError(f"{path} carries no xqat mapping: export it with xqat.export_tflite / `xqat export`")
