@@ -14,7 +14,7 @@ def parse(description: str, size: int, width: float | None = None) -> argparse.N
         ap.add_argument("--width", type=float, default=width, help=f"width multiplier (default {width})")
     ap.add_argument("--data", help="image folder (root/<class>/<image>); default: synthetic images")
     ap.add_argument("--size", type=int, default=size, help=f"input size (default {size})")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--qat-epochs", type=int, default=2)
     ap.add_argument("--out", default="model_int8.tflite")
     return ap.parse_args()
