@@ -12,7 +12,7 @@ from .errors import (
     XQATError,
 )
 from .torch_side.config import QATConfig
-from .torch_side.fake_quant import fake_quant, fake_quant_per_channel
+from .torch_side.fake_quant import fake_quant, fake_quant_per_channel, use_fused_kernels
 from .torch_side.prepare import freeze_bn, freeze_ranges, is_qat_model, prepare_qat, qat_config, quant_points
 from .torch_side.qparams import TFLiteQParams, nudge, snap_range, tflite_qparams
 from .verify.edgetpu import EdgeTPUReport, check_edgetpu
@@ -42,7 +42,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "fake_quant", "fake_quant_per_channel", "nudge", "tflite_qparams", "snap_range", "TFLiteQParams",
+    "fake_quant", "fake_quant_per_channel", "use_fused_kernels", "nudge", "tflite_qparams", "snap_range", "TFLiteQParams",
     "QATConfig", "prepare_qat", "freeze_ranges", "freeze_bn", "is_qat_model", "quant_points", "qat_config",
     "XQATError", "UnsupportedLayerError", "QATConfigError", "ExportError", "TFLiteFileError", "ParityError",
     "check_edgetpu", "EdgeTPUReport", "save_qat", "load_qat",
