@@ -8,13 +8,13 @@ from xqat.datasets import image_folder, synthetic_images
 from xqat.training import accuracy, fit
 
 
-def parse(description: str, size: int, width: float | None = None) -> argparse.Namespace:
+def parse(description: str, size: int, width: float | None = None, epochs: int = 8) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=description)
     if width is not None:
         ap.add_argument("--width", type=float, default=width, help=f"width multiplier (default {width})")
     ap.add_argument("--data", help="image folder (root/<class>/<image>); default: synthetic images")
     ap.add_argument("--size", type=int, default=size, help=f"input size (default {size})")
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=epochs, help=f"float training epochs (default {epochs})")
     ap.add_argument("--qat-epochs", type=int, default=2)
     ap.add_argument("--out", default="model_int8.tflite")
     return ap.parse_args()
