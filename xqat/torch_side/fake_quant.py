@@ -41,9 +41,17 @@ def _grid(min_val: torch.Tensor, max_val: torch.Tensor, num_bits: int, narrow_ra
     return zero, scale, inv_scale, nmin, nmax, quant_zero
 
 
+def _clamp(x, lo, hi):
+    """clamp; per-tensor bounds on the CPU as Python floats (exact: they are float32 values), which takes
+    torch's scalar kernel, several times faster than broadcasting 0-d tensors."""
+    if lo.dim() == 0 and x.device.type == "cpu":
+        return torch.clamp(x, float(lo), float(hi))
+    return torch.clamp(x, lo, hi)
+
+
 def _forward_eager(x, nmin, nmax, step, scale, quant_zero, divide: bool):
     """§1.3 in TF's op order, each step a separately rounded float32 op (in place after the clamp)."""
-    out = torch.clamp(x, nmin, nmax)
+    out = _clamp(x, nmin, nmax)
     out.sub_(nmin)
     out.div_(step) if divide else out.mul_(step)
     return out.sub_(quant_zero).add_(0.5).floor_().mul_(scale)
@@ -77,7 +85,7 @@ class _Kernels:
     @classmethod
     def ste(cls, grad, x, lo, hi):
         if not cls.fused:
-            return grad * (torch.clamp(x, lo, hi) == x)  # == (lo <= x <= hi), NaN excluded, in 2 passes
+            return grad * (_clamp(x, lo, hi) == x)  # == (lo <= x <= hi), NaN excluded, in 2 passes
         if cls._mask is None:
             cls._mask = torch.compile(_ste_mask_functional, dynamic=True)
         return cls._mask(grad, x, lo, hi)
