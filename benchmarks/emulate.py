@@ -2,8 +2,9 @@
 
 Run: .venv/bin/python -m benchmarks.emulate [--batch 256] [--size 32]
 Builds a small int8 CNN (CONV, DEPTHWISE, 1x1 CONV, MEAN, FULLY_CONNECTED, SOFTMAX) with TF fake-quant
-and the real converter, checks that emulator and interpreter agree on the timed inputs, then prints
-images/s side by side and the ratios emulator / interpreter.
+and the real converter, checks that emulator and interpreter agree on the timed inputs (each backend),
+then prints images/s side by side (emulator with 1 and with all torch threads, interpreter with 1 thread
+and XNNPACK also with as many threads) and the ratios emulator / interpreter of the same backend.
 """
 
 from __future__ import annotations
@@ -58,6 +59,18 @@ def small_cnn(size: int) -> bytes:
         return conv.convert()
 
 
+def _with_threads(n: int, fn):
+    """fn run with n torch threads (restored after): the interpreter rows run 1 or cpu_count threads too."""
+    def run():
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+    return run
+
+
 def main() -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batch", type=int, default=256, help="emulator batch size")
@@ -69,17 +82,17 @@ def main() -> dict[str, float]:
     model = small_cnn(args.size)
     x = np.random.default_rng(1).integers(-128, 128, (args.batch, args.size, args.size, 3)).astype(np.int8)
     xt = torch.as_tensor(x)
-    emulators = {b: xqat.Emulator(model, backend=b) for b in ("xnnpack", "builtin", "reference")}
-    threads = os.cpu_count() or 1
+    backends = {"xnnpack": OpResolverType.AUTO, "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+                "reference": OpResolverType.BUILTIN_REF}
+    emulators = {b: xqat.Emulator(model, backend=b) for b in backends}
+    threads = torch.get_num_threads()
     interps = {}
-    for name, n, resolver in (("XNNPACK 1 thread (default)", 1, OpResolverType.AUTO),
-                              (f"XNNPACK {threads} threads", threads, OpResolverType.AUTO),
-                              ("builtin 1 thread", 1, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES),
-                              ("reference 1 thread", 1, OpResolverType.BUILTIN_REF)):
+    for name, n, resolver in (("xnnpack", 1, backends["xnnpack"]), ("xnnpack", threads, backends["xnnpack"]),
+                              ("builtin", 1, backends["builtin"]), ("reference", 1, backends["reference"])):
         it = Interpreter(model_content=model, num_threads=n, experimental_op_resolver_type=resolver)
         it.allocate_tensors()
-        interps[name] = it
-    first = interps["XNNPACK 1 thread (default)"]
+        interps[(name, n)] = it
+    first = interps[("xnnpack", 1)]
     inp, out = first.get_input_details()[0], first.get_output_details()[0]
 
     def loop(it):
@@ -90,22 +103,28 @@ def main() -> dict[str, float]:
             res.append(it.get_tensor(out["index"]).copy())
         return np.concatenate(res)
 
-    want = loop(first)
-    got = emulators["xnnpack"].run(xt)[0].numpy()[:args.loop]
-    assert np.array_equal(got, want), "emulator and interpreter disagree on the timed model"
+    for (b, _), it in interps.items():  # the timed outputs agree, backend by backend
+        got = emulators[b].run(xt)[0].numpy()[:args.loop]
+        assert np.array_equal(got, loop(it)), f"emulator and interpreter disagree on the timed model ({b})"
 
-    fns = {f"emulator {b} (batch {args.batch})": (lambda e=e: e.run(xt)) for b, e in emulators.items()}
-    fns.update({f"interpreter {k} (batch 1 loop)": (lambda it=it: loop(it)) for k, it in interps.items()})
+    label = {1: "1 thread", threads: f"{threads} threads"}
+    fns = {}
+    for b, e in emulators.items():
+        for n in sorted({1, threads}):
+            fns[f"emulator {b} {label[n]} (batch {args.batch})"] = _with_threads(n, lambda e=e: e.run(xt))
+    fns.update({f"interpreter {b} {label[n]} (batch 1 loop)": (lambda it=it: loop(it))
+                for (b, n), it in interps.items()})
     t = compare(fns, repeats=5, warmup=1)
     rate = {k: (args.batch if k.startswith("emulator") else args.loop) / v for k, v in t.items()}
     print(f"int8 CNN {args.size}x{args.size}x3, {len(emulators['xnnpack'].model.ops)} ops; CPU ({machine()})")
     for k, r in rate.items():
         print(f"  {k:50s} {r:9.0f} images/s")
     ratios = {}
-    for b, ref in (("xnnpack", "XNNPACK 1 thread (default)"), ("xnnpack", f"XNNPACK {threads} threads"),
-                   ("builtin", "builtin 1 thread"), ("reference", "reference 1 thread")):
-        key = f"emulator {b} / interpreter {ref}"
-        ratios[key] = rate[f"emulator {b} (batch {args.batch})"] / rate[f"interpreter {ref} (batch 1 loop)"]
+    for b, n_emu, n_int in (("xnnpack", 1, 1), ("xnnpack", threads, threads), ("builtin", 1, 1),
+                            ("builtin", threads, 1), ("reference", 1, 1), ("reference", threads, 1)):
+        key = f"emulator {b} {label[n_emu]} / interpreter {label[n_int]}"
+        ratios[key] = (rate[f"emulator {b} {label[n_emu]} (batch {args.batch})"]
+                       / rate[f"interpreter {b} {label[n_int]} (batch 1 loop)"])
         print(f"  ratio {key:60s} {ratios[key]:6.2f}x")
     return ratios
 

@@ -17,7 +17,7 @@ import xqat
 import xqat.torch_side.qparams
 from xqat.errors import EmulationError
 from xqat.tflite_model import read_tflite
-from xqat.verify.emulate import rounding
+from xqat.verify.emulate import kernels, rounding
 
 BACKENDS = ("reference", "builtin", "xnnpack")
 _RESOLVER = {"reference": "BUILTIN_REF", "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "xnnpack": "AUTO"}
@@ -27,22 +27,23 @@ _RESOLVER = {"reference": "BUILTIN_REF", "builtin": "BUILTIN_WITHOUT_DEFAULT_DEL
 # The oracle: the interpreter, one sample at a time, every op output preserved
 
 
-def interpreter(model: bytes, backend: str, preserve: bool = True):
+def interpreter(model: bytes, backend: str, preserve: bool = True, num_threads: int | None = None):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        it = Interpreter(model_content=model, experimental_preserve_all_tensors=preserve,
+        it = Interpreter(model_content=model, experimental_preserve_all_tensors=preserve, num_threads=num_threads,
                          experimental_op_resolver_type=getattr(OpResolverType, _RESOLVER[backend]))
     it.allocate_tensors()
     return it
 
 
-def run_interpreter(model: bytes, backend: str, inputs: list[np.ndarray], preserve: bool = True):
+def run_interpreter(model: bytes, backend: str, inputs: list[np.ndarray], preserve: bool = True,
+                    num_threads: int | None = None):
     """{tensor index: stacked values over the batch} for every op output (model outputs only if not
     preserve). With preserve, the XNNPACK delegate runs each node as its own partition."""
     m = read_tflite(model)
-    it = interpreter(model, backend, preserve)
+    it = interpreter(model, backend, preserve, num_threads)
     wanted = [t for op in m.ops for t in op.outputs] if preserve else list(m.outputs)
     out = {t: [] for t in wanted}
     for n in range(inputs[0].shape[0]):
@@ -384,6 +385,174 @@ def test_logistic_tanh_all_codes(builder, backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# MEAN with keepDims over H, W (GlobalAveragePool): the builtin optimized kernel's own path
+
+_MEAN_SIZES = [(2, 2), (4, 4), (8, 8), (3, 5), (7, 7)]
+# (input range, output range): equal scales, power-of-two ratios (ties), and an arbitrary ratio
+_MEAN_RANGES = [(pow2_range(100, 4), pow2_range(100, 4)), (pow2_range(60, 4), pow2_range(200, 5)),
+                (pow2_range(128, 5), pow2_range(30, 3)), (pow2_range(150, 3), pow2_range(128, 6)),
+                ((-2.3, 1.7), (-0.71, 1.9))]
+
+
+@pytest.fixture(scope="module")
+def mean_models(builder):
+    """One model per spatial size: 21 channels (one 16-channel SIMD block + a 5-channel tail), a MEAN
+    keepDims=True over axes 1, 2 per range pair."""
+    tf = builder.tf
+    models = {}
+    for h, w in _MEAN_SIZES:
+        @tf.function(input_signature=builder.spec(*[[1, h, w, 21]] * len(_MEAN_RANGES)))
+        def f(*xs):
+            return {f"m{i}": builder.fq(tf.reduce_mean(builder.fq(x, ri), [1, 2], keepdims=True), ro)
+                    for i, (x, (ri, ro)) in enumerate(zip(xs, _MEAN_RANGES))}
+        models[(h, w)] = builder.convert(f)
+    return models
+
+
+def _spec_optimized_mean(codes: np.ndarray, si, zi: int, so, zo: int) -> tuple[np.ndarray, np.ndarray]:
+    """optimized_integer_ops::Mean in Python integers (independent of xqat): raw sum, float32 bias and
+    multiplier; returns (blocks-half-up result, all-gemmlowp result) before the per-channel choice."""
+    n = codes.shape[1] * codes.shape[2]
+    temp = np.float32(np.float32(zi) * np.float32(si)) / np.float32(so)
+    temp = temp + np.float32(0.5) if temp > 0 else temp - np.float32(0.5)
+    bias = zo - int(temp)
+    m, shift = (int(v[0]) for v in rounding.quantize_multiplier(
+        float(np.float32(np.float32(si) / np.float32(np.float32(n) * np.float32(so))))))
+    left, right = max(shift, 0), max(-shift, 0)
+    sums = codes.astype(np.int64).sum(axis=(1, 2)).ravel()
+    up, away = [], []
+    for a in sums:
+        r = _srdhm_ref(int(a) << left, m)
+        up.append((r + ((1 << right) >> 1)) >> right)  # vrshl: half up
+        away.append(_rdbp_ref(r, right) if right else r)  # gemmlowp: half away from zero
+    shape = (codes.shape[0], 1, 1, codes.shape[3])
+    return [np.clip(np.array(v).reshape(shape) + bias, -128, 127) for v in (up, away)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mean_keepdims_spatial(mean_models, backend):
+    """MEAN keepDims=True over H, W on several sizes and scale ratios, every sample equal to the
+    interpreter. For builtin, the interpreter also equals the rule written out independently: the
+    16-channel SIMD block rounds half up, the remainder channels half away, and the two differ."""
+    rng = np.random.default_rng(9)
+    block_differs = 0
+    for (h, w), model in mean_models.items():
+        m = read_tflite(model)
+        assert [op.name for op in m.ops] == ["MEAN"] * len(_MEAN_RANGES)
+        assert all(op.options["keepDims"] for op in m.ops)
+        inputs = [rng.integers(-128, 128, (200, h, w, 21)).astype(np.int8) for _ in m.inputs]
+        want = run_interpreter(model, backend, inputs)
+        _, got = xqat.emulate(model, inputs, backend=backend, intermediates=True)
+        assert all(mismatches(got[op.outputs[0]], want[op.outputs[0]]) == 0 for op in m.ops), (backend, h, w)
+        if backend != "builtin":
+            continue
+        for op in m.ops:
+            tin, tout = m.tensor(op.inputs[0]), m.tensor(op.outputs[0])
+            x = inputs[m.inputs.index(op.inputs[0])]
+            up, away = _spec_optimized_mean(x, tin.scales[0], int(tin.zero_points[0]), tout.scales[0],
+                                            int(tout.zero_points[0]))
+            assert np.array_equal(want[op.outputs[0]][..., :16], up[..., :16]), (h, w)
+            assert np.array_equal(want[op.outputs[0]][..., 16:], away[..., 16:]), (h, w)
+            block_differs += int((up[..., :16] != away[..., :16]).sum())
+    assert backend != "builtin" or block_differs > 100  # the rule is exercised, not vacuous
+
+
+def test_mean_keepdims_follows_the_thread_split(mean_models):
+    """The optimized MEAN splits its 21 channels over min(21 // 8, threads) threads; each range has its
+    own 16-channel SIMD blocks, so the builtin result depends on num_threads, and so does the emulator's."""
+    model = mean_models[(4, 4)]
+    m = read_tflite(model)
+    inputs = [np.random.default_rng(10).integers(-128, 128, (300, 4, 4, 21)).astype(np.int8) for _ in m.inputs]
+    one = run_interpreter(model, "builtin", inputs, num_threads=1)
+    differ = 0
+    for threads in (2, 3):
+        want = run_interpreter(model, "builtin", inputs, num_threads=threads)
+        _, got = xqat.emulate(model, inputs, backend="builtin", intermediates=True, num_threads=threads)
+        assert all(mismatches(got[op.outputs[0]], want[op.outputs[0]]) == 0 for op in m.ops), threads
+        differ += sum(int((want[op.outputs[0]] != one[op.outputs[0]]).sum()) for op in m.ops)
+    assert differ > 0
+    emu = xqat.Emulator(model, backend="builtin", num_threads=2)
+    with pytest.raises(EmulationError, match="num_threads=2, not 1"):
+        xqat.emulate(emu, inputs, num_threads=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths of the fast kernels that the model set does not reach
+
+
+@pytest.fixture(scope="module")
+def long_reduction_model(builder):
+    """1x1 CONV and FC over 2048 input channels with large weights: 128 * sum|w| > 2^24, so the float32
+    reduction must be cut into slices summed in float64."""
+    tf, rng = builder.tf, np.random.default_rng(11)
+    wc = (rng.choice([-1, 1], (1, 1, 2048, 8)) * rng.uniform(0.8, 1, (1, 1, 2048, 8))).astype(np.float32)
+    wf = (rng.choice([-1, 1], (2048, 6)) * rng.uniform(0.8, 1, (2048, 6))).astype(np.float32)
+
+    @tf.function(input_signature=builder.spec([1, 3, 3, 2048], [1, 2048]))
+    def f(x, v):
+        c = builder.fq(tf.nn.conv2d(builder.fq(x, (-0.7, 1.3)), builder.wfq(wc), 1, "VALID"), (-30.0, 34.0))
+        d = builder.fq(tf.matmul(builder.fq(v, (-1.1, 0.9)), builder.wfq(wf, per_channel=False)), (-35.0, 41.0))
+        return {"c": c, "d": d}
+
+    return builder.convert(f)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_reductions_are_sliced_and_exact(long_reduction_model, backend):
+    m = read_tflite(long_reduction_model)
+    for op in m.ops:
+        if op.name in ("CONV_2D", "FULLY_CONNECTED"):
+            t_in, t_w = m.tensor(op.inputs[0]), m.tensor(op.inputs[1])
+            w = np.abs(t_w.data.reshape(t_w.shape[0], -1).astype(np.float64))
+            dtype, slices = kernels._chunks(w, np.zeros(len(w)), 128.0, abs(int(t_in.zero_points[0])),
+                                            torch.device("cpu"))
+            assert dtype == torch.float32 and slices is not None and len(slices) >= 2, op.name
+    rng = np.random.default_rng(12)
+    inputs = [rng.integers(-128, 128, (60, *m.tensor(i).shape[1:])).astype(np.int8) for i in m.inputs]
+    inputs[0][:20] = 127  # accumulators near the bound
+    bad, total = compare_all(long_reduction_model, inputs, backend)
+    assert bad == 0 and total == 60 * (3 * 3 * 8 + 6)
+
+
+@pytest.fixture(scope="module")
+def pool_models(builder):
+    """AVERAGE/MAX_POOL_2D with SAME padding that TFLite splits unevenly (0 before, 1 after) and with
+    even padding, on odd and even sizes: counts of in-image taps vary at the borders."""
+    tf = builder.tf
+    models = []
+    for size, k, stride in [(7, 2, 2), (8, 3, 2), (6, 3, 1), (9, 3, 2)]:
+        @tf.function(input_signature=builder.spec([1, size, size, 5]))
+        def f(x, k=k, stride=stride):
+            x = builder.fq(x, pow2_range(77, 3))
+            return {"avg": builder.fq(tf.nn.avg_pool2d(x, k, stride, "SAME"), pow2_range(77, 3)),
+                    "max": builder.fq(tf.nn.max_pool2d(x, k, stride, "SAME"), pow2_range(77, 3))}
+        models.append(builder.convert(f))
+    return models
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pools_with_uneven_padding(pool_models, backend):
+    rng = np.random.default_rng(13)
+    for model in pool_models:
+        m = read_tflite(model)
+        assert {op.name for op in m.ops} == {"AVERAGE_POOL_2D", "MAX_POOL_2D"}
+        x = rng.integers(-128, 128, (100, *m.tensor(m.inputs[0]).shape[1:])).astype(np.int8)
+        x[:10] = -128  # negative sums: C rounding away from zero
+        bad, total = compare_all(model, [x], backend)
+        assert bad == 0, (backend, m.tensor(m.inputs[0]).shape)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int64_requantization_fallback_is_exact(model_set, backend, monkeypatch):
+    """Without the one-floor float64 requantizer the int64 chain runs; both equal the interpreter."""
+    monkeypatch.setattr(kernels, "one_floor_requantizer", lambda *args, **kwargs: None)
+    for name in ("digits_cnn", "branchy"):
+        model, inputs = model_set[name]
+        bad, _ = compare_all(model, [x[:120] for x in inputs], backend)
+        assert bad == 0, (name, backend)
+
+
+# ---------------------------------------------------------------------------------------------
 # The backend choice matters, exactly where the spec says (§5.2, §5.3)
 
 
@@ -461,6 +630,11 @@ def test_emulator_is_batch_free_and_reusable(model_set):
     for k, out in enumerate(whole):
         assert torch.equal(out[::9], torch.cat([o[k] for o in one_by_one]))
     assert whole[0].dtype == torch.int8 and whole[0].shape[0] == 64
+    small = xqat.Emulator(model, backend="reference", samples_per_pass=5)  # 13 passes of <= 5 samples
+    outs, env = small.run(x, intermediates=True)
+    _, env_whole = emu.run(x, intermediates=True)
+    assert all(a.equal(b) for a, b in zip(outs, whole)) and env.keys() == env_whole.keys()
+    assert all(env[t].equal(env_whole[t]) for t in env)
     assert xqat.emulate(emu, x)[0].equal(whole[0])
     with pytest.raises(EmulationError, match="built for backend 'reference'"):
         xqat.emulate(emu, x, backend="xnnpack")
@@ -524,3 +698,40 @@ def test_rounding_primitives_match_the_spec_formulas():
     mult, shift = rounding.quantize_multiplier([0.5, 0.75, 1.0, 3.0, 2.0 ** -40, 0.0, 0.999999999999])
     assert mult.tolist() == [1 << 30, 3 << 29, 1 << 30, 3 << 29, 0, 0, 1 << 30]
     assert shift.tolist() == [0, 0, 1, 2, 0, 0, 1]
+
+
+def test_one_floor_requantizer_equals_the_int64_chain():
+    """MBQM (gemmlowp or ruy per channel) + zp + clamp as one float64 floor over a clamped window equals
+    the two-step integer chain on every sampled accumulator, including window edges and M = 2^30."""
+    rng = np.random.default_rng(14)
+    checked = 0
+    for trial in range(150):
+        ch = int(rng.integers(1, 5))
+        real = np.exp(rng.uniform(np.log(1e-5), np.log(3.0), ch))
+        if trial % 4 == 0:
+            real = 2.0 ** rng.integers(-14, 2, ch).astype(np.float64)  # multiplier exactly 2^30
+        mult, shift = rounding.quantize_multiplier(real)
+        ruy = rng.random(ch) < 0.5
+        zp = int(rng.integers(-128, 128))
+        lo, hi = (-128, 127) if trial % 3 else sorted(rng.integers(-128, 128, 2).tolist())
+        bound = float(rng.choice([300, 5000, 2 ** 20, 2 ** 24]))
+        fast = rounding.one_floor_requantizer(mult, shift, ruy, zp, lo, hi, bound)
+        if fast is None:
+            # only where the window (|acc| <= bound, unsaturated outputs) times M' passes 2^53
+            assert any(min(bound, 300 / r) * m * 2 ** max(e, 0) > 2 ** 52 for r, m, e in zip(real, mult, shift))
+            continue
+        acc = torch.as_tensor(rng.integers(-int(bound), int(bound) + 1, (2000, ch)))
+        acc[:64] = torch.as_tensor(rng.integers(-300, 300, (64, ch)))
+        acc[64:70] = torch.tensor([[int(bound)], [-int(bound)], [0], [-1], [1], [-2]])
+        mt, st = torch.as_tensor(mult), torch.as_tensor(shift)
+        want = torch.where(torch.as_tensor(ruy), rounding.mbqm_ruy(acc, mt, st), rounding.mbqm(acc, mt, st))
+        want = (want + zp).clamp(lo, hi)
+        got = fast(acc.to(torch.float32 if bound <= 2 ** 24 else torch.float64)).to(torch.int64)
+        assert torch.equal(got, want), (trial, mult, shift, ruy, zp, lo, hi, bound)
+        assert all(rounding.mbqm_int(int(a), int(mult[c]), int(shift[c]), bool(ruy[c])) + zp
+                   == min(max(int(w), lo - 1), hi + 1) or int(w) in (lo, hi)
+                   for a, w, c in [(acc[i, j], want[i, j], j) for i in range(5) for j in range(ch)])
+        checked += 1
+    assert checked > 100
+    assert rounding.one_floor_requantizer([1 << 30], [40], False, 0, -128, 127, 1000.0) is None  # wraps int32
+    assert rounding.one_floor_requantizer([0], [0], False, 0, -128, 127, 1000.0) is None

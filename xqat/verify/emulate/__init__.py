@@ -22,12 +22,12 @@ __all__ = ["emulate", "Emulator", "BACKENDS", "RULES", "SUPPORTED_OPS", "XNNPACK
 
 def emulate(model: str | Path | bytes | TFLiteModel | Emulator, inputs: TensorLike | Sequence[TensorLike],
             backend: str | None = None, device: str | torch.device | None = None,
-            intermediates: bool = False):
+            intermediates: bool = False, num_threads: int | None = None):
     """Run a .tflite model (path, bytes, parsed model or `Emulator`) on integer inputs batched along dim 0.
 
-    backend: "xnnpack" (default: what `Interpreter()` runs), "builtin" or "reference". Returns the list
-    of output tensors; with intermediates=True, (outputs, {tflite tensor index: tensor}).
-    An `Emulator` keeps its own backend and device; asking for others is an error.
+    backend: "xnnpack" (default: what `Interpreter()` runs), "builtin" or "reference"; num_threads: the
+    interpreter's (default 1). Returns the list of output tensors; with intermediates=True, (outputs,
+    {tflite tensor index: tensor}). An `Emulator` keeps its own settings; asking for others is an error.
     """
     if isinstance(model, Emulator):
         if backend is not None and backend != model.backend:
@@ -35,7 +35,10 @@ def emulate(model: str | Path | bytes | TFLiteModel | Emulator, inputs: TensorLi
                                  "build another Emulator for that backend")
         if device is not None and torch.device(device) != model.device:
             raise EmulationError(f"the Emulator lives on {model.device}, not {device}; build another one")
+        if num_threads is not None and num_threads != model.num_threads:
+            raise EmulationError(f"the Emulator was built for num_threads={model.num_threads}, not {num_threads}; "
+                                 "build another Emulator")
         emu = model
     else:
-        emu = Emulator(model, backend or "xnnpack", device or "cpu")
+        emu = Emulator(model, backend or "xnnpack", device or "cpu", num_threads=num_threads or 1)
     return emu.run(inputs, intermediates=intermediates)

@@ -5,15 +5,22 @@ Everything that depends only on the model (multipliers, tables, weights on the d
 once here. Tensors are batched along dim 0: the interpreter runs batch 1, the kernels run N samples.
 
 Exactness of the convolutions and matrix products (`_chunks`): they run as floating-point
-convolutions/matmuls of (q_in - zp_in), |.| <= 255, with the integer weights. For output channel c
-every product and every partial sum, in whatever order the library adds them, is an integer of
-magnitude <= B_c = 255 * sum_k |w_ck|. A float type with a p-bit significand holds every integer up
-to 2^p exactly, so if max_c B_c (+ max |bias|) <= 2^p no operation ever rounds and the result is the
-exact integer accumulator. On CPU float32 (p = 24) is used, the reduction split into input-channel
-chunks that each meet the bound (their sums are added in float64, p = 53); float64 is used when a
-single slice exceeds it, and always on CUDA. Transform algorithms (FFT/Winograd) would break the
-argument, so NNPACK is switched off on CPU and cuDNN (and with it TF32) on CUDA. The C++ kernels
-accumulate in int32; models whose accumulators overflow int32 are outside what either computes.
+convolutions/matmuls of the raw input codes |x| <= x_max (128 for int8) with the integer weights, the
+input zero point folded into the bias (sum (x - zp) w + b = sum x w + (b - zp sum w); padding uses the
+code zp, i.e. a real 0). For output channel c every product and every partial sum, in whatever order
+the library adds them, is an integer of magnitude <= (x_max + |zp|) * sum_k |w_ck| + |b_c|. A float
+type with a p-bit significand holds every integer up to 2^p exactly, so below 2^p no operation ever
+rounds and the result is the exact integer accumulator. On CPU float32 (p = 24) is used, the reduction
+cut into input-channel slices that each meet the bound when the whole does not (their sums and the
+bias are added in float64, p = 53); float64 is used when a single input channel exceeds it, and always
+on CUDA. Transform algorithms (FFT/Winograd) would break the argument, so NNPACK is switched off on CPU
+and cuDNN (and with it TF32) on CUDA. The C++ kernels accumulate in int32; models whose accumulators
+overflow int32 are outside what either computes.
+
+Requantization (`_output_stage`): MultiplyByQuantizedMultiplier + zero point + clamp runs as one exact
+float64 floor over a clamped window (`rounding.one_floor_requantizer`), the int64 chain otherwise.
+Elementwise ops of 8-bit inputs (ADD, MUL, requantizing QUANTIZE, LOGISTIC, TANH) are tables over all
+input codes, built once from the integer formulas (`_table_kernel`).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from .rounding import (
     mbqm,
     mbqm_ruy,
     mbqm_single,
+    one_floor_requantizer,
     quantize_multiplier,
     rdbp,
     round_half_away,
@@ -57,9 +65,9 @@ _QRANGE = {"INT8": (-128, 127), "UINT8": (0, 255), "INT16": (-32768, 32767)}
 class _Op:
     """What a kernel builder needs: the op, its tensors, its backend's rules and the device."""
 
-    def __init__(self, op: TFLiteOp, model: TFLiteModel, backend: str, device: torch.device):
+    def __init__(self, op: TFLiteOp, model: TFLiteModel, backend: str, device: torch.device, threads: int = 1):
         self.op, self.model, self.device = op, model, device
-        self.backend = backend
+        self.backend, self.threads = backend, threads
         if backend == "xnnpack" and not _xnnpack_accepts(self):
             backend = "builtin"  # the delegate leaves this node to the builtin kernel
         self.rules = rules_for(backend, op.name)
@@ -124,6 +132,58 @@ def _simd_split(body_mask: torch.Tensor, body: Callable, tail: Callable) -> Call
     return fn
 
 
+def _codes(t: TFLiteTensor) -> torch.Tensor:
+    """The 256 codes of an 8-bit tensor, listed in the order of their bit patterns (code & 255)."""
+    u = torch.arange(256, dtype=torch.int64)
+    return torch.where(u >= 128, u - 256, u) if t.dtype == "INT8" else u
+
+
+def _bit_pattern(x: torch.Tensor) -> torch.Tensor:
+    """8-bit codes -> their bit patterns 0..255 as int32 (the index into a `_table_kernel` table)."""
+    return (x.view(torch.uint8) if x.dtype == torch.int8 else x).to(torch.int32)
+
+
+def _table_kernel(o: _Op, tail: Callable[..., torch.Tensor], body: Callable[..., torch.Tensor] | None = None,
+                  block: int = 16) -> Kernel:
+    """An elementwise op of one or two 8-bit inputs as a lookup table over every input code (256 or 65536
+    entries), built once from the exact integer formula; each element is then one gather.
+
+    `tail(*codes)` maps int64 input codes to output codes; with `body`, the SIMD blocks of `block`
+    elements of each call use `body` and the last numel % block elements `tail` (optimized x86 kernels)."""
+    ins = [o.tin(i) for i in range(len(o.op.inputs))]
+    mask = _simd_body(o.tout, block, torch.device("cpu")) if body is not None else None
+    if mask is not None and bool(mask.all()):
+        tail, mask = body, None
+    elif mask is not None and not bool(mask.any()):
+        mask = None
+    if len(ins) > 2 or any(t.dtype not in ("INT8", "UINT8") for t in ins):  # e.g. int16: the formula itself
+        dev_mask = None if mask is None else mask.to(o.device)
+
+        def direct(xs):
+            xs = torch.broadcast_tensors(*[x.to(torch.int64) for x in xs])
+            if dev_mask is None:
+                return o.cast_out(tail(*xs))
+            flat = [x.reshape(-1, dev_mask.numel()) for x in xs]  # one row per interpreter call
+            return o.cast_out(torch.where(dev_mask, body(*flat), tail(*flat))).reshape(xs[0].shape)
+
+        return direct
+    grid = [g.reshape(-1) for g in torch.meshgrid(*[_codes(t) for t in ins], indexing="ij")]
+    tables = [tail(*grid)] + ([body(*grid)] if mask is not None else [])
+    table = o.cast_out(torch.cat(tables)).to(o.device)
+    size = grid[0].numel()
+    offset = None if mask is None else (mask.to(torch.int32) * size).reshape(o.tout.shape[1:]).to(o.device)
+
+    def run(xs):
+        idx = _bit_pattern(xs[0])
+        if len(xs) == 2:
+            idx = idx.mul_(256) + _bit_pattern(xs[1])
+        if offset is not None:
+            idx = idx + offset
+        return torch.index_select(table, 0, idx.reshape(-1)).reshape(idx.shape)
+
+    return run
+
+
 def _xnnpack_accepts(o: _Op) -> bool:
     """The XNNPACK delegate's scale checks for quantized nodes (ratios outside them stay builtin)."""
     name = o.op.name
@@ -172,63 +232,54 @@ def _activation_range(o: _Op, act: str) -> tuple[int, int]:
     return (qmin if lo is None else max(qmin, q(lo))), (qmax if hi is None else min(qmax, q(hi)))
 
 
-def _requant_fn(o: _Op, rule: str, s_in: np.float32, s_w: np.ndarray, s_out: np.float32,
-                fc_multiplier: str = "double") -> Callable[[torch.Tensor], torch.Tensor]:
-    """acc (int64, channels last) -> requantized value without the output zero point."""
+def _multipliers(rule: str, s_in: np.float32, s_w: np.ndarray, s_out: np.float32,
+                 fc_multiplier: str = "double") -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (int32 multiplier, shift) of a conv/FC output stage (§5.1): s_in * s_w / s_out in double,
+    or for the optimized per-tensor FC float32(s_in * s_w) / s_out."""
     s_w = np.asarray(s_w, np.float32)
-    if rule in ("gemmlowp", "ruy", "ruy8", "float64"):
-        if fc_multiplier == "float_product":
-            real = np.float32(s_in * s_w).astype(np.float64) / np.float64(s_out)
-        else:
-            real = np.float64(s_in) * s_w.astype(np.float64) / np.float64(s_out)
-        if rule == "float64":
-            m = torch.as_tensor(real, dtype=torch.float64, device=o.device)
-            return lambda acc: float64_requantize(acc, m)
-        mult, shift = quantize_multiplier(real)
-        mt = torch.as_tensor(mult, device=o.device)
-        st = torch.as_tensor(shift, device=o.device)
-        if int(st.min()) == int(st.max()) and int(mt.min()) == int(mt.max()):
-            mt, st = int(mult[0]), int(shift[0])
-        if rule == "ruy8":  # SIMD blocks of 8 channels round like ruy, the remainder channels like gemmlowp
-            simd = torch.arange(len(s_w), device=o.device) < 8 * (len(s_w) // 8)
-            return lambda acc: torch.where(simd, mbqm_ruy(acc, mt, st), mbqm(acc, mt, st))
-        fn = mbqm if rule == "gemmlowp" else mbqm_ruy
-        return lambda acc: fn(acc, mt, st)
-    raise o.fail(f"unknown requantization rule {rule!r}")
+    if fc_multiplier == "float_product":
+        real = np.float32(s_in * s_w).astype(np.float64) / np.float64(s_out)
+    else:
+        real = np.float64(s_in) * s_w.astype(np.float64) / np.float64(s_out)
+    return quantize_multiplier(real)
 
 
-_CHUNK = 32768  # elements per piece of a long elementwise chain: stays in cache, below torch's grain size
+def _ruy_channels(rule: str, channels: int) -> np.ndarray:
+    """Which output channels round like ruy (half-up last shift) rather than gemmlowp (half away)."""
+    if rule == "ruy":
+        return np.ones(channels, bool)
+    if rule == "ruy8":  # AVX2 blocks of 8 channels round like ruy, the remainder channels like gemmlowp
+        return np.arange(channels) < 8 * (channels // 8)
+    if rule == "gemmlowp":
+        return np.zeros(channels, bool)
+    raise ValueError(rule)
 
 
-def _chunked(fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> Callable:
-    """Apply a channels-last, position-independent elementwise chain piece by piece.
+def _fixed_point_stage(o: _Op, mult: np.ndarray, shift: np.ndarray, ruy: np.ndarray, zp: int, lo: int,
+                       hi: int, acc_bound) -> Callable[[torch.Tensor], torch.Tensor]:
+    """acc (exact integers in a float or int tensor, channels last) -> clamp(MBQM(acc) + zp, lo, hi), cast
+    to the output type: one float64 floor where `one_floor_requantizer` proves it exact, else the int64
+    chain of SRDHM and the rounding shift."""
+    fast = one_floor_requantizer(mult, shift, ruy, zp, lo, hi, acc_bound, o.device)
+    if fast is not None:
+        return lambda acc: o.cast_out(fast(acc))
+    mt, st = torch.as_tensor(mult, device=o.device), torch.as_tensor(shift, device=o.device)
+    if mult.size == 1 or (int(mt.min()) == int(mt.max()) and int(st.min()) == int(st.max())):
+        mt, st = int(mult.flat[0]), int(shift.flat[0])
+    if ruy.all():
+        fn = lambda x: mbqm_ruy(x, mt, st)  # noqa: E731
+    elif not ruy.any():
+        fn = lambda x: mbqm(x, mt, st)  # noqa: E731
+    else:
+        rt = torch.as_tensor(ruy, device=o.device)
+        fn = lambda x: torch.where(rt, mbqm_ruy(x, mt, st), mbqm(x, mt, st))  # noqa: E731
+    return lambda acc: o.cast_out(fn(acc.to(torch.int64)).add_(zp).clamp_(lo, hi))
 
-    The int64 requantization chains are memory bound; running them on cache-sized pieces of rows is
-    several times faster than streaming whole activations through memory once per operation."""
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.numel() <= 2 * _CHUNK:
-            return fn(x)
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.empty(flat.shape, dtype=dtype, device=x.device)
-        step = max(_CHUNK // flat.shape[1], 1)
-        for i in range(0, flat.shape[0], step):
-            out[i:i + step] = fn(flat[i:i + step])
-        return out.reshape(x.shape)
-
-    return run
-
-
-def _output_stage(o: _Op, rule: str, s_in, s_w, s_out, act_lo: int, act_hi: int,
+def _output_stage(o: _Op, rule: str, s_in, s_w, s_out, act_lo: int, act_hi: int, acc_bound: np.ndarray,
                   fc_multiplier: str = "double") -> Callable[[torch.Tensor], torch.Tensor]:
-    """Requantize accumulators (exact integers held in a float tensor, channels last) to the output
-    tensor: scale, + zp, clamp (§5.3)."""
-    fn = _output_stage_fn(o, rule, s_in, s_w, s_out, act_lo, act_hi, fc_multiplier)
-    return fn if rule == "fp32" else _chunked(fn, TORCH_DTYPES[o.tout.dtype])  # float32 chains: no gain
-
-
-def _output_stage_fn(o: _Op, rule: str, s_in, s_w, s_out, act_lo: int, act_hi: int,
-                     fc_multiplier: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Requantize accumulators (exact integers held in a float tensor, channels last, |acc| <= acc_bound
+    per channel) to the output tensor: scale, + zp, clamp (§5.3)."""
     _, zp = o.qp(o.tout)
     if rule == "fp32":  # XNNPACK: float32(acc) * f32(f32(s_in * s_w) / s_out), clamp, half even, + zp
         sc = (np.float32(s_in) * np.asarray(s_w, np.float32)).astype(np.float32) / np.float32(s_out)
@@ -236,12 +287,19 @@ def _output_stage_fn(o: _Op, rule: str, s_in, s_w, s_out, act_lo: int, act_hi: i
         lo, hi = float(act_lo - zp), float(act_hi - zp)
 
         def fp32(acc):  # to(float32) rounds like XNNPACK's int32 -> float conversion (nearest even)
-            v = acc.to(torch.float32) * sct
+            v = acc.to(torch.float32).mul_(sct)
             return o.cast_out(v.clamp_(lo, hi).round_().add_(zp))
 
         return fp32
-    fn = _requant_fn(o, rule, s_in, s_w, s_out, fc_multiplier)
-    return lambda acc: o.cast_out(fn(acc.to(torch.int64)).add_(zp).clamp_(act_lo, act_hi))
+    if rule == "float64":  # reference FC: round_half_away(double(acc) * double multiplier)
+        real = np.float64(s_in) * np.asarray(s_w, np.float32).astype(np.float64) / np.float64(s_out)
+        m = torch.as_tensor(real, dtype=torch.float64, device=o.device)
+        return lambda acc: o.cast_out(float64_requantize(acc, m).add_(zp).clamp_(act_lo, act_hi))
+    if rule not in ("gemmlowp", "ruy", "ruy8"):
+        raise o.fail(f"unknown requantization rule {rule!r}")
+    mult, shift = _multipliers(rule, s_in, s_w, s_out, fc_multiplier)
+    return _fixed_point_stage(o, mult, shift, _ruy_channels(rule, len(np.atleast_1d(s_w))), zp, act_lo,
+                              act_hi, acc_bound)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,22 +323,31 @@ def _same_padding(size: int, k: int, stride: int, dilation: int, padding: str) -
 _F32_EXACT = 2.0 ** 24
 
 
-def _chunks(w_abs_sum: np.ndarray, bias_max: float, device: torch.device) -> tuple[torch.dtype, int]:
-    """(float dtype, number of reduction chunks) for which every partial sum is provably exact.
+def _chunks(w_abs: np.ndarray, bias_abs: np.ndarray, x_max: float, zp_abs: float,
+            device: torch.device) -> tuple[torch.dtype, list[slice] | None]:
+    """(float dtype, reduction slices) for which every partial sum is provably exact (module docstring).
 
-    w_abs_sum[c, k]: |w| summed per output channel c over reduction slice k (input channels). Each
-    chunk must satisfy 255 * sum|w| <= 2^24 for float32 (module docstring); CUDA always uses float64.
+    w_abs[c, k]: |w| of output channel c summed over the taps of input channel k. The input enters as
+    raw codes |x| <= x_max with the zero point folded into the bias (bias - zp * sum w). One float32
+    pass needs (x_max + |zp|) * sum_k |w_ck| + |bias_c| <= 2^24 (slices None); otherwise the input channels
+    are cut greedily into slices with x_max * sum_slice |w_ck| <= 2^24 each, summed in float64 with the
+    bias. float64 throughout when a single channel exceeds that, and always on CUDA.
     """
     if device.type != "cpu":
-        return torch.float64, 1
-    per_slice = 255.0 * w_abs_sum
-    total = per_slice.sum(axis=1).max(initial=0.0)
-    if total + bias_max <= _F32_EXACT:
-        return torch.float32, 1
-    worst = per_slice.max(initial=0.0)
-    if worst > _F32_EXACT:  # one slice alone is too large: float64 (exact for any realistic size)
-        return torch.float64, 1
-    return torch.float32, int(np.ceil(total / (_F32_EXACT * 0.99)))
+        return torch.float64, None
+    total = ((x_max + zp_abs) * w_abs.sum(axis=1) + bias_abs).max(initial=0.0)
+    if total <= _F32_EXACT:
+        return torch.float32, None
+    per = x_max * w_abs
+    if per.max(initial=0.0) > _F32_EXACT:  # one input channel alone is too large
+        return torch.float64, None
+    slices, start, run = [], 0, np.zeros(w_abs.shape[0])
+    for k in range(w_abs.shape[1]):
+        if (run + per[:, k]).max() > _F32_EXACT:
+            slices.append(slice(start, k))
+            start, run = k, np.zeros(w_abs.shape[0])
+        run += per[:, k]
+    return torch.float32, slices + [slice(start, w_abs.shape[1])]
 
 
 def _exact_context(device: torch.device):
@@ -288,11 +355,6 @@ def _exact_context(device: torch.device):
     if device.type == "cuda":
         return torch.backends.cudnn.flags(enabled=False)
     return torch.backends.nnpack.flags(enabled=False) if hasattr(torch.backends, "nnpack") else nullcontext()
-
-
-def _split(n: int, parts: int) -> list[slice]:
-    edges = np.linspace(0, n, parts + 1).round().astype(int)
-    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
 def _conv_like(o: _Op, depthwise: bool) -> Kernel:
@@ -315,31 +377,39 @@ def _conv_like(o: _Op, depthwise: bool) -> Kernel:
                else np.zeros(cout))
     # reduction slices: input channels (a grouped conv keeps one slice so groups stay aligned)
     w_abs = np.abs(w).sum(axis=(2, 3)) if groups == 1 else np.abs(w).sum(axis=(1, 2, 3))[:, None]
-    dtype, parts = _chunks(w_abs, float(np.abs(bias_np).max(initial=0.0)), o.device)
-    slices = _split(w.shape[1], parts) if groups == 1 else [slice(None)]
-    weights = [torch.as_tensor(np.ascontiguousarray(w[:, sl]), device=o.device).to(dtype) for sl in slices]
-    bias = torch.as_tensor(bias_np, device=o.device).to(dtype if len(slices) == 1 else torch.float64)
+    x_max = float(max(-o.qrange(tin)[0], o.qrange(tin)[1]))
+    dtype, slices = _chunks(w_abs, np.abs(bias_np), x_max, abs(zp_in), o.device)
+    acc_bound = 255.0 * w_abs.sum(axis=1) + np.abs(bias_np)  # |sum (x - zp) w + b|
+    if slices is not None and groups > 1:
+        slices = [slice(None)]  # one float32 pass without the bias, which is added in float64
+    bias_np = bias_np - zp_in * w.sum(axis=(1, 2, 3))  # sum (x - zp) w + b = sum x w + (b - zp sum w)
+    weights = [torch.as_tensor(np.ascontiguousarray(w[:, sl]), device=o.device).to(dtype)
+               for sl in (slices or [slice(None)])]
+    bias = torch.as_tensor(bias_np, device=o.device).to(dtype if slices is None else torch.float64)
     s_w = tw.scales if tw.scales.size == cout else np.full(cout, tw.scales[0], np.float32)
     kh, kw = w.shape[2], w.shape[3]
     sh, sw = opts.get("strideH", 1), opts.get("strideW", 1)
     dh, dw = opts.get("dilationHFactor", 1), opts.get("dilationWFactor", 1)
     _, ph0, ph1 = _same_padding(tin.shape[1], kh, sh, dh, opts.get("padding", "VALID"))
     _, pw0, pw1 = _same_padding(tin.shape[2], kw, sw, dw, opts.get("padding", "VALID"))
-    symmetric = ph0 == ph1 and pw0 == pw1
+    conv_pad = (ph0, pw0) if zp_in == 0 and ph0 == ph1 and pw0 == pw1 else (0, 0)
+    int8_pad = (0, 0, pw0, pw1, ph0, ph1) if conv_pad == (0, 0) and (ph0 or ph1 or pw0 or pw1) else None
     lo, hi = _activation_range(o, o.op.fused_activation)
-    stage = _output_stage(o, o.rules["depthwise" if depthwise else "conv"], s_in, s_w, s_out, lo, hi)
+    stage = _output_stage(o, o.rules["depthwise" if depthwise else "conv"], s_in, s_w, s_out, lo, hi,
+                          acc_bound)
+    conv = dict(stride=(sh, sw), padding=conv_pad, dilation=(dh, dw), groups=groups)
 
     def run(xs):
-        # NHWC -> channels-last NCHW view (no copy); out-of-image taps are real 0 (§5.3 notes)
-        x = xs[0].to(dtype).sub_(zp_in).permute(0, 3, 1, 2)
-        if not symmetric:
-            x = F.pad(x, (pw0, pw1, ph0, ph1))
-        pad = (ph0, pw0) if symmetric else (0, 0)
+        # out-of-image taps are real 0 (§5.3 notes): the code zp_in, padded while still integer
+        x = xs[0] if int8_pad is None else F.pad(xs[0], int8_pad, value=zp_in)
+        x = x.to(dtype).permute(0, 3, 1, 2)  # NHWC -> channels-last NCHW view (no copy)
         with _exact_context(x.device):
-            parts_out = [F.conv2d(x[:, sl] if len(slices) > 1 else x, wt, stride=(sh, sw), padding=pad,
-                                  dilation=(dh, dw), groups=groups) for sl, wt in zip(slices, weights)]
-        acc = parts_out[0] if len(parts_out) == 1 else sum(p.to(torch.float64) for p in parts_out)
-        return stage(acc.permute(0, 2, 3, 1) + bias)
+            if slices is None:  # the bias joins the exact sum inside the convolution
+                acc = F.conv2d(x, weights[0], bias, **conv)
+            else:
+                acc = sum(F.conv2d(x[:, sl], wt, **conv).to(torch.float64) for sl, wt in zip(slices, weights))
+                acc = acc.add_(bias[:, None, None])
+        return stage(acc.permute(0, 2, 3, 1))  # NHWC view of the channels-last result
 
     return run
 
@@ -358,22 +428,27 @@ def _fully_connected(o: _Op) -> Kernel:
     w = tw.data.astype(np.float64) - zp_w
     bias_np = (o.tin(2).data.astype(np.float64) if o.has_input(2) and o.tin(2).data is not None
                else np.zeros(out_ch))
-    dtype, parts = _chunks(np.abs(w), float(np.abs(bias_np).max(initial=0.0)), o.device)
-    slices = _split(depth, parts)
-    weights = [torch.as_tensor(np.ascontiguousarray(w[:, sl].T), device=o.device).to(dtype) for sl in slices]
-    bias = torch.as_tensor(bias_np, device=o.device).to(dtype if len(slices) == 1 else torch.float64)
+    acc_bound = 255.0 * np.abs(w).sum(axis=1) + np.abs(bias_np)
+    x_max = float(max(-o.qrange(tin)[0], o.qrange(tin)[1]))
+    dtype, slices = _chunks(np.abs(w), np.abs(bias_np), x_max, abs(zp_in), o.device)
+    bias_np = bias_np - zp_in * w.sum(axis=1)  # the input zero point folded into the bias
+    weights = [torch.as_tensor(np.ascontiguousarray(w[:, sl].T), device=o.device).to(dtype)
+               for sl in (slices or [slice(None)])]
+    bias = torch.as_tensor(bias_np, device=o.device).to(dtype if slices is None else torch.float64)
     s_w = tw.scales if per_channel else np.full(out_ch, tw.scales[0], np.float32)
     lo, hi = _activation_range(o, o.op.fused_activation)
     fc_mult = "double" if per_channel else o.rules["fc_multiplier"]
-    stage = _output_stage(o, o.rules["fully_connected"], s_in, s_w, s_out, lo, hi, fc_mult)
+    stage = _output_stage(o, o.rules["fully_connected"], s_in, s_w, s_out, lo, hi, acc_bound, fc_mult)
     keep = o.op.options.get("keepNumDims", False)
 
     def run(xs):
         x = xs[0]
-        rows = x.to(dtype).sub_(zp_in).reshape(-1, depth)
-        prods = [rows[:, sl] @ wt for sl, wt in zip(slices, weights)]  # exact (module docstring)
-        acc = prods[0] if len(prods) == 1 else sum(p.to(torch.float64) for p in prods)
-        out = stage(acc + bias)
+        rows = x.reshape(-1, depth).to(dtype)
+        if slices is None:  # exact (module docstring), bias included
+            acc = torch.addmm(bias, rows, weights[0])
+        else:
+            acc = sum((rows[:, sl] @ wt).to(torch.float64) for sl, wt in zip(slices, weights)).add_(bias)
+        out = stage(acc)
         return out.reshape(*x.shape[:-1], out_ch) if keep else out
 
     return run
@@ -397,12 +472,7 @@ def _add(o: _Op) -> Kernel:
         am = int(np.rint(np.float32(sa * np.float32(2.0 ** shift))))
         bm = int(np.rint(np.float32(sb * np.float32(2.0 ** shift))))
         bias = (1 << (shift - 1)) - am * z1 - bm * z2
-
-        def run(xs):
-            a, b = xs[0].to(torch.int64), xs[1].to(torch.int64)
-            return o.cast_out(((bias + am * a + bm * b) >> shift).add(zo).clamp(lo, hi))
-
-        return run
+        return _table_kernel(o, lambda a, b: ((bias + am * a + bm * b) >> shift).add(zo).clamp(lo, hi))
     left_shift = 20
     twice_max = 2.0 * float(max(s1, s2))
     m1, sh1 = quantize_multiplier(float(s1) / twice_max)
@@ -411,16 +481,15 @@ def _add(o: _Op) -> Kernel:
     m1, sh1, m2, sh2, mo, sho = (int(v[0]) for v in (m1, sh1, m2, sh2, mo, sho))
     simd = rule == "simd16_int16wrap"  # builtin: single-rounding input scaling (§5.3), int16 packing
     in_scale = mbqm_single if simd else mbqm
-    finish = _simd_split(_simd_body(o.tout, 16, o.device), lambda r: wrap_int16(r).clamp(lo, hi),
-                         lambda r: r.clamp(lo, hi)) if simd else (lambda r: r.clamp(lo, hi))
 
-    def run(xs):
-        a = (xs[0].to(torch.int64) - z1) << left_shift
-        b = (xs[1].to(torch.int64) - z2) << left_shift
-        raw = in_scale(a, m1, sh1) + in_scale(b, m2, sh2)
-        return o.cast_out(finish(mbqm(raw, mo, sho) + zo))
+    def out(a, b):
+        raw = in_scale((a - z1) << left_shift, m1, sh1) + in_scale((b - z2) << left_shift, m2, sh2)
+        return mbqm(raw, mo, sho) + zo
 
-    return run
+    if simd:  # 16-lane blocks pack the results to int16 (wrapping), the scalar tail does not
+        return _table_kernel(o, lambda a, b: out(a, b).clamp(lo, hi),
+                             lambda a, b: wrap_int16(out(a, b)).clamp(lo, hi))
+    return _table_kernel(o, lambda a, b: out(a, b).clamp(lo, hi))
 
 
 def _mul(o: _Op) -> Kernel:
@@ -429,13 +498,8 @@ def _mul(o: _Op) -> Kernel:
     lo, hi = _activation_range(o, o.op.fused_activation)
     rule = o.rules["mul"]
     if rule == "fp32":
-        sc = torch.tensor(np.float32(np.float32(s1 * s2) / so), device=o.device)
-
-        def run(xs):
-            prod = (xs[0].to(torch.int64) - z1) * (xs[1].to(torch.int64) - z2)
-            return o.cast_out(fp32_requantize(prod, sc, zo, lo, hi))
-
-        return run
+        sc = torch.tensor(np.float32(np.float32(s1 * s2) / so))
+        return _table_kernel(o, lambda a, b: fp32_requantize((a - z1) * (b - z2), sc, zo, lo, hi))
     m, sh = quantize_multiplier(np.float64(s1) * np.float64(s2) / np.float64(so))
     m, sh = int(m[0]), int(sh[0])
     if sh > 0 and o.rules is RULES["builtin"]:
@@ -443,12 +507,7 @@ def _mul(o: _Op) -> Kernel:
         raise o.fail(f"s1*s2/s_out = {ratio:.4g} >= 1: the optimized x86 MUL kernel "
                      "overflows in its SIMD lanes for such (saturating) outputs and is not emulated; use "
                      "backend='reference', or give the output a range that covers the product")
-
-    def run(xs):
-        prod = (xs[0].to(torch.int64) - z1) * (xs[1].to(torch.int64) - z2)
-        return o.cast_out((mbqm(prod, m, sh) + zo).clamp(lo, hi))
-
-    return run
+    return _table_kernel(o, lambda a, b: (mbqm((a - z1) * (b - z2), m, sh) + zo).clamp(lo, hi))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,23 +525,47 @@ def _pool(o: _Op, kind: str) -> Kernel:
     _, ph0, ph1 = _same_padding(tin.shape[1], kh, sh, 1, opts.get("padding", "VALID"))
     _, pw0, pw1 = _same_padding(tin.shape[2], kw, sw, 1, opts.get("padding", "VALID"))
     lo, hi = _activation_range(o, o.op.fused_activation)
+    # torch pads symmetrically, by at most half the window; other paddings are explicit
+    native = ph0 == ph1 and pw0 == pw1 and 2 * ph0 <= kh and 2 * pw0 <= kw
+    pad, explicit = ((ph0, pw0), None) if native else ((0, 0), (pw0, pw1, ph0, ph1))
+    # float32 holds the window sums exactly (|sum| <= 255 * kh * kw), and the quotient floors below
+    dtype = torch.float32 if 256 * kh * kw < (1 << 23) else torch.float64
+    clamp = (lo, hi) != o.qrange(o.tout)
+    if kind == "avg":  # count of in-image taps per output position (the same for every sample)
+        ones = torch.ones(1, 1, *tin.shape[1:3], dtype=torch.float64)
+        ones = F.pad(ones, explicit) if explicit else ones
+        count = F.avg_pool2d(ones, (kh, kw), (sh, sw), pad, divisor_override=1)[0, 0, :, :, None]
+        uniform = bool((count == count.flatten()[0]).all())
+        n = float(count.flatten()[0]) if uniform else count.to(dtype).to(o.device)
+        half = float(int(n) // 2) if uniform else torch.div(count, 2, rounding_mode="floor").to(dtype).to(o.device)
 
     def run(xs):
-        x = xs[0].to(torch.float64).permute(0, 3, 1, 2)
+        x = xs[0].to(dtype).permute(0, 3, 1, 2)  # channels-last NCHW view
         if kind == "max":
-            x = F.pad(x, (pw0, pw1, ph0, ph1), value=-1e9)
-            out = F.max_pool2d(x, (kh, kw), (sh, sw)).to(torch.int64)
-        else:  # sum of the valid taps, divided by their count with C rounding (§5.3)
-            ones = F.pad(torch.ones_like(x[:1, :1]), (pw0, pw1, ph0, ph1))
-            x = F.pad(x, (pw0, pw1, ph0, ph1))
-            acc = F.avg_pool2d(x, (kh, kw), (sh, sw), divisor_override=1).to(torch.int64)
-            n = F.avg_pool2d(ones, (kh, kw), (sh, sw), divisor_override=1).to(torch.int64)
-            half = n // 2
-            out = torch.where(acc > 0, torch.div(acc + half, n, rounding_mode="trunc"),
-                              torch.div(acc - half, n, rounding_mode="trunc"))
-        return o.cast_out(out.clamp(lo, hi).permute(0, 2, 3, 1))
+            x = F.pad(x, explicit, value=-1e9) if explicit else x
+            out = F.max_pool2d(x, (kh, kw), (sh, sw), pad).permute(0, 2, 3, 1)  # implicit padding: -inf
+        else:  # sum of the in-image taps, / count with C rounding: sign(acc) * ((|acc| + count/2) // count)
+            x = F.pad(x, explicit) if explicit else x
+            acc = F.avg_pool2d(x, (kh, kw), (sh, sw), pad, divisor_override=1).permute(0, 2, 3, 1)
+            sign = torch.sign(acc)
+            out = acc.abs_().add_(half).div_(n).floor_().mul_(sign)
+        return o.cast_out(out.clamp_(lo, hi) if clamp else out)
 
     return run
+
+
+def _mean_simd_channels(depth: int, threads: int) -> np.ndarray:
+    """Channels of optimized_integer_ops::Mean that its SIMD blocks of 16 cover. x86 builds the NEON path
+    through NEON_2_SSE: those blocks use vqrdmulh + vrshl (SRDHM, then a half-up shift: ruy's rounding),
+    the channels left over in each thread's depth range the scalar gemmlowp MBQM. The depth is split over
+    min(depth // 8, threads) threads as evenly as possible (mean.h)."""
+    count = max(1, min(max(depth // 8, 1), threads))
+    simd, start = np.zeros(depth, bool), 0
+    for i in range(count):
+        end = start + (depth - start) // (count - i)
+        simd[start:start + 16 * ((end - start) // 16)] = True
+        start = end
+    return simd
 
 
 def _mean(o: _Op) -> Kernel:
@@ -495,35 +578,37 @@ def _mean(o: _Op) -> Kernel:
     keep = bool(o.op.options.get("keepDims", False))
     n = int(np.prod([tin.shape[a] for a in axes]))
     rule = o.rules["mean"]
-    if rule == "optimized" and not (keep and len(tin.shape) == 4 and axes == [1, 2]):
-        rule = "reference"  # the optimized kernel only covers 4-D spatial means with keep_dims
-    if rule == "optimized":  # optimized_integer_ops::Mean: raw sum, float32 bias and multiplier
+    if rule == "simd16ch_ruy_tail_gemmlowp" and not (keep and len(tin.shape) == 4 and axes == [1, 2]):
+        rule = "reference"  # reduce.cc takes the optimized kernel only for 4-D spatial means with keep_dims
+    channels = tin.shape[-1] if (len(tin.shape) - 1) not in axes else 1
+    span = max(-qmin, qmax) * n  # |raw sum|; sums of q - zp stay within 255 * n
+    sum_dtype = torch.float32 if 256 * n <= (1 << 24) else torch.float64  # exact integer sums
+    if rule == "simd16ch_ruy_tail_gemmlowp":  # optimized_integer_ops::Mean: raw sum, float32 bias, multiplier
         temp = np.float32(np.float32(np.float32(zi) * si) / so)
         temp = np.float32(temp + np.float32(0.5)) if temp > 0 else np.float32(temp - np.float32(0.5))
         bias = zo - int(np.trunc(temp))
         m, sh = quantize_multiplier(np.float64(np.float32(si / np.float32(np.float32(n) * so))))
-        m, sh = int(m[0]), int(sh[0])
-
-        def finish(total):
-            return mbqm(total, m, sh) + bias
+        ruy = _mean_simd_channels(channels, o.threads)
+        stage = _fixed_point_stage(o, m, sh, ruy, bias, qmin, qmax, float(span))
+        offset = 0
     elif rule == "fp32":  # XNNPACK: f32(sum - zp*N) * f32(f32(s_in/s_out) * f32(1/N)) + zp_out, half even
         scale = np.float32(np.float32(si / so) * np.float32(np.float32(1.0) / np.float32(n)))
         st, zt = torch.tensor(scale, device=o.device), torch.tensor(np.float32(zo), device=o.device)
 
-        def finish(total):  # the output zero point is added in float32 before rounding (unlike conv)
-            return torch.round((total - zi * n).to(torch.float32) * st + zt).to(torch.int64)
+        def stage(total):  # the output zero point is added in float32 before rounding (unlike conv)
+            return o.cast_out(total.to(torch.float32).mul_(st).add_(zt).round_().clamp_(qmin, qmax))
+        offset = zi * n
     else:  # reference QuantizedMeanOrSum: multiplier << k / N with k = min(floor(log2 N), 32, 31 + shift)
         m, sh = quantize_multiplier(np.float64(si) / np.float64(so))
         m, sh = int(m[0]), int(sh[0])
         k = min(n.bit_length() - 1, 32, 31 + sh)
-        m2, sh2 = (m << k) // n, sh - k
-
-        def finish(total):
-            return mbqm(total - zi * n, m2, sh2) + zo
+        stage = _fixed_point_stage(o, np.array([(m << k) // n]), np.array([sh - k]), np.zeros(1, bool), zo,
+                                   qmin, qmax, 255.0 * n)
+        offset = zi * n
 
     def run(xs):
-        total = xs[0].to(torch.int64).sum(dim=axes, keepdim=keep)
-        return o.cast_out(finish(total).clamp(qmin, qmax))
+        total = xs[0].sum(dim=axes, keepdim=keep, dtype=sum_dtype)
+        return stage(total.sub_(offset) if offset else total)
 
     return run
 
@@ -543,10 +628,11 @@ def _concatenation(o: _Op) -> Kernel:
     if axis == 0:
         raise o.fail("concatenation along the batch dimension cannot be emulated batch-free")
     lo, hi = _activation_range(o, o.op.fused_activation)
+    clamp = (lo, hi) != o.qrange(o.tout)
 
     def run(xs):
-        out = torch.cat([x.to(torch.int64) for x in xs], dim=axis)
-        return o.cast_out(out.clamp(lo, hi))
+        out = torch.cat([x.to(TORCH_DTYPES[o.tout.dtype]) for x in xs], dim=axis)
+        return out.clamp_(lo, hi) if clamp else out
 
     return run
 
@@ -574,7 +660,7 @@ def _pad(o: _Op) -> Kernel:
     flat = [int(v) for pair in pads[::-1] for v in pair]  # torch wants last dim first
 
     def run(xs):
-        return o.cast_out(F.pad(xs[0].to(torch.int64), flat, value=value))
+        return F.pad(xs[0], flat, value=value)
 
     return run
 
@@ -613,24 +699,13 @@ def _quantize(o: _Op) -> Kernel:
     si, zi = o.qp(tin)
     if rule == "xnnpack" and tin.dtype == tout.dtype:  # qs8/qu8 convert: 8 fractional bits (§5.3)
         mult = int(np.rint(np.float32(np.float32(256.0) * np.float32(si / so))))
-
-        def run(xs):
-            v = (((xs[0].to(torch.int64) - zi) * mult + 128) >> 8) + zo
-            return o.cast_out(v.clamp(qmin, qmax))
-
-        return run
+        return _table_kernel(o, lambda x: ((((x - zi) * mult + 128) >> 8) + zo).clamp(qmin, qmax))
     m, sh = quantize_multiplier(np.float64(si) / np.float64(so))
     m, sh = int(m[0]), int(sh[0])
+    gemmlowp = lambda x: (mbqm(x - zi, m, sh) + zo).clamp(qmin, qmax)  # noqa: E731
     if rule == "simd16_ruy_tail_gemmlowp":  # optimized x86: 16-lane blocks like ruy, scalar tail gemmlowp
-        fn = _simd_split(_simd_body(tin, 16, o.device), lambda x: mbqm_ruy(x, m, sh),
-                         lambda x: mbqm(x, m, sh))
-    else:
-        fn = lambda x: mbqm(x, m, sh)  # noqa: E731  (reference, and XNNPACK's int8<->uint8 fallback)
-
-    def run(xs):
-        return o.cast_out((fn(xs[0].to(torch.int64) - zi) + zo).clamp(qmin, qmax))
-
-    return run
+        return _table_kernel(o, gemmlowp, lambda x: (mbqm_ruy(x - zi, m, sh) + zo).clamp(qmin, qmax))
+    return _table_kernel(o, gemmlowp)  # reference, and XNNPACK's int8<->uint8 fallback
 
 
 def _dequantize(o: _Op) -> Kernel:
@@ -673,12 +748,8 @@ def _lut_op(o: _Op, fn: str) -> Kernel:
         q = np.rint(r).astype(np.int64) + zo
     else:  # TfLiteRound: half away from zero
         q = (np.sign(r) * np.floor(np.abs(r.astype(np.float64)) + 0.5)).astype(np.int64) + zo
-    table = torch.as_tensor(np.clip(q, *o.qrange(tout)), device=o.device)
-
-    def run(xs):
-        return o.cast_out(table[xs[0].to(torch.int64) - qmin])
-
-    return run
+    table = torch.as_tensor(np.clip(q, *o.qrange(tout)))
+    return _table_kernel(o, lambda x: table[x - qmin])
 
 
 def _softmax(o: _Op) -> Kernel:
@@ -754,10 +825,10 @@ _BUILDERS: dict[str, Callable[[_Op], Kernel]] = {
 SUPPORTED_OPS = frozenset(_BUILDERS)
 
 
-def build(op: TFLiteOp, model: TFLiteModel, backend: str, device: torch.device) -> Kernel:
+def build(op: TFLiteOp, model: TFLiteModel, backend: str, device: torch.device, threads: int = 1) -> Kernel:
     """The kernel of one op on one backend; unsupported ops raise EmulationError naming the op."""
     if op.name not in _BUILDERS:
         raise EmulationError(
             f"op #{op.index} {op.name} (output tensor '{model.tensor(op.outputs[0]).name}') is not supported "
             f"by the integer emulator; supported ops: {', '.join(sorted(SUPPORTED_OPS))}")
-    return _BUILDERS[op.name](_Op(op, model, backend, torch.device(device)))
+    return _BUILDERS[op.name](_Op(op, model, backend, torch.device(device), threads))

@@ -8,13 +8,14 @@ numpy/python scalars; the per-element work runs on the device.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 __all__ = [
     "quantize_multiplier", "srdhm", "rdbp", "mbqm", "mbqm_ruy", "mbqm_single", "round_half_away",
-    "wrap_int32", "fp32_requantize", "float64_requantize",
+    "wrap_int32", "fp32_requantize", "float64_requantize", "mbqm_int", "one_floor_requantizer",
 ]
 
 INT32_MIN = -(1 << 31)
@@ -138,3 +139,123 @@ def fp32_requantize(acc: torch.Tensor, scale: torch.Tensor, zero_point: int, qmi
 def float64_requantize(acc: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
     """TFLite reference FULLY_CONNECTED (§5.3): round_half_away(double(acc) * double multiplier)."""
     return round_half_away(acc.to(torch.float64) * multiplier).to(torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# MBQM + zero point + clamp as one floor in float64 (the fast path of the conv/FC/MEAN output stages)
+
+
+def mbqm_int(x: int, mult: int, shift: int, ruy: bool = False) -> int:
+    """MultiplyByQuantizedMultiplier of one Python integer (gemmlowp, or ruy's half-up last shift), no wrap."""
+    left, right = max(shift, 0), max(-shift, 0)
+    r = ((x << left) * mult + (1 << 30)) >> 31  # SRDHM = floor((a*M + 2^30) / 2^31) for every sign
+    if right == 0:
+        return r
+    return (r + (1 << (right - 1)) - (0 if ruy or r >= 0 else 1)) >> right
+
+
+_F64_INTS = 1 << 53  # float64 holds every integer below this exactly
+
+
+def _first(pred, lo: int, hi: int) -> int:
+    """Smallest x in [lo, hi] with pred(x) (monotone pred, pred(hi) true)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def one_floor_requantizer(mult, shift, ruy, zero_point: int, qmin: int, qmax: int, acc_bound,
+                          device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """clamp(MBQM(acc) + zp, qmin, qmax) per channel (last dim), as x * R + c floored in float64 (§5.2).
+
+    The two roundings of MBQM nest into one: with M' = M * 2^left and K = 31 + right,
+    RDBP(SRDHM(x*2^left, M), right) + zp = floor((x*M' + 2^30 + (2^(right-1) - s)*2^31 + zp*2^K) / 2^K),
+    where s = [SRDHM < 0] for gemmlowp's half-away shift and 0 for ruy's half-up one (floor(floor(a/m)+b)/n
+    = floor((a+b*m)/(m*n))). The result is monotone in x, so x is first clamped to the window outside which
+    the output saturates (found here by bisection on `mbqm_int`); in that window x*M' stays below 2^53 and
+    every float64 step (x * M'/2^K, + c, floor) is exact (zp joins c while zp * 2^K fits as well).
+    `acc` holds exact integers |acc| <= acc_bound (per channel), in any float dtype. Returns None when
+    these conditions fail (the caller keeps the int64 chain): multiplier 0, an accumulator that could
+    wrap int32 in x * 2^left, or too wide a window.
+    """
+    mult, shift = np.atleast_1d(np.asarray(mult, np.int64)), np.atleast_1d(np.asarray(shift, np.int64))
+    ch = max(mult.size, shift.size, np.size(ruy), np.size(acc_bound))
+    mult, shift = np.broadcast_to(mult, (ch,)), np.broadcast_to(shift, (ch,))
+    ruy = np.broadcast_to(np.asarray(ruy, bool), (ch,))
+    bound = np.broadcast_to(np.floor(np.asarray(acc_bound, np.float64)), (ch,))
+    cols: dict[str, list] = {k: [] for k in ("lo", "hi", "r", "c", "d", "a")}
+    clamp_out, fold_zp = False, True
+    for m, sh, is_ruy, b in zip(mult.tolist(), shift.tolist(), ruy.tolist(), bound.tolist()):
+        left, right = max(sh, 0), max(-sh, 0)
+        a = int(b)
+        if m <= 0 or (a << left) >= (1 << 31):
+            return None
+
+        def f(x, m=m, sh=sh, is_ruy=is_ruy):
+            return mbqm_int(x, m, sh, is_ruy) + zero_point
+
+        lo, hi = -a, a
+        if f(lo) < qmin:  # saturates low inside [-a, a]: clamp x to the first code >= qmin (or the last below)
+            lo = _first(lambda x: f(x) >= qmin, -a, a) if f(a) >= qmin else a
+            if f(lo) != qmin:
+                lo -= 1
+                clamp_out = True
+        if f(hi) > qmax:
+            hi = _first(lambda x: f(x) > qmax, lo, a) - 1
+            if f(hi) != qmax:
+                hi += 1
+                clamp_out = True
+        k = 31 + right
+        mp = m << left
+        c = (1 << 30) + ((1 << (right - 1 + 31)) if right else 0)
+        if max(abs(lo), abs(hi)) * mp + c + (1 << 31) >= _F64_INTS:
+            return None
+        fold_zp &= max(abs(lo), abs(hi)) * mp + c + (1 << 31) + abs(zero_point) * (1 << k) < _F64_INTS
+        cols["lo"].append(lo)
+        cols["hi"].append(hi)
+        cols["r"].append(math.ldexp(mp, -k))  # exact: an integer times a power of two
+        cols["c"].append((c, k))
+        gem = not is_ruy and right > 0
+        cols["d"].append((1 << 30) // mp)  # SRDHM(x*2^left) < 0 iff x*M' < -2^30 iff x + d <= -1
+        cols["a"].append(math.ldexp(1.0, -right) if gem else 0.0)
+    dev = torch.device(device)
+
+    def const(vals, dtype=torch.float64):
+        return vals[0] if len(set(vals)) == 1 else torch.tensor(vals, dtype=dtype, device=dev)
+
+    def bounds(dtype):  # clamp wants both bounds numbers or both tensors
+        lo, hi = cols["lo"], cols["hi"]
+        if len(set(lo)) == 1 and len(set(hi)) == 1:
+            return float(lo[0]), float(hi[0])
+        return (torch.tensor(lo, dtype=dtype, device=dev), torch.tensor(hi, dtype=dtype, device=dev))
+
+    # + zp inside the floor while zp * 2^K stays exact, else one more pass after it (tiny multipliers)
+    r = const(cols["r"])
+    c = const([math.ldexp(ci + (zero_point << k if fold_zp else 0), -k) for ci, k in cols["c"]])
+    zp_after = 0 if fold_zp else zero_point
+    lo64, hi64 = bounds(torch.float64)
+    lo32, hi32 = bounds(torch.float32)
+    f32_ok = all(abs(v) <= (1 << 24) for v in cols["lo"] + cols["hi"])
+    a_vals = cols["a"]
+    s_term = any(a_vals)
+    d, alpha = const(cols["d"]), const(a_vals)
+
+    def run(acc: torch.Tensor) -> torch.Tensor:
+        if acc.dtype == torch.float32 and f32_ok:
+            x = acc.clamp_(lo32, hi32).to(torch.float64)
+        else:
+            x = acc.to(torch.float64).clamp_(lo64, hi64)
+        if s_term:  # -s = clamp(x + d, -1, 0), weighted 2^31 / 2^K = 2^-right (0 for ruy channels)
+            u = (x.clamp(-1, 0) if isinstance(d, int) and d == 0 else (x + d).clamp_(-1, 0))
+            u = u.mul_(alpha) if isinstance(alpha, torch.Tensor) else u
+        x = x.mul_(r).add_(c)
+        if s_term:
+            x = x.add_(u) if isinstance(alpha, torch.Tensor) else x.add_(u, alpha=alpha)
+        x = x.floor_().add_(zp_after) if zp_after else x.floor_()
+        return x.clamp_(qmin, qmax) if clamp_out else x
+
+    return run

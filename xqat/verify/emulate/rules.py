@@ -35,7 +35,9 @@ _BUILTIN = {
     "fully_connected": "ruy",
     "fc_multiplier": "float_product",  # GetQuantizedConvolutionMultipler: float(s_in * s_w) / s_out
     "add": "simd16_int16wrap",     # single-rounding input scalings; 16-lane blocks wrap results to int16
-    "mean": "optimized",           # optimized_integer_ops::Mean for 4-D spatial means
+    # optimized_integer_ops::Mean (4-D, axes {1, 2}, keep_dims): raw sum, float32 bias and multiplier;
+    # 16-channel SIMD blocks round like ruy (half up), remainder channels gemmlowp. Other means: reference.
+    "mean": "simd16ch_ruy_tail_gemmlowp",
     "quantize": "simd8_mul_even_tail_ddiv_away",  # 8-lane blocks: x * (1/s) half even; tail: x / s in double
     "requantize": "simd16_ruy_tail_gemmlowp",     # 16-lane blocks: ruy rounding; tail: gemmlowp
     "dequantize": "simd8_two_step",  # blocks of 8: f32(q * s) + f32(-zp * s); tail: one rounding
