@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
-from .qparams import check_num_bits, nudge_with_inverse
+from .qparams import _nudge_core, check_num_bits, nudge_with_inverse, quant_bounds
 
 __all__ = ["fake_quant", "fake_quant_per_channel", "use_fused_kernels"]
 
@@ -41,9 +42,25 @@ def _grid(min_val: torch.Tensor, max_val: torch.Tensor, num_bits: int, narrow_ra
     return zero, scale, inv_scale, nmin, nmax, quant_zero
 
 
+def _grid_scalar(mn: float, mx: float, num_bits: int, narrow_range: bool):
+    """`_grid` for one per-tensor range in numpy float32 scalars (the same `_nudge_core` formula): the CPU
+    path, where ~30 tiny tensor ops per call would cost more than the fake quant of a small tensor."""
+    zero = mn == 0.0 and mx == 0.0
+    if zero:
+        return True, 1.0, 1.0, 0.0, 0.0, 0.0
+    qmin, qmax = quant_bounds(num_bits, narrow_range)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        scale, _, nmin, nmax, inv = (np.float32(v) for v in _nudge_core(
+            np.float32(mn), np.float32(mx), np.float32(qmin), np.float32(qmax), np.where, np.floor))
+        quant_zero = np.floor(-nmin * inv + np.float32(0.5))
+    return False, float(scale), float(inv), float(nmin), float(nmax), float(quant_zero)
+
+
 def _clamp(x, lo, hi):
     """clamp; per-tensor bounds on the CPU as Python floats (exact: they are float32 values), which takes
     torch's scalar kernel, several times faster than broadcasting 0-d tensors."""
+    if isinstance(lo, float):
+        return torch.clamp(x, lo, hi)
     if lo.dim() == 0 and x.device.type == "cpu":
         return torch.clamp(x, float(lo), float(hi))
     return torch.clamp(x, lo, hi)
@@ -102,20 +119,33 @@ class _FakeQuantFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, min_val, max_val, num_bits: int, narrow_range: bool, divide: bool, reduce_dims):
-        zero, scale, inv_scale, nmin, nmax, quant_zero = _grid(min_val, max_val, num_bits, narrow_range)
-        out = _Kernels.forward(x, nmin, nmax, scale if divide else inv_scale, scale, quant_zero, divide)
-        # Gradient bounds: the zero-range case passes everything (infinite range there), and a
-        # bound at 0 admits denormals as TF's flush-to-zero does.
-        lo = torch.where(zero, -_INF, torch.where(nmin == 0, -_DENORM_MAX, nmin))
-        hi = torch.where(zero, _INF, torch.where(nmax == 0, _DENORM_MAX, nmax))
-        ctx.save_for_backward(x, lo, hi)
+        if min_val.dim() == 0 and x.device.type == "cpu" and not _Kernels.fused:
+            zero, scale, inv_scale, nmin, nmax, quant_zero = _grid_scalar(
+                float(min_val), float(max_val), num_bits, narrow_range)
+            out = _forward_eager(x, nmin, nmax, scale if divide else inv_scale, scale, quant_zero, divide)
+            lo = -_INF if zero else (-_DENORM_MAX if nmin == 0 else nmin)
+            hi = _INF if zero else (_DENORM_MAX if nmax == 0 else nmax)
+            ctx.save_for_backward(x)
+            ctx.bounds = (lo, hi)
+        else:
+            zero, scale, inv_scale, nmin, nmax, quant_zero = _grid(min_val, max_val, num_bits, narrow_range)
+            out = _Kernels.forward(x, nmin, nmax, scale if divide else inv_scale, scale, quant_zero, divide)
+            # Gradient bounds: the zero-range case passes everything (infinite range there), and a
+            # bound at 0 admits denormals as TF's flush-to-zero does.
+            lo = torch.where(zero, -_INF, torch.where(nmin == 0, -_DENORM_MAX, nmin))
+            hi = torch.where(zero, _INF, torch.where(nmax == 0, _DENORM_MAX, nmax))
+            ctx.save_for_backward(x, lo, hi)
+            ctx.bounds = None
         ctx.reduce_dims = reduce_dims
         ctx.min_shape, ctx.max_shape = min_val.shape, max_val.shape
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, lo, hi = ctx.saved_tensors
+        if ctx.bounds is None:
+            x, lo, hi = ctx.saved_tensors
+        else:
+            (x,), (lo, hi) = ctx.saved_tensors, ctx.bounds
         dx = dmin = dmax = None
         if ctx.needs_input_grad[0]:
             dx = _Kernels.ste(grad, x, lo, hi)
