@@ -46,6 +46,7 @@ class _Point:
     observe: bool = True
     passthrough: bool = False
     fixed: str = ""
+    pool_divisor: int = 0  # unpadded average pool: pixels per output (TFLite's rounding is simulated)
 
 
 class _Slots:
@@ -128,9 +129,9 @@ def prepare_qat(model: nn.Module, example_inputs, config: QATConfig | None = Non
     skipped = {n for n in kinds if module_path(gm, n) in config.skip or n.name in config.skip}
     slots, points, slot_of = _Slots(), [], {}
 
-    def add_point(anchor, kind, slot=None, observe=True, passthrough=False, fixed=""):
+    def add_point(anchor, kind, slot=None, observe=True, passthrough=False, fixed="", pool_divisor=0):
         slot = slots.new() if slot is None else slot
-        points.append(_Point(anchor, slot, _label(gm, anchor), kind, observe, passthrough, fixed))
+        points.append(_Point(anchor, slot, _label(gm, anchor), kind, observe, passthrough, fixed, pool_divisor))
         slot_of[anchor] = slot
         return slot
 
@@ -193,7 +194,7 @@ def prepare_qat(model: nn.Module, example_inputs, config: QATConfig | None = Non
             for src in ins:
                 slots.union(slot_of[src], s)
         elif kind is OpKind.AVGPOOL:
-            add_point(node, kind, slot=slot_of[ins[0]], observe=False)
+            add_point(node, kind, slot=slot_of[ins[0]], observe=False, pool_divisor=_pool_divisor(gm, node))
         elif kind is OpKind.SAME_SCALE:
             add_point(node, kind, slot=slot_of[ins[0]], observe=False, passthrough=True)
 
@@ -280,6 +281,23 @@ def check_input(x, name: str, example_shape: tuple[int, ...], dtype: torch.dtype
     raise InputError(f"QAT model input '{name}' has shape {shape} ({str(x.dtype).replace('torch.', '')}); "
                      f"it needs {need} (prepared with example shape {example_shape}; batch and spatial sizes may "
                      "differ)")
+
+
+def _pool_divisor(gm: fx.GraphModule, node: fx.Node) -> int:
+    """Pixels per output of an average pool without padding (0 if padded, ceil-mode or divisor override:
+    then the simulation keeps TF's fake-quant rounding)."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        k, pad, ceil, div = m.kernel_size, m.padding, m.ceil_mode, m.divisor_override
+    else:
+        def arg(i, name, default):
+            return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+        k, pad, ceil, div = arg(1, "kernel_size", None), arg(3, "padding", 0), arg(4, "ceil_mode", False), \
+            arg(6, "divisor_override", None)
+    kh, kw = (k, k) if isinstance(k, int) else tuple(k)
+    padded = any(pad) if isinstance(pad, (tuple, list)) else bool(pad)
+    return 0 if (padded or ceil or div) else int(kh * kw)
 
 
 def _is_tensor_node(node: fx.Node) -> bool:
@@ -369,7 +387,8 @@ def _install_points(gm: fx.GraphModule, points: list[_Point], slots: _Slots, cfg
         for p in members:
             observe = p is owner and not fixed
             passthrough = p.passthrough and p is not owner
-            qpoints[p.anchor.name] = QuantPoint(quantizers[key], observe, passthrough, group=key, label=p.label)
+            qpoints[p.anchor.name] = QuantPoint(quantizers[key], observe, passthrough, group=key, label=p.label,
+                                                pool_divisor=p.pool_divisor if p is not owner else 0)
     gm.add_module(QUANTIZERS, quantizers)
     gm.add_module(POINTS, qpoints)
     for p in points:

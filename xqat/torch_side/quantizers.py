@@ -164,10 +164,11 @@ class QuantPoint(nn.Module):
     """
 
     def __init__(self, quantizer: ActivationQuantizer, observe: bool = True, passthrough: bool = False,
-                 group: str = "", label: str = "") -> None:
+                 group: str = "", label: str = "", pool_divisor: int = 0) -> None:
         super().__init__()
         object.__setattr__(self, "_quantizer", quantizer)  # not a submodule: one owner per group
         self.observe, self.passthrough, self.group, self.label = observe, passthrough, group, label
+        self.pool_divisor = pool_divisor  # > 0: the output of an unpadded average pool over that many pixels
         self.exporting = False
 
     @property
@@ -189,7 +190,27 @@ class QuantPoint(nn.Module):
             return self._qdq(x)
         if self.passthrough:
             return x
+        if self.pool_divisor:
+            return self._average_pool_rounding(x)
         return self.quantizer(x, observe=self.observe)
+
+    def _average_pool_rounding(self, x: torch.Tensor) -> torch.Tensor:
+        """TFLite's AVERAGE_POOL_2D rounding on the pooled grid values (same kernel on every backend, §5.3):
+        sum the integer codes, divide by the pixel count rounding half away from zero in the int8 domain.
+        TF's fake quant would round half up in the real domain instead (a -0.18 LSB bias). Gradient: STE."""
+        q = self.quantizer
+        if not q.initialized or (q.training and int(q.step) <= q.quant_delay):
+            return x
+        scale, zp = q.scale_zero_point()
+        half_range = 1 << (q.num_bits - 1)
+        zp -= half_range
+        n = self.pool_divisor
+        with torch.no_grad():
+            acc = torch.round(x.float() * (n / scale)) + n * zp  # sum of the n input codes, exactly
+            q_out = torch.where(acc > 0, torch.div(acc + n // 2, n, rounding_mode="trunc"),
+                                torch.div(acc - n // 2, n, rounding_mode="trunc"))
+            out = (q_out.clamp(-half_range, half_range - 1) - zp) * torch.tensor(scale, dtype=torch.float32)
+        return x + (out.to(x.dtype) - x).detach()
 
     def _qdq(self, x: torch.Tensor) -> torch.Tensor:
         """ONNX export: a per-tensor int8 QuantizeLinear/DequantizeLinear with the snapped grid."""
