@@ -42,7 +42,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "fake_quant", "fake_quant_per_channel", "use_fused_kernels", "nudge", "tflite_qparams", "snap_range", "TFLiteQParams",
+    "fake_quant", "fake_quant_per_channel", "use_fused_kernels",
+    "nudge", "tflite_qparams", "snap_range", "TFLiteQParams",
     "QATConfig", "prepare_qat", "freeze_ranges", "freeze_bn", "is_qat_model", "quant_points", "qat_config",
     "XQATError", "UnsupportedLayerError", "QATConfigError", "ExportError", "TFLiteFileError", "ParityError",
     "check_edgetpu", "EdgeTPUReport", "save_qat", "load_qat",
