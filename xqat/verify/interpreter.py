@@ -15,7 +15,8 @@ BACKENDS = ("xnnpack", "builtin", "reference")
 # How TFLite's own QUANTIZE op turns float32 into codes on each backend (§5.3, QUANTIZE f32->i8).
 QUANTIZE_RULES = {
     "reference": "q = round_half_away_from_zero(float32(x / scale)) + zero_point, clamped (reference kernel)",
-    "builtin": "q = round_half_to_even(float32(x * float32(1 / scale))) + zero_point, clamped (optimized kernel)",
+    "builtin": "q = round_half_to_even(float32(x * float32(1 / scale))) + zero_point in 8-lane blocks, the last "
+               "numel % 8 elements round_half_away(double(x) / scale), clamped (optimized kernel)",
     "xnnpack": "q = round_half_to_even(float32(x * float32(1 / scale))) + zero_point, clamped (XNNPACK)",
 }
 
@@ -36,14 +37,15 @@ def make_interpreter(model: bytes, backend: str = "xnnpack", preserve_all_tensor
 
 
 def quantize_input(x: np.ndarray, scale: float, zero_point: int, dtype, backend: str) -> np.ndarray:
-    """Float32 -> integer codes exactly as TFLite's QUANTIZE op on `backend` (see QUANTIZE_RULES)."""
+    """Float32 -> integer codes exactly as TFLite's QUANTIZE op on `backend` (QUANTIZE_RULES): the emulator's
+    kernel, so parity and emulation share one implementation. `x` is a batch along axis 0, one call per row."""
+    import torch
+
+    from .emulate.kernels import float_quantizer
+    from .emulate.rules import rules_for
+
     x = np.asarray(x, np.float32)
     info = np.iinfo(dtype)
-    if backend == "reference":
-        t = (x / np.float32(scale)).astype(np.float32)
-        q = np.where(np.abs(t) - np.floor(np.abs(t)) >= 0.5, np.sign(t) * (np.floor(np.abs(t)) + 1),
-                     np.sign(t) * np.floor(np.abs(t)))
-    else:
-        t = (x * np.float32(np.float32(1.0) / np.float32(scale))).astype(np.float32)
-        q = np.rint(t)
-    return np.clip(q + zero_point, info.min, info.max).astype(dtype)
+    per_call = int(np.prod(x.shape[1:])) if x.ndim > 1 else x.size
+    fn = float_quantizer(rules_for(backend, "QUANTIZE")["quantize"], scale, zero_point, info.min, info.max, per_call)
+    return fn(torch.from_numpy(x)).numpy().astype(dtype)

@@ -669,33 +669,46 @@ def _pad(o: _Op) -> Kernel:
 # Quantize / dequantize
 
 
+def float_quantizer(rule: str, scale, zero_point: int, qmin: int, qmax: int, sample_numel: int,
+                    device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """float32 -> integer codes exactly as TFLite's QUANTIZE op under `rule` (rules.py, "quantize"); the
+    input holds whole interpreter calls of `sample_numel` elements each (SIMD body vs scalar tail)."""
+    so = np.float32(scale)
+    inv = torch.tensor(np.float32(np.float32(1.0) / so), device=device)
+    s32, s64 = torch.tensor(so, device=device), float(so)
+
+    def div_away(x):  # reference: TfLiteRound(x / scale) in float32
+        return round_half_away(x / s32)
+
+    def mul_even(x):  # optimized SIMD / XNNPACK: x * (1/scale) in float32, round half even
+        return torch.round(x * inv)
+
+    def ddiv_away(x):  # optimized scalar tail: x / scale in double, round half away
+        return round_half_away(x.to(torch.float64) / s64)
+
+    if rule == "div_half_away":
+        fn = div_away
+    elif rule == "mul_half_even":
+        fn = mul_even
+    elif rule == "simd8_mul_even_tail_ddiv_away":
+        body = torch.arange(sample_numel, device=device) < 8 * (sample_numel // 8)
+        fn = _simd_split(body, mul_even, ddiv_away)
+    else:
+        raise EmulationError(f"unknown quantize rule {rule!r}")
+    return lambda x: (fn(x.to(torch.float32)).to(torch.int64) + int(zero_point)).clamp(qmin, qmax)
+
+
 def _quantize(o: _Op) -> Kernel:
     tin, tout = o.tin(0), o.tout
     so, zo = o.qp(tout)
     qmin, qmax = o.qrange(tout)
     rule = o.rules["quantize" if tin.dtype == "FLOAT32" else "requantize"]
     if tin.dtype == "FLOAT32":
-        inv = torch.tensor(np.float32(np.float32(1.0) / so), device=o.device)
-        s32, s64 = torch.tensor(so, device=o.device), float(so)
-
-        def div_away(x):  # reference: TfLiteRound(x / scale) in float32
-            return round_half_away(x / s32)
-
-        def mul_even(x):  # optimized SIMD / XNNPACK: x * (1/scale) in float32, round half even
-            return torch.round(x * inv)
-
-        def ddiv_away(x):  # optimized scalar tail: x / scale in double, round half away
-            return round_half_away(x.to(torch.float64) / s64)
-
-        if rule == "div_half_away":
-            fn = div_away
-        elif rule == "mul_half_even":
-            fn = mul_even
-        elif rule == "simd8_mul_even_tail_ddiv_away":
-            fn = _simd_split(_simd_body(tin, 8, o.device), mul_even, ddiv_away)
-        else:
-            raise o.fail(f"unknown quantize rule {rule!r}")
-        return lambda xs: o.cast_out((fn(xs[0].to(torch.float32)).to(torch.int64) + zo).clamp(qmin, qmax))
+        try:
+            fn = float_quantizer(rule, so, zo, qmin, qmax, int(np.prod(tin.shape)), o.device)
+        except EmulationError as e:
+            raise o.fail(str(e)) from None
+        return lambda xs: o.cast_out(fn(xs[0]))
     si, zi = o.qp(tin)
     if rule == "xnnpack" and tin.dtype == tout.dtype:  # qs8/qu8 convert: 8 fractional bits (§5.3)
         mult = int(np.rint(np.float32(np.float32(256.0) * np.float32(si / so))))
