@@ -18,7 +18,7 @@ import torch
 
 import xqat
 from benchmarks._timing import machine
-from xqat.zoo import MobileNetV2
+from xqat.demo.nets import MobileNetV2
 
 TARGET_S = 60.0
 

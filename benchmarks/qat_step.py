@@ -19,8 +19,8 @@ from torch import nn
 
 import xqat
 from benchmarks._timing import compare, machine
+from xqat.demo.nets import InvertedResidual, MobileNetV2
 from xqat.torch_side.fake_quant import use_fused_kernels
-from xqat.zoo import InvertedResidual, MobileNetV2
 
 
 def torch_ao_eager_qat(model: nn.Module) -> nn.Module:

@@ -1,7 +1,7 @@
 """int8 (xqat export) vs float TFLite: size and interpreter latency (batch 1, 1 thread), side by side.
 
 Run: .venv/bin/python -m benchmarks.tflite_latency [--size 224]
-Models: MobileNetV2 (width 1.0) and the ResNet-style net of xqat.zoo (width 32, depth 2, 3 stages).
+Models: MobileNetV2 (width 1.0) and the ResNet-style net of xqat.demo.nets (width 32, depth 2, 3 stages).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 
 import xqat
 from benchmarks._timing import compare
+from xqat.demo.nets import MobileNetV2, ResNetSmall
 from xqat.export.float_baseline import float_tflite
 from xqat.verify.interpreter import make_interpreter
-from xqat.zoo import MobileNetV2, ResNetSmall
 
 
 def _invoker(model: bytes):

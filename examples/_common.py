@@ -4,8 +4,8 @@ import argparse
 import torch
 
 import xqat
-from xqat.datasets import image_folder, synthetic_images
-from xqat.training import accuracy, fit
+from xqat.demo.data import image_folder, synthetic_images
+from xqat.demo.training import accuracy, fit
 
 
 def parse(description: str, size: int, width: float | None = None, epochs: int = 8) -> argparse.Namespace:

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import xqat
-from xqat.datasets import digits
-from xqat.training import fit
-from xqat.zoo import DigitsCNN
+from xqat.demo.data import digits
+from xqat.demo.nets import DigitsCNN
+from xqat.demo.training import fit
 
 data = digits(size=16)
 qat = xqat.prepare_qat(fit(DigitsCNN(), data.x_train, data.y_train, epochs=4, lr=3e-3), data.x_train[:1])
@@ -20,7 +20,7 @@ broken = "features_1_0"                       # the second conv's output range..
 qat.xqat_quantizers[broken].max.mul_(0.4)     # ...now clips at 40% in torch, not in the .tflite
 xqat.save_qat(qat, "digits_broken.pt", (1, 1, 16, 16))
 with open("digits_model.py", "w") as f:
-    f.write("from xqat.zoo import DigitsCNN\n\ndef build():\n    return DigitsCNN()\n")
+    f.write("from xqat.demo.nets import DigitsCNN\n\ndef build():\n    return DigitsCNN()\n")
 subprocess.run([sys.executable, "-m", "xqat", "parity", "digits_int8.tflite", "--model", "digits_model.py:build",
                 "--weights", "digits_broken.pt", "--random", "64", "--layerwise", "--plot", "broken_parity.png"],
                check=True)

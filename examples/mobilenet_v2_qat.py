@@ -8,7 +8,7 @@ import sys
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import load, parse, qat_export_verify  # noqa: E402
 
-from xqat.zoo import MobileNetV2  # noqa: E402
+from xqat.demo.nets import MobileNetV2  # noqa: E402
 
 if __name__ == "__main__":
     args = parse(__doc__, size=64, width=0.35, epochs=15)

@@ -1,8 +1,8 @@
 """A 20-line tour of xqat: prepare -> train -> export -> parity -> EdgeTPU check, on the bundled digits."""
 import xqat
-from xqat.datasets import digits
-from xqat.training import accuracy, fit
-from xqat.zoo import DigitsCNN
+from xqat.demo.data import digits
+from xqat.demo.nets import DigitsCNN
+from xqat.demo.training import accuracy, fit
 
 data = digits(size=16)                                                    # bundled with scikit-learn
 model = fit(DigitsCNN(), data.x_train, data.y_train, epochs=6, lr=3e-3)   # any float nn.Module

@@ -8,7 +8,7 @@ import sys
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import load, parse, qat_export_verify  # noqa: E402
 
-from xqat.zoo import ResNetSmall  # noqa: E402
+from xqat.demo.nets import ResNetSmall  # noqa: E402
 
 if __name__ == "__main__":
     args = parse(__doc__, size=32)

@@ -3,9 +3,9 @@
 import torch
 
 import xqat
-from xqat.datasets import digits
-from xqat.training import accuracy, fit
-from xqat.zoo import DigitsCNN
+from xqat.demo.data import digits
+from xqat.demo.nets import DigitsCNN
+from xqat.demo.training import accuracy, fit
 
 
 def test_qat_recovers_float_accuracy_within_one_point():

@@ -3,7 +3,7 @@ TFLite matches the QAT simulation, the run folder has every artefact (issue 8)."
 
 import json
 
-from xqat.demo import run_demo
+from xqat.demo.pipeline import run_demo
 
 
 def test_demo_end_to_end(tmp_path):

@@ -16,11 +16,11 @@ from ai_edge_litert import schema_py_generated as schema
 
 import xqat
 from xqat.cli import main
+from xqat.edgetpu.check import check_edgetpu, op_macs
+from xqat.edgetpu.layers import edgetpu_layer_problems
+from xqat.edgetpu.rules import RUNTIME_VERSIONS, SUPPORTED_OPS
 from xqat.errors import TFLiteFileError
-from xqat.tflite_model import read_tflite
-from xqat.torch_side.edgetpu_rules import edgetpu_layer_problems
-from xqat.verify.edgetpu import check_edgetpu, op_macs
-from xqat.verify.edgetpu_rules import RUNTIME_VERSIONS, SUPPORTED_OPS
+from xqat.tflite.model import read_tflite
 
 pytestmark = pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")
 

@@ -16,7 +16,7 @@ import torch
 import xqat
 import xqat.torch_side.qparams
 from xqat.errors import EmulationError
-from xqat.tflite_model import read_tflite
+from xqat.tflite.model import read_tflite
 from xqat.verify.emulate import kernels, rounding
 
 BACKENDS = ("reference", "builtin", "xnnpack")

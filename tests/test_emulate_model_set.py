@@ -7,7 +7,7 @@ import torch
 
 import xqat
 from tests.models import MODELS
-from xqat.datasets import digits
+from xqat.demo.data import digits
 from xqat.verify.interpreter import make_interpreter, quantize_input
 
 N_INPUTS = 1000

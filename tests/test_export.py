@@ -10,7 +10,7 @@ import torch
 
 import xqat
 from tests.models import INPUT_SHAPE, MODELS, calibrate, make_model
-from xqat.tflite_model import read_tflite
+from xqat.tflite.model import read_tflite
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -1,6 +1,7 @@
 """xqat: PyTorch quantization-aware training with TensorFlow's numerics, deployed as full-integer TFLite."""
 
 from .checkpoint import load_qat, save_qat
+from .edgetpu.check import EdgeTPUReport, check_edgetpu
 from .errors import (
     EmulationError,
     ExportError,
@@ -15,7 +16,6 @@ from .torch_side.config import QATConfig
 from .torch_side.fake_quant import fake_quant, fake_quant_per_channel, use_fused_kernels
 from .torch_side.prepare import freeze_bn, freeze_ranges, is_qat_model, prepare_qat, qat_config, quant_points
 from .torch_side.qparams import TFLiteQParams, nudge, snap_range, tflite_qparams
-from .verify.edgetpu import EdgeTPUReport, check_edgetpu
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..verify.edgetpu import check_edgetpu
+    from ..edgetpu.check import check_edgetpu
 
     report = check_edgetpu(args.model)
     print(report.to_json() if args.json else report.table())

@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from ..demo.pipeline import run_demo
 
     res = run_demo(args.out, seed=args.seed, epochs=args.epochs, qat_epochs=args.qat_epochs)
     return 0 if res.edgetpu.get("ok") else 1

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from ..tflite_metadata import XQAT_KEY, with_metadata
+from ..tflite.metadata import XQAT_KEY, with_metadata
 from ..torch_side.modules import QConv2d, _QuantDelay
 from ..torch_side.prepare import POINTS
 from .atomic import atomic_write_bytes, check_writable
@@ -62,7 +62,7 @@ def export_tflite(model: nn.Module, example_inputs, path: str | os.PathLike, io_
         raise ExportError(f"io_dtype must be one of {IO_DTYPES}, got {io_dtype!r}")
     target = check_writable(path, what=".tflite file")
     if edgetpu:
-        from ..torch_side.edgetpu_rules import edgetpu_layer_problems
+        from ..edgetpu.layers import edgetpu_layer_problems
 
         problems = edgetpu_layer_problems(model)
         if problems:
@@ -80,7 +80,7 @@ def export_tflite(model: nn.Module, example_inputs, path: str | os.PathLike, io_
         raise ExportError(f"the .tflite for {type(model).__name__} failed verification, nothing was written:\n  "
                           + "\n  ".join(report.problems()))
     if edgetpu:
-        from ..verify.edgetpu import check_edgetpu
+        from ..edgetpu.check import check_edgetpu
 
         tpu = check_edgetpu(conversion.tflite)
         if not tpu.fully_mapped:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from ..errors import ExportError
-from ..tflite_model import TFLiteModel, read_tflite
+from ..tflite.model import TFLiteModel, read_tflite
 from .atomic import atomic_directory, check_writable
 from .onnx2tf_adapter import (
     ActivationQ,

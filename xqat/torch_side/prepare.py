@@ -119,7 +119,7 @@ def prepare_qat(model: nn.Module, example_inputs, config: QATConfig | None = Non
     _propagate_shapes(gm, inputs, type(model).__name__)
 
     if config.edgetpu:
-        from .edgetpu_rules import edgetpu_layer_problems
+        from ..edgetpu.layers import edgetpu_layer_problems
 
         problems = edgetpu_layer_problems(gm)
         if problems:

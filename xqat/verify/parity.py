@@ -18,8 +18,8 @@ from torch import nn
 
 from ..errors import ParityError
 from ..table import format_table
-from ..tflite_metadata import XQAT_KEY, read_metadata
-from ..tflite_model import read_tflite
+from ..tflite.metadata import XQAT_KEY, read_metadata
+from ..tflite.model import read_tflite
 from ..torch_side.prepare import POINTS, is_qat_model
 from .interpreter import QUANTIZE_RULES, make_interpreter, quantize_input
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ...errors import EmulationError
-from ...tflite_model import TFLiteModel
+from ...tflite.model import TFLiteModel
 from .graph import Emulator, TensorLike
 from .kernels import SUPPORTED_OPS
 from .rules import BACKENDS, RULES, XNNPACK_OPS

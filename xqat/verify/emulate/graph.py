@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ...errors import EmulationError
-from ...tflite_model import TFLiteModel, read_tflite
+from ...tflite.model import TFLiteModel, read_tflite
 from .kernels import TORCH_DTYPES, build
 from .rules import BACKENDS
 

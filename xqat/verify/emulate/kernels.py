@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import EmulationError
-from ...tflite_model import TFLiteModel, TFLiteOp, TFLiteTensor
+from ...tflite.model import TFLiteModel, TFLiteOp, TFLiteTensor
 from . import fixedpoint as fxp
 from .libm import expf, tanhf
 from .rounding import (

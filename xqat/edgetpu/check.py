@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from ..table import format_table
-from ..tflite_model import TFLiteModel, TFLiteOp, read_tflite
-from .edgetpu_rules import CPU, FAIL, MODEL_RULES, OP_RULES, WARN, is_boundary_op
+from ..tflite.model import TFLiteModel, TFLiteOp, read_tflite
+from .rules import CPU, FAIL, MODEL_RULES, OP_RULES, WARN, is_boundary_op
 
 __all__ = ["Finding", "EdgeTPUReport", "check_edgetpu", "op_macs"]
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .datasets import digits
-from .table import format_table
+from ..table import format_table
+from .data import digits
+from .nets import DigitsCNN
 from .training import accuracy, fit
-from .zoo import DigitsCNN
 
 __all__ = ["run_demo", "DemoResult"]
 
@@ -65,7 +65,7 @@ class DemoResult:
 
 def _tflite_predict(model: bytes, x: torch.Tensor, backend: str = "xnnpack") -> np.ndarray:
     """Class predictions of a .tflite over NCHW float inputs, one image at a time (batch-1 model)."""
-    from .verify.interpreter import make_interpreter, quantize_input
+    from ..verify.interpreter import make_interpreter, quantize_input
 
     it = make_interpreter(model, backend)
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
@@ -83,7 +83,7 @@ def _tflite_predict(model: bytes, x: torch.Tensor, backend: str = "xnnpack") -> 
 
 def _latency_ms(model: bytes, repeats: int = 300) -> float:
     """Median invoke time of the interpreter, batch 1, 1 thread."""
-    from .verify.interpreter import make_interpreter
+    from ..verify.interpreter import make_interpreter
 
     it = make_interpreter(model, "xnnpack", num_threads=1)
     inp = it.get_input_details()[0]
@@ -103,8 +103,8 @@ def run_demo(out_dir: str | Path = "runs", seed: int = 0, epochs: int = 8, qat_e
     """Train -> QAT -> export -> verify on digits; returns the numbers and writes a run folder."""
     import xqat
 
-    from .export.float_baseline import float_tflite
-    from .verify.edgetpu import check_edgetpu
+    from ..edgetpu.check import check_edgetpu
+    from ..export.float_baseline import float_tflite
 
     def say(msg: str) -> None:
         if verbose:

@@ -2,7 +2,7 @@
 
 Each rule carries a checklist code of edgetpu-readiness.md §5, a level (FAIL: the compile fails; CPU: the op
 and everything after it leave the TPU; WARN: a risk), the ops it applies to, a check that returns a message
-or None, and a fix hint. `xqat.verify.edgetpu` runs them; nothing here reads files or imports TensorFlow.
+or None, and a fix hint. `xqat.edgetpu.check` runs them; nothing here reads files or imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from ..tflite_model import TFLiteModel, TFLiteOp, TFLiteTensor
+from ..tflite.model import TFLiteModel, TFLiteOp, TFLiteTensor
 
 __all__ = ["FAIL", "CPU", "WARN", "OpRule", "ModelRule", "OP_RULES", "MODEL_RULES", "RUNTIME_VERSIONS",
            "SUPPORTED_OPS", "UNVERIFIED_OPS", "COMPILER_TF", "MAX_BUILTIN_CODE", "is_boundary_op", "op_code"]

@@ -41,7 +41,7 @@ def image_folder(root: str, size: int, test_fraction: float = 0.1, seed: int = 0
     import numpy as np
     from PIL import Image
 
-    from .errors import XQATError
+    from ..errors import XQATError
 
     base = Path(root)
     classes = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []

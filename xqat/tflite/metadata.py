@@ -9,7 +9,7 @@ import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from .errors import TFLiteFileError
+from ..errors import TFLiteFileError
 
 __all__ = ["with_metadata", "read_metadata", "XQAT_KEY"]
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from .errors import TFLiteFileError
+from ..errors import TFLiteFileError
 
 __all__ = ["TFLiteModel", "TFLiteOp", "TFLiteTensor", "read_tflite"]
 

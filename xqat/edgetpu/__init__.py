@@ -1,0 +1,1 @@
+"""EdgeTPU readiness: torch-layer rules (before training) and flatbuffer rules (after export), one package."""
