@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ExportError
 from ..tflite.metadata import XQAT_KEY, with_metadata
-from ..torch_side.modules import QConv2d, _QuantDelay
+from ..torch_side.modules import QConv2d, WeightQuantizedModule
 from ..torch_side.prepare import POINTS
 from .atomic import atomic_write_bytes, check_writable
 from .report import ExportReport, TensorRow
@@ -112,7 +112,7 @@ def mapping_metadata(model: nn.Module, report: ExportReport) -> dict:
     }
 
 
-def _torch_weight_codes(m: _QuantDelay) -> tuple[np.ndarray, np.ndarray]:
+def _torch_weight_codes(m: WeightQuantizedModule) -> tuple[np.ndarray, np.ndarray]:
     """(per-channel scales, int8 codes in TFLite layout) of a weight module, from the torch side."""
     wq, scales, _ = m.export_weights()
     s = scales.reshape(-1, *([1] * (wq.dim() - 1))) if scales.dim() == 1 else scales

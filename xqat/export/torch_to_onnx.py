@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from ..torch_side.modules import _QuantDelay
+from ..torch_side.modules import WeightQuantizedModule
 from ..torch_side.prepare import QUANTIZERS, is_qat_model, quant_points
 from ..torch_side.quantizers import QuantPoint
 from .onnx2tf_adapter import fold_constants
@@ -90,7 +90,7 @@ def validate_for_export(model: nn.Module) -> None:
             raise ExportError(f"activation range of {where} is not finite ([{lo}, {hi}]): training diverged; "
                               "restore a good checkpoint")
     for name, m in model.named_modules():
-        if isinstance(m, _QuantDelay):
+        if isinstance(m, WeightQuantizedModule):
             if m.weight_quant.num_bits != 8:
                 raise ExportError(f"weights of '{name}' use {m.weight_quant.num_bits} bits; prepare with "
                                   "QATConfig(weight_bits=8) to export")
@@ -129,12 +129,12 @@ def snap_ranges(model: nn.Module) -> list[SnapRecord]:
 @contextlib.contextmanager
 def _export_mode(model: nn.Module) -> Iterator[None]:
     """Switch every QuantPoint and weight module to Q/DQ emission with precomputed constants; restore after."""
-    mods = [m for m in model.modules() if isinstance(m, (QuantPoint, _QuantDelay))]
+    mods = [m for m in model.modules() if isinstance(m, (QuantPoint, WeightQuantizedModule))]
     training = model.training
     model.eval()
     try:
         for m in mods:
-            if isinstance(m, _QuantDelay):  # weight/bias as buffers, so the tracer keeps W -> Q -> DQ as ops
+            if isinstance(m, WeightQuantizedModule):  # weight/bias as buffers, so the tracer keeps W -> Q -> DQ as ops
                 w, scales, b = m.export_weights()
                 m.register_buffer(_EXPORT_BUFFERS[0], w)  # persistent: non-persistent ones become constants
                 m.register_buffer(_EXPORT_BUFFERS[2], b)
@@ -208,7 +208,7 @@ def _weight_tensors(model: nn.Module, proto: onnx.ModelProto) -> dict[str, str]:
     consts = {i.name: i for i in proto.graph.initializer}
     weight_q = [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in consts]
     mods = [str(n.target) for n in model.graph.nodes
-            if n.op == "call_module" and isinstance(model.get_submodule(n.target), _QuantDelay)]
+            if n.op == "call_module" and isinstance(model.get_submodule(n.target), WeightQuantizedModule)]
     if len(mods) != len(weight_q):
         raise ExportError(f"internal: {len(weight_q)} weight Q/DQ pairs in the ONNX graph for {len(mods)} "
                           "weight-quantized layers; please report this with the model definition")

@@ -16,7 +16,7 @@ from torch import nn
 
 from .quantizers import WeightQuantizer
 
-__all__ = ["QConv2d", "QLinear", "QAdd", "ACTIVATIONS"]
+__all__ = ["WeightQuantizedModule", "QConv2d", "QLinear", "QAdd", "ACTIVATIONS"]
 
 ACTIVATIONS = (None, "relu", "relu6")
 
@@ -61,8 +61,9 @@ def _sync_var_mean(var: torch.Tensor, mean: torch.Tensor, n: int) -> tuple[torch
     return m2 / count, mean_g, int(count)
 
 
-class _QuantDelay(nn.Module):
-    """Step counter shared by weight-quantized modules: quant_delay and freeze_bn_delay (§3)."""
+class WeightQuantizedModule(nn.Module):
+    """Base of every module with quantized weights (QConv2d, QLinear, ...): its step counter drives quant_delay
+    and freeze_bn_delay; `export_weights()` gives what the deployed model holds."""
 
     def __init__(self, quant_delay: int) -> None:
         super().__init__()
@@ -102,7 +103,7 @@ class _QuantDelay(nn.Module):
         return int(self.step) > self.quant_delay
 
 
-class QConv2d(_QuantDelay):
+class QConv2d(WeightQuantizedModule):
     """Conv2d or depthwise Conv2d with optional BN folded during training and a fused ReLU/ReLU6.
 
     Without BN: y = conv(x, FQ(w)) + b. With BN before the freeze (§3): the weight is fake-quantized as
@@ -216,7 +217,7 @@ class QConv2d(_QuantDelay):
         bn.running_var.copy_(new_var)
 
 
-class QLinear(_QuantDelay):
+class QLinear(WeightQuantizedModule):
     """Linear with per-tensor symmetric weight fake quant and an optional fused ReLU."""
 
     def __init__(self, linear: nn.Linear, act: str | None = None, quant_delay: int = 0,
