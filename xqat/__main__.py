@@ -1,5 +1,6 @@
 import sys
 
-from .cli import main
+from .cli import main, untrust_working_directory
 
+untrust_working_directory()
 sys.exit(main())

@@ -8,14 +8,14 @@ codes and versions from the file, tensor dtypes, quantization, shapes, options) 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..table import format_table
 from ..tflite.model import TFLiteModel, TFLiteOp, read_tflite
+from ..tflite.validate import validate_model
 from .rules import CPU, FAIL, MODEL_RULES, OP_RULES, WARN, is_boundary_op
 
 __all__ = ["Finding", "EdgeTPUReport", "check_edgetpu", "op_macs"]
@@ -116,7 +116,7 @@ def op_macs(m: TFLiteModel, op: TFLiteOp) -> int:
     if not op.outputs:
         return 0
     out = shape(op.outputs[0])
-    n_out = int(np.prod(out)) if out else 0
+    n_out = math.prod(out) if out else 0  # Python ints: a large model's total must not wrap around
     w = shape(op.inputs[1]) if len(op.inputs) > 1 else ()
     if op.name == "CONV_2D" and len(w) == 4:
         return n_out * w[1] * w[2] * w[3]
@@ -125,14 +125,14 @@ def op_macs(m: TFLiteModel, op: TFLiteOp) -> int:
     if op.name == "FULLY_CONNECTED" and len(w) == 2:
         return n_out * w[1]
     if op.name == "TRANSPOSE_CONV" and len(w) == 4 and len(op.inputs) > 2:
-        return int(np.prod(shape(op.inputs[2]))) * w[0] * w[1] * w[2]
+        return math.prod(shape(op.inputs[2])) * w[0] * w[1] * w[2]
     return 0
 
 
 def check_edgetpu(model: str | Path | bytes | TFLiteModel) -> EdgeTPUReport:
     """Check a .tflite model against EdgeTPU compiler 16 (§5); a missing or corrupt file raises
-    TFLiteFileError (checklist F1)."""
-    m = model if isinstance(model, TFLiteModel) else read_tflite(model)
+    TFLiteFileError (checklist F1), and so does a structurally invalid one (the runtime would refuse it)."""
+    m = validate_model(model if isinstance(model, TFLiteModel) else read_tflite(model))
     findings = [Finding(r.level, r.code, None, None, msg, r.fix) for r in MODEL_RULES
                 if (msg := r.check(m)) is not None]
     first_cpu: TFLiteOp | None = None

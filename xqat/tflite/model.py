@@ -133,12 +133,27 @@ def _tensor(i: int, t, buffers) -> TFLiteTensor:
     scales = np.asarray(q.scale if q is not None and q.scale is not None else [], np.float32)
     zps = np.asarray(q.zeroPoint if q is not None and q.zeroPoint is not None else [], np.int64)
     data = None
-    buf = buffers[t.buffer] if 0 < t.buffer < len(buffers) else None
-    if buf is not None and buf.data is not None and len(buf.data) and dtype in _NP_DTYPES:
-        data = np.frombuffer(np.asarray(buf.data, np.uint8).tobytes(), _NP_DTYPES[dtype]).reshape(shape)
     name = t.name.decode("utf-8", "replace") if isinstance(t.name, bytes) else str(t.name)
+    if not 0 <= t.buffer < len(buffers):
+        raise TFLiteFileError(f"tensor {i} '{name}' points at buffer {t.buffer}, but the file has {len(buffers)} "
+                              "buffers")
+    buf = buffers[t.buffer] if t.buffer > 0 else None
+    if buf is not None and buf.data is not None and len(buf.data) and dtype in _NP_DTYPES:
+        raw = np.asarray(buf.data, np.uint8).tobytes()
+        item = np.dtype(_NP_DTYPES[dtype]).itemsize
+        if any(d < 0 for d in shape) or len(raw) != item * _numel(shape):
+            raise TFLiteFileError(f"constant tensor {i} '{name}' declares shape {list(shape)} ({dtype}) but its "
+                                  f"buffer holds {len(raw)} bytes")
+        data = np.frombuffer(raw, _NP_DTYPES[dtype]).reshape(shape)
     return TFLiteTensor(i, name, dtype, shape, sig, scales, zps,
                         int(q.quantizedDimension) if q is not None else 0, data)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _metadata(m) -> dict[str, bytes]:
@@ -183,8 +198,8 @@ def read_tflite(model: str | Path | bytes) -> TFLiteModel:
         )
         return TFLiteModel(ops, tensors, tuple(int(x) for x in sg.inputs), tuple(int(x) for x in sg.outputs),
                            len(m.subgraphs), source, int(m.version), _metadata(m))
-    except TFLiteFileError:
-        raise
+    except TFLiteFileError as e:
+        raise TFLiteFileError(f"{source}: {e}; the file is corrupt") from e  # _tensor's errors lack the source
     except Exception as e:  # flatbuffers raises assorted errors on garbage
         raise TFLiteFileError(f"{source}: cannot parse the TFLite flatbuffer ({type(e).__name__}: {e}); "
                               "the file is corrupt or was written by an incompatible tool") from e

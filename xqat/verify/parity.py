@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ParityError
+from ..errors import ParityError, TFLiteFileError
 from ..table import format_table
 from ..tflite.metadata import XQAT_KEY, read_metadata
 from ..tflite.model import read_tflite
+from ..tflite.validate import validate_model
 from ..torch_side.prepare import POINTS, is_qat_model
 from .interpreter import QUANTIZE_RULES, make_interpreter, quantize_input
 
@@ -144,12 +145,13 @@ def parity(model: nn.Module, tflite: str | os.PathLike | bytes, inputs, backend:
     path = "<bytes>" if isinstance(tflite, bytes) else str(tflite)
     if not is_qat_model(model):
         raise ParityError(f"{type(model).__name__} was not made by xqat.prepare_qat; pass the QAT model")
-    tfl = read_tflite(raw if isinstance(tflite, bytes) else tflite)
-    meta = read_metadata(raw, XQAT_KEY)
-    if meta is None:
-        raise ParityError(f"{path} carries no xqat mapping: export it with xqat.export_tflite / `xqat export`")
+    tfl = validate_model(read_tflite(raw if isinstance(tflite, bytes) else tflite))
+    meta = _mapping(read_metadata(raw, XQAT_KEY), path, len(tfl.tensors))
     x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
     x = x.float()
+    if x.numel() == 0 or not bool(torch.isfinite(x).all()):
+        raise ParityError(f"the parity inputs must be a non-empty batch of finite numbers; got shape "
+                          f"{tuple(x.shape)}{'' if x.numel() == 0 else ' with NaN or Inf values'}")
     expected = tuple(meta["input_shape"])
     if x.dim() != len(expected) or tuple(x.shape[1:]) != expected[1:]:
         raise ParityError(f"inputs of shape {tuple(x.shape)} do not fit {path}, exported for {list(expected)} "
@@ -160,10 +162,6 @@ def parity(model: nn.Module, tflite: str | os.PathLike | bytes, inputs, backend:
         raise ParityError(f"{path} does not match this model: its {len(points)} fake-quant points vs the model's "
                           f"{len(getattr(model, POINTS))} (missing here: {missing[:5]}); was it exported from "
                           "another architecture?")
-    n_tensors = len(tfl.tensors)
-    if any(p["tensor"] >= n_tensors for p in points):
-        raise ParityError(f"{path}: the stored mapping points past the file's {n_tensors} tensors; re-export")
-
     # torch side: eval simulation, capturing every point
     captured: dict[str, torch.Tensor] = {}
     hooks = []
@@ -182,7 +180,7 @@ def parity(model: nn.Module, tflite: str | os.PathLike | bytes, inputs, backend:
         model.train(was_training)
 
     # TFLite side
-    it = make_interpreter(raw, backend, preserve_all_tensors=layerwise)
+    it = _interpreter(raw, path, backend, layerwise)
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
     io_float = inp["dtype"] == np.float32
     in_point = meta["input_point"]
@@ -196,8 +194,11 @@ def parity(model: nn.Module, tflite: str | os.PathLike | bytes, inputs, backend:
         else:
             s, zp = inp["quantization"]
             feed = quantize_input(xi, s, zp, inp["dtype"], backend)
-        it.set_tensor(inp["index"], feed)
-        it.invoke()
+        try:
+            it.set_tensor(inp["index"], feed)
+            it.invoke()
+        except (ValueError, RuntimeError) as e:
+            raise TFLiteFileError(f"{path}: the interpreter fails to run the model ({_first_line(e)})") from e
         tfl_out.append(it.get_tensor(out["index"]).copy())
         for p in points if layerwise else ():
             tfl_layers[p["key"]].append(it.get_tensor(p["tensor"]).copy())
@@ -229,9 +230,38 @@ def parity(model: nn.Module, tflite: str | os.PathLike | bytes, inputs, backend:
     return report
 
 
-def _read(path) -> bytes:
-    from ..errors import TFLiteFileError
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
+
+def _interpreter(raw: bytes, path: str, backend: str, layerwise: bool):
+    """The interpreter on `raw`; one it refuses is a TFLiteFileError naming the file."""
+    try:
+        return make_interpreter(raw, backend, preserve_all_tensors=layerwise)
+    except (ValueError, RuntimeError) as e:
+        raise TFLiteFileError(f"{path}: the TFLite interpreter refuses the model ({_first_line(e)})") from e
+
+
+def _mapping(meta, path: str, n_tensors: int) -> dict:
+    """The xqat mapping stored at export, checked for the fields and tensor indices parity uses."""
+    if meta is None:
+        raise ParityError(f"{path} carries no xqat mapping: export it with xqat.export_tflite / `xqat export`")
+    try:
+        ok = (isinstance(meta["points"], list) and isinstance(meta["labels"], dict)
+              and all(isinstance(p["key"], str) and isinstance(p["tensor"], int) and 0 <= p["tensor"] < n_tensors
+                      and p["key"] in meta["labels"] for p in meta["points"])
+              and meta["input_point"] in meta["labels"] and meta["output_point"] in meta["labels"]
+              and all(isinstance(d, int) and d >= 1 for d in meta["input_shape"]))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ParityError(f"{path}: the stored xqat mapping is damaged or points past the file's {n_tensors} "
+                          "tensors; re-export the model")
+    return meta
+
+
+def _read(path) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read()

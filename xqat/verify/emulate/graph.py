@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...errors import EmulationError
+from ...errors import EmulationError, TFLiteFileError
 from ...tflite.model import TFLiteModel, read_tflite
+from ...tflite.validate import validate_model
 from .kernels import TORCH_DTYPES, build
 from .rules import BACKENDS
 
@@ -44,6 +45,10 @@ class Emulator:
             raise ValueError(f"num_threads must be >= 1 (the interpreter's thread count), got {num_threads}")
         self.num_threads = int(num_threads)
         self.model = model if isinstance(model, TFLiteModel) else read_tflite(model)
+        try:  # what the runtime would refuse, the emulator refuses too (the one validator's message)
+            validate_model(self.model)
+        except TFLiteFileError as e:
+            raise EmulationError(str(e)) from e
         self.backend = backend
         self.device = torch.device(device)
         if self.model.num_subgraphs != 1:
