@@ -1,7 +1,5 @@
 """xqat: PyTorch quantization-aware training with TensorFlow's numerics, deployed as full-integer TFLite."""
 
-from .checkpoint import load_qat, save_qat
-from .edgetpu.check import EdgeTPUReport, check_edgetpu
 from .errors import (
     EmulationError,
     ExportError,
@@ -12,15 +10,30 @@ from .errors import (
     UnsupportedLayerError,
     XQATError,
 )
-from .torch_side.config import QATConfig
-from .torch_side.fake_quant import fake_quant, fake_quant_per_channel, use_fused_kernels
-from .torch_side.prepare import freeze_bn, freeze_ranges, is_qat_model, prepare_qat, qat_config, quant_points
-from .torch_side.qparams import TFLiteQParams, nudge, snap_range, tflite_qparams
 
 __version__ = "0.1.0"
 
-# Heavy stages (TensorFlow, onnx2tf, the interpreter) load on first use, so `import xqat` stays light.
+# Everything but the errors loads on first use: `import xqat` (and the CLI's start, where Ctrl-C must end
+# cleanly) costs no torch import; TensorFlow, onnx2tf and the interpreter load only when a stage needs them.
 _LAZY = {
+    "load_qat": ("xqat.checkpoint", "load_qat"),
+    "save_qat": ("xqat.checkpoint", "save_qat"),
+    "EdgeTPUReport": ("xqat.edgetpu.check", "EdgeTPUReport"),
+    "check_edgetpu": ("xqat.edgetpu.check", "check_edgetpu"),
+    "QATConfig": ("xqat.torch_side.config", "QATConfig"),
+    "fake_quant": ("xqat.torch_side.fake_quant", "fake_quant"),
+    "fake_quant_per_channel": ("xqat.torch_side.fake_quant", "fake_quant_per_channel"),
+    "use_fused_kernels": ("xqat.torch_side.fake_quant", "use_fused_kernels"),
+    "freeze_bn": ("xqat.torch_side.prepare", "freeze_bn"),
+    "freeze_ranges": ("xqat.torch_side.prepare", "freeze_ranges"),
+    "is_qat_model": ("xqat.torch_side.prepare", "is_qat_model"),
+    "prepare_qat": ("xqat.torch_side.prepare", "prepare_qat"),
+    "qat_config": ("xqat.torch_side.prepare", "qat_config"),
+    "quant_points": ("xqat.torch_side.prepare", "quant_points"),
+    "TFLiteQParams": ("xqat.torch_side.qparams", "TFLiteQParams"),
+    "nudge": ("xqat.torch_side.qparams", "nudge"),
+    "snap_range": ("xqat.torch_side.qparams", "snap_range"),
+    "tflite_qparams": ("xqat.torch_side.qparams", "tflite_qparams"),
     "export_tflite": ("xqat.export.api", "export_tflite"),
     "ExportReport": ("xqat.export.report", "ExportReport"),
     "parity": ("xqat.verify.parity", "parity"),
@@ -39,6 +52,10 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'xqat' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module of this package and exposes `add_parser(subparsers)`,
 which registers the subcommand and sets `func` to a callable taking the parsed args and returning
-an exit code.
+an exit code. Exit codes, everywhere: 0 ok, 1 the check found a problem, 2 user error or invalid input
+(one line on stderr, no traceback), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from ..errors import XQATError
 # Subcommand modules, in the order `xqat --help` lists them.
 COMMANDS = ["demo", "export", "parity", "check_edgetpu"]
 
+EXIT_OK, EXIT_FOUND, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
 DESCRIPTION = """\
 xqat trains quantization-aware models in PyTorch with TensorFlow's exact fake-quant numerics and
 deploys them as full-integer TFLite models (EdgeTPU-ready) whose scales and zero points are the ones
@@ -29,6 +32,8 @@ Typical flow:
   xqat parity model.tflite --model pkg.nets:build --weights qat.pt --layerwise
                                              torch simulation vs interpreter, per output and per layer
   xqat check-edgetpu model.tflite            what EdgeTPU compiler 16 would reject or run on the CPU
+
+Exit codes: 0 ok, 1 the check found a problem, 2 user error or invalid input, 130 interrupted.
 """
 
 
@@ -49,22 +54,38 @@ def _version() -> str:
     return __version__
 
 
+def untrust_working_directory() -> None:
+    """`python -m xqat` puts the current folder first on sys.path, where a stray onnx2tf.py or torch.py
+    would shadow the real package; move it last (a factory module there is still found)."""
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        sys.path.append(sys.path.pop(0))
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    command = "xqat"
     try:
-        return int(args.func(args) or 0)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return EXIT_USER_ERROR
+        command = f"xqat {args.command}"
+        from ..export.workdir import terminate_raises
+
+        with terminate_raises():  # SIGTERM: cleanup (temporary files) runs, then exit 143
+            return int(args.func(args) or 0)
     except XQATError as e:
-        print(f"xqat {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        print(f"{command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print(f"{command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print(f"{command}: error: out of memory; use smaller inputs or batches", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover
+    untrust_working_directory()
     sys.exit(main())

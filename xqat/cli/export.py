@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from pathlib import Path
 
+from .args import check_output, parse_shape
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape {text!r} must be comma-separated ints, e.g. 1,3,224,224") from None
-    if not shape or any(d < 1 for d in shape):
-        raise argparse.ArgumentTypeError(f"shape {text!r} must have positive dimensions")
-    return shape
+__all__ = ["add_parser", "run", "parse_shape"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,9 +16,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "export", help="export a trained QAT model to a full-integer .tflite and verify every scale/zero point",
         description="Rebuild the float model with MODULE:FACTORY, apply the QAT checkpoint (xqat.save_qat or a "
         "state_dict of the prepare_qat model), export through ONNX Q/DQ and onnx2tf to a full-integer .tflite, "
-        "and print the per-tensor report (torch vs tflite scale and zero point).")
+        "and print the per-tensor report (torch vs tflite scale and zero point). Exit code 1 when the report "
+        "finds a problem, 2 on a user error; the outputs (.tflite and --json) are written together or not at all.")
     p.add_argument("factory", metavar="MODULE:FACTORY",
-                   help="callable that builds the float model, e.g. mypkg.nets:build")
+                   help="callable that builds the float model, e.g. mypkg.nets:build or path/to/nets.py:build")
     p.add_argument("--weights", required=True, metavar="CKPT", help="QAT checkpoint (.pt)")
     p.add_argument("--input-shape", type=parse_shape, default=None, metavar="N,C,H,W",
                    help="model input shape (default: the one saved in the checkpoint)")
@@ -35,15 +32,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_factory
+
+    check_output(args.output, ".tflite file")  # every output checked before the slow work
+    check_output(args.json, "JSON report")
+    if args.saved_model:
+        from ..export.atomic import check_writable
+
+        check_writable(args.saved_model, what="SavedModel folder", directory=True)
+    load_factory(args.factory)  # a bad MODULE:FACTORY fails before torch and the checkpoint load
+
+    import torch
+
     from ..checkpoint import load_qat
     from ..export.api import export_tflite, save_report_json
 
     qat, shape = load_qat(args.factory, args.weights, args.input_shape)
-    import torch
-
-    report = export_tflite(qat, torch.zeros(shape), args.output, io_dtype=args.io_dtype,
+    out = Path(args.output)
+    existed = out.exists()
+    report = export_tflite(qat, torch.zeros(shape), out, io_dtype=args.io_dtype,
                            saved_model_dir=args.saved_model, edgetpu=args.edgetpu)
-    print(report.table())
     if args.json:
-        save_report_json(report, args.json)
+        try:
+            save_report_json(report, args.json)
+        except BaseException:
+            if not existed:  # all outputs or none: take back the fresh .tflite
+                with contextlib.suppress(OSError):
+                    out.unlink()
+            raise
+    print(report.table())
     return 0 if report.ok else 1

@@ -86,6 +86,7 @@ class TFLiteModel:
     source: str
     schema_version: int = 3  # Model.version of the flatbuffer (3 for every current converter)
     metadata: dict[str, bytes] = field(default_factory=dict)  # e.g. "min_runtime_version" -> b"1.14.0"
+    raw: bytes = field(default=b"", repr=False, compare=False)  # the file's bytes (the validator verifies them)
 
     def tensor(self, index: int) -> TFLiteTensor:
         return self.tensors[index]
@@ -133,7 +134,10 @@ def _tensor(i: int, t, buffers) -> TFLiteTensor:
     scales = np.asarray(q.scale if q is not None and q.scale is not None else [], np.float32)
     zps = np.asarray(q.zeroPoint if q is not None and q.zeroPoint is not None else [], np.int64)
     data = None
-    name = t.name.decode("utf-8", "replace") if isinstance(t.name, bytes) else str(t.name)
+    try:  # flatbuffer strings are UTF-8; the interpreter's Python API fails on anything else
+        name = t.name.decode("utf-8") if isinstance(t.name, bytes) else str(t.name)
+    except UnicodeDecodeError:
+        raise TFLiteFileError(f"tensor {i} has a name that is not UTF-8 text") from None
     if not 0 <= t.buffer < len(buffers):
         raise TFLiteFileError(f"tensor {i} '{name}' points at buffer {t.buffer}, but the file has {len(buffers)} "
                               "buffers")
@@ -197,7 +201,7 @@ def read_tflite(model: str | Path | bytes) -> TFLiteModel:
             for i, o in enumerate(sg.operators or [])
         )
         return TFLiteModel(ops, tensors, tuple(int(x) for x in sg.inputs), tuple(int(x) for x in sg.outputs),
-                           len(m.subgraphs), source, int(m.version), _metadata(m))
+                           len(m.subgraphs), source, int(m.version), _metadata(m), raw)
     except TFLiteFileError as e:
         raise TFLiteFileError(f"{source}: {e}; the file is corrupt") from e  # _tensor's errors lack the source
     except Exception as e:  # flatbuffers raises assorted errors on garbage

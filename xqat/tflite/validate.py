@@ -40,6 +40,7 @@ class _Invalid(Exception):
 
 def validate_model(m: TFLiteModel) -> TFLiteModel:
     """Raise TFLiteFileError if `m` is structurally invalid (see the module docstring); return it otherwise."""
+    _runtime_verifier(m)
     n = len(m.tensors)
     try:
         for t in m.tensors:
@@ -69,6 +70,25 @@ def validate_model(m: TFLiteModel) -> TFLiteModel:
     return m
 
 
+def _runtime_verifier(m: TFLiteModel) -> None:
+    """The runtime's own flatbuffer verifier and tensor checks (building an interpreter, no allocation): it
+    sees out-of-bounds offsets and malformed vectors that Python's lenient flatbuffer reader reads as values.
+    Ops the runtime does not implement (custom ops, versions it lacks) are left to the callers' rules."""
+    if not m.raw:
+        return
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    try:
+        Interpreter(model_content=m.raw,
+                    experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    except (ValueError, RuntimeError) as e:
+        text = " ".join(str(e).split())
+        if "find op for builtin opcode" in text or "unresolved custom op" in text:
+            return
+        raise TFLiteFileError(f"{m.source}: the TFLite runtime refuses the file ({text[:300]}); the file is "
+                              "corrupt or not a valid TFLite model") from None
+
+
 # -- tensors ----------------------------------------------------------------------------------------------
 def _check_tensor(t: TFLiteTensor) -> None:
     what = f"tensor {t.index} '{t.name[:60]}'"
@@ -94,6 +114,9 @@ def _check_tensor(t: TFLiteTensor) -> None:
         info = np.iinfo(_NP_DTYPES[t.dtype])
         if zp.min() < info.min or zp.max() > info.max:
             raise _Invalid(f"{what} ({t.dtype}) has zero points outside [{info.min}, {info.max}]")
+    if (t.dtype in ("INT32", "INT64") or s.size > 1) and zp.any():
+        raise _Invalid(f"{what} ({t.dtype}{', per-channel' if s.size > 1 else ''}) must have zero point 0 "
+                       f"(TFLite's quantization spec), has {zp[:4].tolist()}")
     if s.size > 1:
         qd = t.quantized_dimension
         if not 0 <= qd < len(t.shape) or t.shape[qd] != s.size:
@@ -276,3 +299,17 @@ def _check_op(m: TFLiteModel, op: TFLiteOp) -> None:
         bias = m.tensors[op.inputs[2]].shape
         if math.prod(bias) != channels:
             raise _Invalid(f"bias of shape {list(bias)} does not fit {channels} output channels")
+    if channels is not None:
+        _check_requantization(m, op)
+
+
+def _check_requantization(m: TFLiteModel, op: TFLiteOp) -> None:
+    """Conv/FC requantize by s_in * s_w / s_out; the interpreter's default kernels (XNNPACK) refuse a
+    model where that is >= 256, and no trained model comes near it."""
+    x, w, y = (m.tensors[i] for i in (op.inputs[0], op.inputs[1], op.outputs[0]))
+    if not (x.is_quantized and w.is_quantized and y.is_quantized) or y.dtype == "FLOAT32":
+        return
+    ratio = float(x.scales[0]) * w.scales.astype(np.float64) / float(y.scales[0])
+    if ratio.max() >= 256.0:
+        raise _Invalid(f"requantization scale input*weight/output = {ratio.max():.3g} (>= 256; output tensor "
+                       f"{y.index} scale {float(y.scales[0]):.3g}): the interpreter refuses it")
