@@ -60,4 +60,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"plot: {args.plot}")
     if args.json:
         atomic_write_bytes(args.json, report.to_json().encode())
-    return 0
+    diverging = report.first_divergent or any(t.diverges(args.tolerance) for t in report.outputs)
+    return 1 if diverging else 0

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..table import format_table
+from .grid_health import grid_problems
 from .torch_to_onnx import SnapRecord
 
 __all__ = ["TensorRow", "ExportReport"]
@@ -73,7 +74,7 @@ class ExportReport:
             out.append(f"requantize (QUANTIZE) ops inside the graph at {self.inner_quantize_ops}: tied ranges differ")
         if self.inner_transpose_ops:
             out.append(f"layout TRANSPOSE ops inside the graph at {self.inner_transpose_ops}")
-        return out
+        return out + grid_problems(self.tensors)
 
     @property
     def ok(self) -> bool:

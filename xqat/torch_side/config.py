@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 from ..errors import QATConfigError
 
-__all__ = ["QATConfig", "EMA_MODES"]
+__all__ = ["QATConfig", "EMA_MODES", "OUTLIER_POLICIES"]
 
 EMA_MODES = ("debias", "tfmot")
+OUTLIER_POLICIES = ("skip", "warn", "off")
 
 
 @dataclass
@@ -36,6 +37,10 @@ class QATConfig:
     - `sync_bn`: under torch.distributed, compute the BN batch statistics of the training-time fold over
       all ranks, as torch.nn.SyncBatchNorm does (forward and gradient). Off by default, like plain
       BatchNorm under DDP: each rank then folds with its own batch's statistics.
+    - `range_outliers`: what an EMA range does with a finite but absurd batch, one whose range is more than
+      `range_outlier_factor` times the current one (a 1e30 glitch would otherwise ruin the grid for good):
+      "skip" (default; counted in `outlier_count`, warned, left out; a third such batch in a row is taken as
+      a real shift and used), "warn" (used, warned, counted) or "off".
     """
 
     activation_bits: int = 8
@@ -51,6 +56,8 @@ class QATConfig:
     edgetpu: bool = False
     sync_ranges: bool = True
     sync_bn: bool = False
+    range_outliers: str = "skip"
+    range_outlier_factor: float = 1000.0
 
     def __post_init__(self) -> None:
         for name in ("activation_bits", "weight_bits"):
@@ -74,4 +81,9 @@ class QATConfig:
             raise QATConfigError(f"QATConfig.freeze_bn_delay must be >= 0 or None, got {self.freeze_bn_delay}")
         if self.bn_stats not in ("quantized", "float"):
             raise QATConfigError(f"QATConfig.bn_stats must be 'quantized' or 'float', got {self.bn_stats!r}")
+        if self.range_outliers not in OUTLIER_POLICIES:
+            raise QATConfigError(f"QATConfig.range_outliers must be one of {OUTLIER_POLICIES}, "
+                                 f"got {self.range_outliers!r}")
+        if not self.range_outlier_factor > 1.0:
+            raise QATConfigError(f"QATConfig.range_outlier_factor must be > 1, got {self.range_outlier_factor}")
         self.skip = list(self.skip)

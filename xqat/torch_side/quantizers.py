@@ -33,7 +33,8 @@ class ActivationQuantizer(nn.Module):
     learned with TF's gradient after a warm-up, or a fixed range (sigmoid/tanh/softmax outputs).
 
     State (all in state_dict): min, max, step (training updates seen), biased_min/max (zero-debias
-    accumulators), nan_count (non-finite batches skipped), frozen.
+    accumulators), nan_count (non-finite batches skipped), outlier_count (absurd range jumps), frozen.
+    `outliers` / `outlier_factor`: QATConfig.range_outliers / range_outlier_factor.
     """
 
     def __init__(
@@ -46,9 +47,12 @@ class ActivationQuantizer(nn.Module):
         warmup: int = 100,
         fixed_range: tuple[float, float] | None = None,
         sync: bool = True,
+        outliers: str = "skip",
+        outlier_factor: float = 1000.0,
     ) -> None:
         super().__init__()
         self.num_bits, self.ema, self.decay = num_bits, ema, decay
+        self.outliers, self.outlier_factor, self._outlier_streak = outliers, outlier_factor, 0
         self.quant_delay, self.learn, self.warmup, self.sync = quant_delay, learn, warmup, sync
         self.fixed = fixed_range is not None
         init = fixed_range if self.fixed else ((-6.0, 6.0) if ema == "tfmot" else (0.0, 0.0))
@@ -62,6 +66,7 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("biased_min", torch.tensor(0.0))
         self.register_buffer("biased_max", torch.tensor(0.0))
         self.register_buffer("nan_count", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("outlier_count", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("frozen", torch.tensor(self.fixed))
 
     # -- state ---------------------------------------------------------------------------------
@@ -89,6 +94,11 @@ class ActivationQuantizer(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         """One EMA update from a batch (§2.1 tfmot / §3 contrib zero-debias), skipping non-finite values."""
         x = x.detach()
+        if x.numel() == 0:
+            from ..errors import InputError
+
+            raise InputError(f"an empty batch (shape {tuple(x.shape)}) reached a quantizer; training batches need "
+                             "at least one sample (drop_last=True in the DataLoader avoids a short last batch)")
         bmin, bmax = torch.aminmax(x)  # one pass; NaN/Inf anywhere shows up in these two
         if not bool(torch.isfinite(bmin) & torch.isfinite(bmax)):
             finite = torch.isfinite(x)
@@ -104,6 +114,8 @@ class ActivationQuantizer(nn.Module):
         if self.sync:
             _all_reduce_(bmin, dist.ReduceOp.MIN)
             _all_reduce_(bmax, dist.ReduceOp.MAX)
+        if self._absurd_jump(bmin, bmax):
+            return
         self.step += 1
         one_minus_decay = torch.tensor(1.0 - self.decay, dtype=torch.float32, device=bmin.device)
         if self.ema == "tfmot":
@@ -118,6 +130,29 @@ class ActivationQuantizer(nn.Module):
         debias = 1.0 - torch.pow(1.0 - one_minus_decay, self.step.float())
         self.min.data.sub_(self.min.data - self.biased_min / debias)
         self.max.data.sub_(self.max.data - self.biased_max / debias)
+
+    def _absurd_jump(self, bmin: torch.Tensor, bmax: torch.Tensor) -> bool:
+        """True if this batch is to be left out: its range is `outlier_factor` times the current one
+        (QATConfig.range_outliers). Counted and warned either way; three in a row are a real shift."""
+        span = float(self.max.detach() - self.min.detach())
+        if self.outliers == "off" or not self.initialized or span <= 0 or \
+                float(bmax - bmin) <= self.outlier_factor * span:
+            self._outlier_streak = 0
+            return False
+        self.outlier_count += 1
+        self._outlier_streak += 1
+        skip = self.outliers == "skip" and self._outlier_streak < 3
+        warnings.warn(
+            f"xqat: a batch with range [{float(bmin):.3g}, {float(bmax):.3g}] reached a quantizer whose range is "
+            f"[{float(self.min.detach()):.3g}, {float(self.max.detach()):.3g}] ({int(self.outlier_count)} such "
+            f"batches so far); {'left out of' if skip else 'used in'} the range statistics "
+            "(QATConfig.range_outliers)", RuntimeWarning, stacklevel=4)
+        return skip
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before outlier_count existed load with a zero count
+        state_dict.setdefault(prefix + "outlier_count", torch.zeros((), dtype=torch.int64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- numerics ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, observe: bool = True) -> torch.Tensor:
