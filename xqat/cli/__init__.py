@@ -68,9 +68,39 @@ def untrust_working_directory() -> None:
         sys.path.append(sys.path.pop(0))
 
 
+class _Interrupts:
+    """SIGINT raises KeyboardInterrupt as usual, and is remembered: an interrupt that lands inside a library's
+    import can surface as another error (numpy, half imported, recursing); it still ends as 'interrupted'."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self)
+
+    def uninstall(self, process_ends: bool) -> None:
+        """Put the default back; when the process is about to end (a real command line, not a call from
+        Python), ignore SIGINT instead: an interrupt during interpreter shutdown changes nothing any more."""
+        import signal
+
+        if signal.getsignal(signal.SIGINT) is self:
+            signal.signal(signal.SIGINT, signal.SIG_IGN if process_ends else signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     command = "xqat"
+    interrupts = _Interrupts()
     try:
+        interrupts.install()
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -91,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print(f"{command}: error: out of memory; use smaller inputs or batches", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception:
+        if not interrupts.seen:
+            raise
+        print(f"{command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        interrupts.uninstall(process_ends=argv is None)
 
 
 if __name__ == "__main__":  # pragma: no cover
