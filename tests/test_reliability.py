@@ -330,3 +330,61 @@ def test_cli_reports_broken_files_in_one_line_with_exit_code_2(case, broken_file
     first = err.splitlines()[0]
     assert first.startswith(f"xqat {argv[0]}: error:") and named in first, err
     assert not (broken_files / "o.tflite").exists()
+
+
+# -- absurd but finite batches (issue 14) -------------------------------------------------------------------
+def _calibrated(**kw) -> ActivationQuantizer:
+    q = ActivationQuantizer(**kw).train()
+    g = torch.Generator().manual_seed(5)
+    for _ in range(5):
+        q(torch.rand(64, generator=g) * 2 - 0.5)
+    return q
+
+
+def test_one_absurd_batch_is_left_out_counted_and_warned():
+    q = _calibrated()
+    before = (q.min.clone(), q.max.clone(), int(q.step))
+    with pytest.warns(RuntimeWarning, match="left out of the range statistics"):
+        q(torch.full((64,), 1e30))
+    assert (torch.equal(q.min, before[0]), torch.equal(q.max, before[1]), int(q.step)) == (True, True, before[2])
+    assert int(q.outlier_count) == 1
+    with pytest.warns(RuntimeWarning, match="left out"):
+        q(torch.full((64,), -1e30))
+    with pytest.warns(RuntimeWarning, match="used in"):  # a third in a row: the distribution really moved
+        q(torch.full((64,), 1e30))
+    assert int(q.outlier_count) == 3 and float(q.max) > 1e20
+
+    warned = _calibrated(outliers="warn")
+    with pytest.warns(RuntimeWarning, match="used in"):
+        warned(torch.full((64,), 1e30))
+    assert float(warned.max) > 1e20 and int(warned.outlier_count) == 1
+    off = _calibrated(outliers="off")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        off(torch.full((64,), 1e30))
+    assert int(off.outlier_count) == 0
+
+
+def test_outlier_policy_is_a_checked_config_field():
+    assert xqat.QATConfig().range_outliers == "skip"
+    with pytest.raises(xqat.QATConfigError, match="range_outliers"):
+        xqat.QATConfig(range_outliers="ignore")
+    with pytest.raises(xqat.QATConfigError, match="range_outlier_factor"):
+        xqat.QATConfig(range_outlier_factor=0.5)
+
+
+def test_state_without_outlier_count_still_loads():
+    q = _calibrated()
+    state = {k: v for k, v in q.state_dict().items() if k != "outlier_count"}
+    fresh = ActivationQuantizer()
+    assert fresh.load_state_dict(state, strict=True) is not None and torch.equal(fresh.max, q.max)
+
+
+def test_export_report_flags_a_degenerate_grid(tmp_path):
+    qat = xqat.prepare_qat(make_model("plain"), torch.zeros(INPUT_SHAPE)).train()
+    with torch.no_grad():
+        qat(torch.rand(4, *INPUT_SHAPE[1:]))
+        qat.xqat_quantizers["x"].max.fill_(1e28)  # what a 1e30 batch did to the input range before the policy
+    report = xqat.export_tflite(qat.eval(), torch.zeros(INPUT_SHAPE), tmp_path / "dead.tflite", strict=False)
+    problems = [p for p in report.problems() if "degenerate grid" in p]
+    assert not report.ok and len(problems) == 1 and "'input:x'" in problems[0], report.problems()
