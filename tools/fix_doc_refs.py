@@ -243,8 +243,8 @@ class _Layout:
     def __init__(self, src: str) -> None:
         self.comments: dict[int, int] = {}  # line -> column of its comment
         self.docstrings: dict[int, tuple[int, int]] = {}  # line -> (first, last) line of its docstring
-        self.strings: dict[int, list[tuple[int, int]]] = {}  # line -> [(start, end) columns of one-line
-        # string literals inside brackets], which may be split into two adjacent literals
+        self.strings: dict[int, list[tuple[int, int, bool]]] = {}  # line -> [(start, end, inside brackets)
+        # of its one-line string literals], which may be split into two adjacent literals
         prev, depth = tokenize.NEWLINE, 0
         try:
             for tok in tokenize.generate_tokens(io.StringIO(src).readline):
@@ -260,8 +260,8 @@ class _Layout:
                                                           tokenize.NL):
                         for row in range(tok.start[0], tok.end[0] + 1):
                             self.docstrings[row] = (tok.start[0], tok.end[0])
-                    elif not triple and depth > 0 and tok.start[0] == tok.end[0]:
-                        self.strings.setdefault(tok.start[0], []).append((tok.start[1], tok.end[1]))
+                    elif not triple and tok.start[0] == tok.end[0]:
+                        self.strings.setdefault(tok.start[0], []).append((tok.start[1], tok.end[1], depth > 0))
                 if tok.type not in (tokenize.COMMENT, tokenize.NL):
                     prev = tok.type
         except (tokenize.TokenError, IndentationError, SyntaxError):
@@ -277,8 +277,11 @@ def _split_at_space(text: str, limit: int) -> tuple[str, str] | None:
     return text[:cut].rstrip(), text[cut:].strip()
 
 
-def _split_string(line: str, start: int, end: int) -> tuple[str, str] | None:
-    """Split the literal line[start:end] at a space into two adjacent literals on two lines."""
+def _split_string(line: str, start: int, end: int, bracketed: bool) -> tuple[str, str] | None:
+    """Split the literal line[start:end] at a space into two adjacent literals on two lines (in new
+    parentheses unless it already sits inside brackets)."""
+    if not bracketed:
+        line, start, end = line[:start] + "(" + line[start:end] + ")" + line[end:], start + 1, end + 1
     lit = line[start:end]
     prefix = lit[: len(lit) - len(lit.lstrip("rbufRBUF"))]
     quote = lit[len(prefix)]
@@ -362,9 +365,9 @@ def _wrap_one(lines: list[str], i: int, row: int, line: str, indent: str,
         if joinable:
             return 2, [head, f"{indent}{rest} {nxt.strip()}"]
         return 1, [head, f"{indent}{rest}"]
-    for start, end in sorted(layout.strings.get(row, []), reverse=True):
+    for start, end, bracketed in sorted(layout.strings.get(row, []), reverse=True):
         if start < MAX_LINE - 4:
-            split = _split_string(line, start, end)
+            split = _split_string(line, start, end, bracketed)
             if split is not None:
                 return 1, list(split)
     return None
