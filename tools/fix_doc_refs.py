@@ -57,7 +57,8 @@ def _kw(rules: list[tuple[str, str]], default: str, flags=0) -> Callable[[str], 
 _SEC3 = _kw([(r"fold|\bBN\b|freeze|correction|batch stat", "bn-folding"), (r"delay", "quant-delay")], "ema")
 _SEC44 = _kw([(r"\bbias", "bias"), (r"LOGISTIC|SOFTMAX|TANH|sigmoid|fixed output|quantization_spec",
                                     "fixed-output-grids"),
-              (r"activation|clamp", "fused-activation"), (r"same-scale|concat|requantiz", "same-scale-ops")],
+              (r"[Ww]eight|symmetric|kernel", "weights"), (r"activation|clamp", "fused-activation"),
+              (r"same-scale|concat|requantiz", "same-scale-ops")],
              "weights")
 _SEC53 = _kw([(r"8 fractional|qs8/qu8 convert|i8->i8|requantize op", "requantize"),
               (r"QUANTIZE|[Qq]uantize(s|d)? (the )?input|input rule", "quantize"),
