@@ -151,7 +151,13 @@ OVERRIDES: list[tuple[str, str]] = [
      "LastValueQuantizer without the stale-range trap, docs/numerics.md#weight-ranges)"),
     ('Placement rules (issue "QAT on the torch side"; export-route.md):',
      "Placement rules (docs/numerics.md#same-scale-ops, #fixed-output-grids):"),
+    ("per tensor for Linear (the converter rejects per-channel FC, export-route.md)",
+     "per tensor for Linear (the converter rejects per-channel FC, docs/numerics.md#weights)"),
+    ("(export-route.md: TFLite keeps one tensor per op output",
+     "(docs/numerics.md#fused-activation: TFLite keeps one tensor per op output"),
     # export
+    ("Quantize Linear weights per tensor (export-route.md)",
+     "Quantize Linear weights per tensor (docs/numerics.md#weights)"),
     ("(tf-quant-semantics.md §4.1, export-route.md \"Converter pitfalls\")",
      "(docs/numerics.md#converter-settings, #converter-pitfalls)"),
     ("# §4.4: float32 of the product of the converter's *double* scales",
