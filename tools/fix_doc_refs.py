@@ -183,6 +183,7 @@ ISSUE_PATTERNS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"\(issues? \"[^\"]*\";\s*"), "("),
     (re.compile(r"\s*\(issues? \"[^\"]*\"\)"), ""),
     (re.compile(r",? (?:see |cf\. )?issues? #?\d+(?:\s*[-–]\s*#?\d+)?(?: item \d+)?(?=[,;.)]|$)"), ""),
+    (re.compile(r" (?:of|from|in|for|by) issues? #?\d+(?:\s*[-–]\s*#?\d+)?(?: item \d+)?\b"), ""),
 ]
 
 _DOC = (r"`?(?:\.\./)?(?:shared/docs/)?(?P<doc>tf-quant-semantics|edgetpu-readiness|export-route|peers-and-user-pain"
