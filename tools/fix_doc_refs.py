@@ -168,6 +168,32 @@ OVERRIDES: list[tuple[str, str]] = [
     ("simd = rule == \"simd16_int16wrap\"  # builtin: single-rounding input scaling (§5.3), int16 packing",
      "simd = rule == \"simd16_int16wrap\"  # builtin: single-rounding input scaling (numerics.md#add), int16 "
      "packing"),
+    ('"""gemmlowp SaturatingRoundingDoublingHighMul (§5.2), i.e. (a*b + nudge) / 2^31 truncated.',
+     '"""gemmlowp SaturatingRoundingDoublingHighMul, i.e. (a*b + nudge) / 2^31 truncated '
+     '(docs/numerics.md#requantization).'),
+    ('"""gemmlowp RoundingDivideByPOT (§5.2): arithmetic shift right, rounding half away from zero.',
+     '"""gemmlowp RoundingDivideByPOT: arithmetic shift right, rounding half away from zero '
+     '(docs/numerics.md#requantization).'),
+    ('"""ruy\'s x86 AVX requantization (§5.2): r = (x*2^left*M + 2^30) >> 31, then (r + 2^(e-1)) >> e.',
+     '"""ruy\'s x86 AVX requantization (docs/numerics.md#requantization):\n'
+     '    r = (x*2^left*M + 2^30) >> 31, then (r + 2^(e-1)) >> e.'),
+    ('"""TFLITE_SINGLE_ROUNDING MultiplyByQuantizedMultiplier (§5.2): (x*M + 2^(30-shift)) >> (31-shift)."""',
+     '"""TFLITE_SINGLE_ROUNDING MBQM (docs/numerics.md#requantization): (x*M + 2^(30-shift)) >> (31-shift)."""'),
+    ('"""XNNPACK "fp32" requantization (§5.3): float32(acc) * scale, clamp to [qmin-zp, qmax-zp], round half',
+     '"""XNNPACK "fp32" requantization (docs/numerics.md#requantization): float32(acc) * scale, clamp to\n'
+     '    [qmin-zp, qmax-zp], round half'),
+    ('"""TFLite reference FULLY_CONNECTED (§5.3): round_half_away(double(acc) * double multiplier)."""',
+     '"""TFLite reference FULLY_CONNECTED: round_half_away(double(acc) * double multiplier) '
+     '(docs/numerics.md#requantization)."""'),
+    ('"""TFLite QuantizeMultiplier (§5.1): m = q * 2^shift with q an int32 in [2^30, 2^31), elementwise.',
+     '"""TFLite QuantizeMultiplier, elementwise: m = q * 2^shift with q an int32 in [2^30, 2^31) '
+     '(docs/numerics.md#multiplier).'),
+    ('"""Integer clamp of a fused activation (§4.4): TFLite rounds f/s half away, XNNPACK lrintf(f/s + zp)."""',
+     '"""Integer clamp of a fused activation (docs/numerics.md#fused-activation): TFLite rounds f/s half away,\n'
+     '    XNNPACK lrintf(f/s + zp)."""'),
+    ('"""§1.3 in TF\'s op order, each step a separately rounded float32 op (in place after the clamp)."""',
+     '"""TF\'s op order, each step a separately rounded float32 op, in place after the clamp '
+     '(docs/numerics.md#forward)."""'),
     # tests
     ("# the spec's example of a split zero point", "# docs/numerics.md#converter-qparams example"),
     ("# The backend choice matters, exactly where the spec says (§5.2, §5.3)",
