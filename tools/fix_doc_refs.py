@@ -407,6 +407,31 @@ def _wrap_one(lines: list[str], i: int, row: int, line: str, indent: str,
     return None
 
 
+def wrap_markdown(text: str, original: str) -> str:
+    """Reflow paragraph lines that the rewrite made longer than MAX_LINE (tables, headings, code stay)."""
+    was_long = {s for s in original.split("\n") if len(s) > MAX_LINE}
+    lines = text.split("\n")
+    fenced, i = False, 0
+    while i < len(lines):
+        line = lines[i]
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        plain = not fenced and not re.match(r"\s*(\||#|```)", line)
+        parts = _split_at_space(line, MAX_LINE) if plain and len(line) > MAX_LINE and line not in was_long else None
+        if parts is None:
+            i += 1
+            continue
+        head, rest = parts
+        indent = line[: len(line) - len(line.lstrip())]
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        if nxt.strip() and not re.match(r"\s*(\||#|```|[-*+] |\d+\. |>)", nxt):
+            lines[i:i + 2] = [head, f"{indent}{rest} {nxt.strip()}"]
+        else:
+            lines[i:i + 1] = [head, f"{indent}{rest}"]
+        i += 1
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------------
 
 
@@ -446,7 +471,7 @@ def fix_text(text: str, rel: str) -> tuple[str, list[int]]:
             except SyntaxError as e:  # never leave a file broken: keep the unwrapped rewrite
                 return before, [e.lineno or 0]
         return text, failed
-    return text, []
+    return wrap_markdown(text, original), []
 
 
 def _check_anchors(root: Path) -> list[str]:
