@@ -302,8 +302,10 @@ class _Layout:
             pass
 
 
-def _split_at_space(text: str, limit: int) -> tuple[str, str] | None:
+def _split_at_space(text: str, limit: int, outside_code: bool = False) -> tuple[str, str] | None:
     cut = text.rfind(" ", 0, limit + 1)
+    while outside_code and cut > 0 and text[:cut].count("`") % 2:  # not inside `inline code`
+        cut = text.rfind(" ", 0, cut)
     while cut > 0 and text[cut - 1] == " ":
         cut -= 1
     if cut <= len(text) - len(text.lstrip()) or cut < 0:
@@ -417,7 +419,8 @@ def wrap_markdown(text: str, original: str) -> str:
         if line.lstrip().startswith("```"):
             fenced = not fenced
         plain = not fenced and not re.match(r"\s*(\||#|```)", line)
-        parts = _split_at_space(line, MAX_LINE) if plain and len(line) > MAX_LINE and line not in was_long else None
+        long = plain and len(line) > MAX_LINE and line not in was_long
+        parts = _split_at_space(line, MAX_LINE, outside_code=True) if long else None
         if parts is None:
             i += 1
             continue
