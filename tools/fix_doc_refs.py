@@ -505,11 +505,49 @@ def _defined_anchors(md: str) -> set[str]:
     return found
 
 
+SELFTEST = [  # (file, line, expected rewrite)
+    ("xqat/a.py", "# nudge (tf-quant-semantics.md §1.2), converter (§4.3)",
+     "# nudge (docs/numerics.md#nudge), converter (docs/numerics.md#converter-qparams)"),
+    ("xqat/a.py", "x  # see §1.2, §4.3 and §7 item 4",
+     "x  # see docs/numerics.md#nudge, #converter-qparams and #snapping"),
+    ("xqat/a.py", "# -- EMA modes (§2.1, §3) --", "# -- EMA modes (docs/numerics.md#ema) --"),
+    ("xqat/a.py", "# the §3 fold, frozen", "# the docs/numerics.md#bn-folding fold, frozen"),
+    ("xqat/a.py", '"""x (export-route.md "Mechanics")."""', '"""x (docs/numerics.md#onnx2tf-handlers)."""'),
+    ("xqat/edgetpu/b.py", "# one segment (§5 P1); limits (§1a Softmax)",
+     "# one segment (docs/edgetpu.md#segment-model); limits (docs/edgetpu.md#op-table)"),
+    ("tests/t.py", '"""Export (issue 4)."""', '"""Export."""'),
+    ("tests/t.py", '"""Export (issues 2-9): x."""', '"""Export: x."""'),
+    ("tests/t.py", "# what the probe of issue 14 covers", "# what the probe covers"),
+    ("README.md", "see `../shared/docs/edgetpu-readiness.md` now", "see [docs/edgetpu.md](docs/edgetpu.md) now"),
+    ("xqat/a.py", "# MEAN rounds (§5.3) here", "# MEAN rounds (docs/numerics.md#mean) here"),
+]
+
+
+def selftest() -> int:
+    bad = 0
+    for rel, line, want in SELFTEST:
+        got = rewrite_line(line, _default_spec(rel), rel.endswith(".md"), "")
+        if got != want:
+            bad += 1
+            print(f"selftest FAILED for {line!r}:\n  got  {got!r}\n  want {want!r}")
+    src = "def f():\n    " + '"""' + "word " * 30 + "(tf-quant-semantics.md §1.2) and more words here." + '"""' + "\n"
+    out, failed = fix_text(src, "xqat/w.py")
+    if failed or max(map(len, out.split("\n"))) > MAX_LINE or LEFTOVER.search(out):
+        bad += 1
+        print(f"selftest FAILED: docstring wrap\n{out}")
+    compile(out, "w.py", "exec")
+    print(f"selftest: {len(SELFTEST) + 1 - bad} of {len(SELFTEST) + 1} passed")
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("root", nargs="?", default=str(Path(__file__).resolve().parent.parent))
     ap.add_argument("--check", action="store_true", help="change nothing; report what is left")
+    ap.add_argument("--selftest", action="store_true", help="run the built-in examples and exit")
     args = ap.parse_args(argv)
+    if args.selftest:
+        return selftest()
     root = Path(args.root).resolve()
     leftovers: list[str] = []
     changed_files = 0
