@@ -4,12 +4,16 @@
 Older comments cite `tf-quant-semantics.md §1.2`, bare `(§4.3)`, `export-route.md "Mechanics"`,
 `edgetpu-readiness.md §5`, `../shared/docs/...` and tracker issues ("issue 4"), none of which a person who
 clones the repository can open. This script rewrites them, in place, into `docs/numerics.md#anchor`,
-`docs/edgetpu.md#anchor` or `docs/why.md`, keeps Python lines within 120 characters (wrapping comments and
-docstrings), and lists whatever it could not fix. Run it once on the merged tree, then review the diff:
+`docs/edgetpu.md#anchor` or `docs/why.md`, keeps Python lines within 120 characters (wrapping comments,
+docstrings and string literals) and README paragraphs reflowed, and lists whatever it could not fix. It is
+idempotent. Run it once on the merged tree, then review the diff:
 
     python tools/fix_doc_refs.py            # rewrite the tree the script lives in
     python tools/fix_doc_refs.py ROOT       # or another checkout
     python tools/fix_doc_refs.py --check    # only report; exit 1 if any reference is left
+    python tools/fix_doc_refs.py --selftest # the worked examples of SELFTEST
+
+It also says which anchors of docs/numerics.md and docs/edgetpu.md it links to that those files lack.
 
 Exit status: 0 when nothing is left to fix by hand, 1 otherwise (the leftovers are printed).
 """
