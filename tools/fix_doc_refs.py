@@ -137,6 +137,8 @@ OVERRIDES: list[tuple[str, str]] = [
     ("beyond the spec's table", "beyond the published kernel descriptions"),
     ("are documented in\n`xqat/verify/emulate/rules.py`.",
      "are documented in\n[docs/numerics.md](docs/numerics.md#kernels) and `xqat/verify/emulate/rules.py`."),
+    ("Architecture: `docs/architecture.md`.",
+     "Architecture: `docs/architecture.md`; numerics: `docs/numerics.md`; why xqat: `docs/why.md`."),
     ("the per-op limits of `../shared/docs/edgetpu-readiness.md`",
      "the per-op limits of [docs/edgetpu.md](docs/edgetpu.md#op-table)"),
     # torch_side
