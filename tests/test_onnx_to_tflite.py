@@ -700,7 +700,8 @@ def test_handlers_are_not_installed_outside_a_conversion(convert):
 def test_version_check_fails_clearly(monkeypatch):
     import onnx2tf
 
-    from xqat.export.onnx2tf_adapter import analyze_qdq, check_onnx2tf, installed_handlers
+    from xqat.export.onnx2tf_adapter import check_onnx2tf, installed_handlers
+    from xqat.export.qdq_plan import analyze_qdq
 
     assert check_onnx2tf() == "1.28.8"
     monkeypatch.setattr(onnx2tf, "__version__", "1.99.0")
@@ -741,7 +742,7 @@ def _small(**kw) -> onnx.ModelProto:
 
 
 def test_errors_name_the_tensor_and_the_fix():
-    from xqat.export.onnx2tf_adapter import analyze_qdq
+    from xqat.export.qdq_plan import analyze_qdq
     from xqat.export.tflite_convert import convert_qdq_onnx
 
     with pytest.raises(ExportError, match="Gemm.*per channel.*per tensor"):

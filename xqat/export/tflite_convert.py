@@ -23,15 +23,9 @@ import onnx
 from ..errors import ExportError
 from ..tflite.model import TFLiteModel, read_tflite
 from .atomic import atomic_directory, check_writable
-from .onnx2tf_adapter import (
-    ActivationQ,
-    ActivationRecord,
-    QDQPlan,
-    WeightQ,
-    analyze_qdq,
-    fold_constants,
-    onnx_to_keras,
-)
+from .onnx2tf_adapter import ActivationRecord, onnx_to_keras
+from .onnx_fold import fold_constants
+from .qdq_plan import ActivationQ, QDQPlan, WeightQ, analyze_qdq
 
 __all__ = ["IO_DTYPES", "Conversion", "QParamCheck", "TensorLocations", "convert_qdq_onnx", "keras_to_tflite",
            "locate_tensors", "save_saved_model"]

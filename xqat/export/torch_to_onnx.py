@@ -24,7 +24,7 @@ from ..errors import ExportError
 from ..torch_side.modules import WeightQuantizedModule
 from ..torch_side.prepare import QUANTIZERS, is_qat_model, quant_points
 from ..torch_side.quantizers import QuantPoint
-from .onnx2tf_adapter import fold_constants
+from .onnx_fold import fold_constants
 
 __all__ = ["SnapRecord", "OnnxExport", "validate_for_export", "snap_ranges", "export_onnx"]
 
