@@ -18,12 +18,12 @@ import numpy as np
 import onnx
 
 from ..errors import ExportError
+from ..tflite.qtypes import QRANGE, int8_zero_point
 from ..torch_side.qparams import canonical_range, nudge_numpy, quant_bounds, tflite_qparams
 from .onnx_fold import onnx_constants
 
 __all__ = ["ActivationQ", "WeightQ", "QDQPlan", "analyze_qdq"]
 
-_QRANGE = {"int8": (-128, 127), "uint8": (0, 255)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ class ActivationQ:
     @property
     def zero_point_int8(self) -> int:
         """The zero point an int8 .tflite stores for this tensor (uint8 zp - 128, §4.2)."""
-        return self.zero_point - 128 if self.onnx_dtype == "uint8" else self.zero_point
+        return int8_zero_point(self.zero_point) if self.onnx_dtype == "uint8" else self.zero_point
 
     @property
     def converter_scale(self) -> float:
@@ -248,7 +248,7 @@ def _activation(n, src, scale, zp, dtype, where, weight_users, index) -> Activat
         raise ExportError(f"{where}: per-axis quantization of the activation '{src}' is not supported by "
                           "TFLite; use one per-tensor range")
     s, z = np.float32(scale.reshape(-1)[0]), int(zp.reshape(-1)[0])
-    qmin, _ = _QRANGE[dtype]
+    qmin, _ = QRANGE[dtype]
     zp_unsigned = z - qmin  # TF FakeQuant works in the unsigned code space [0, 255]
     rng = canonical_range(float(s), zp_unsigned, 8, False)
     if rng is None:
@@ -267,7 +267,7 @@ def _quantize_linear(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int
     shape = [1] * w.ndim
     if scale.size > 1:
         shape[axis % w.ndim] = -1
-    qmin, qmax = (-128, 127) if zp.dtype == np.int8 else (0, 255)
+    qmin, qmax = QRANGE["int8" if zp.dtype == np.int8 else "uint8"]
     q = np.rint(w / scale.reshape(shape)) + zp.astype(np.float32).reshape(shape if zp.size > 1 else [])
     return np.clip(q, qmin, qmax).astype(zp.dtype)
 
