@@ -709,9 +709,24 @@ def test_saved_model_kept_when_asked(convert, sandbox, tmp_path, tf):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
 
 
+def installed_state() -> dict:
+    """The onnx2tf callables xqat's handlers replace during a conversion, as currently installed."""
+    import onnx2tf.onnx2tf as impl
+    import onnx2tf.ops.Conv
+    import onnx2tf.ops.DequantizeLinear
+    import onnx2tf.ops.Gemm
+    import onnx2tf.ops.QuantizeLinear
+
+    ops = {"QuantizeLinear": onnx2tf.ops.QuantizeLinear, "DequantizeLinear": onnx2tf.ops.DequantizeLinear,
+           "Conv": onnx2tf.ops.Conv, "Gemm": onnx2tf.ops.Gemm}
+    state = {f"{k}.make_node": m.make_node for k, m in ops.items()}
+    state["Conv.get_weights_constant_or_variable"] = ops["Conv"].get_weights_constant_or_variable
+    state["download_test_image_data"] = impl.download_test_image_data
+    return state
+
+
 def test_failed_conversion_restores_onnx2tf_and_leaves_nothing(convert, sandbox):
     """An op onnx2tf cannot convert: clear error naming the node; handlers restored; no files left."""
-    from xqat.export.onnx2tf_adapter import installed_state
     from xqat.export.tflite_convert import convert_qdq_onnx
 
     _, model, _ = convert("plain")
@@ -741,8 +756,6 @@ def test_no_stray_files_and_no_network(convert, sandbox):
 def test_handlers_are_not_installed_outside_a_conversion(convert):
     import onnx2tf.ops.Conv
     import onnx2tf.ops.DequantizeLinear
-
-    from xqat.export.onnx2tf_adapter import installed_state
 
     convert("plain")
     state = installed_state()

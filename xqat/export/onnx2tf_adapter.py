@@ -38,7 +38,6 @@ __all__ = [
     "KerasGraph",
     "check_onnx2tf",
     "installed_handlers",
-    "installed_state",
     "onnx_to_keras",
 ]
 
@@ -347,15 +346,6 @@ def installed_handlers(plan: QDQPlan) -> Iterator[_Handlers]:
             _restore_env(env)
             random.setstate(rng_py)
             np.random.set_state(rng_np)
-
-
-def installed_state() -> dict[str, Any]:
-    """The onnx2tf callables the handlers replace, as currently installed (for tests of the restore)."""
-    _, impl, ops = _import_onnx2tf()
-    state = {f"{k}.make_node": m.make_node for k, m in ops.items()}
-    state["Conv.get_weights_constant_or_variable"] = ops["Conv"].get_weights_constant_or_variable
-    state["download_test_image_data"] = impl.download_test_image_data
-    return state
 
 
 @dataclass
