@@ -193,3 +193,36 @@ def test_edgetpu_export_passes_for_the_model_set_defaults(exported, tmp_path):
     qat, _, _ = exported["mobilenet_v2"]
     report = xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), tmp_path / "tpu.tflite", edgetpu=True)
     assert report.ok
+
+
+def _imported_modules(path: Path, package: str) -> set[str]:
+    """Absolute names of the modules a source file imports (relative imports resolved against `package`)."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            base = base[:len(base) - node.level + 1] if node.level else []
+            out.add(".".join(base + ([node.module] if node.module else [])))
+    return out
+
+
+def test_export_layering():
+    """export/ never imports verify/; torch_side/ knows nothing of export; stage 1 (torch -> ONNX) and the Q/DQ
+    plan load without onnx2tf or TensorFlow."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "xqat"
+    for f in (root / "export").glob("*.py"):
+        assert not [m for m in _imported_modules(f, "xqat.export") if m.startswith("xqat.verify")], f.name
+    for f in (root / "torch_side").glob("*.py"):
+        assert not [m for m in _imported_modules(f, "xqat.torch_side") if m.startswith("xqat.export")], f.name
+        assert "exporting" not in f.read_text() and "xqat_export" not in f.read_text(), f.name
+    code = ("import sys, xqat.export.torch_to_onnx, xqat.export.qdq_plan, xqat.export.export_graph; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnx2tf', 'tensorflow', 'tf_keras')))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root.parent, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr[-2000:]
