@@ -6,6 +6,7 @@ from .errors import (
     EmulationError,
     ExportError,
     InputError,
+    NotQATModelError,
     ParityError,
     QATConfigError,
     TFLiteFileError,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "export_tflite": ("xqat.export.api", "export_tflite"),
     "ExportReport": ("xqat.export.report", "ExportReport"),
+    "snap_ranges": ("xqat.export.snapping", "snap_ranges"),
     "parity": ("xqat.verify.parity", "parity"),
     "ParityReport": ("xqat.verify.parity", "ParityReport"),
     "emulate": ("xqat.verify.emulate", "emulate"),
@@ -47,7 +49,7 @@ __all__ = [
     "QATConfig", "prepare_qat", "freeze_ranges", "freeze_bn", "is_qat_model", "quant_points", "qat_config",
     "XQATError", "UnsupportedLayerError", "QATConfigError", "ExportError", "TFLiteFileError", "ParityError",
     "check_edgetpu", "EdgeTPUReport", "save_qat", "load_qat",
-    "export_tflite", "ExportReport", "parity", "ParityReport",
+    "export_tflite", "ExportReport", "snap_ranges", "parity", "ParityReport",
     "emulate", "Emulator", "EmulationError",
-    "InputError",
+    "InputError", "NotQATModelError",
 ]
