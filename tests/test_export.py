@@ -76,7 +76,8 @@ def test_io_dtypes_uint8_and_float(exported, tmp_path):
 
 
 def test_snapping_keeps_the_trained_grid_on_zero_point_ties(tmp_path):
-    """Ranges built to put TF's float zero point on k + 0.5: the converter alone would pick another zp."""
+    """Ranges built to put TF's float zero point on k + 0.5: the converter alone would pick another zp. The
+    export ships the snapped grids without touching the model; snap_model=True / xqat.snap_ranges snap it."""
     qat = calibrate(xqat.prepare_qat(make_model("mobilenet_v1"), torch.randn(INPUT_SHAPE)))
     rng = np.random.default_rng(0)
     tied = []
@@ -88,19 +89,47 @@ def test_snapping_keeps_the_trained_grid_on_zero_point_ties(tmp_path):
         q.min.fill_(float(np.float32(-k * s)))
         q.max.fill_(float(np.float32((255 - k) * s)))
         tied.append(key)
+    trained = {k: (float(q.min), float(q.max)) for k, q in qat.xqat_quantizers.items()}
     before = {k: qat.xqat_quantizers[k].scale_zero_point() for k in tied}
-    converter = {k: xqat.tflite_qparams(float(qat.xqat_quantizers[k].min), float(qat.xqat_quantizers[k].max))
-                 for k in tied}
+    converter = {k: xqat.tflite_qparams(*trained[k]) for k in tied}
     differs = {k for k in tied if int(converter[k].zero_point) != before[k][1]
                or float(converter[k].scale) != np.float32(before[k][0])}
     assert any(int(converter[k].zero_point) != before[k][1] for k in tied), "stress ranges must split zero points"
     report = xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), tmp_path / "ties.tflite")
     assert report.ok, report.problems()
+    assert {k: (float(q.min), float(q.max)) for k, q in qat.xqat_quantizers.items()} == trained  # not mutated
     snapped = {s.group for s in report.snaps if s.converter_disagreed}
     assert snapped == differs
+    assert {s.group for s in report.snaps} <= set(tied) and all(s.old_range == trained[s.group] for s in report.snaps)
+    again = xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), tmp_path / "ties2.tflite", snap_model=True)
+    assert (tmp_path / "ties.tflite").read_bytes() == (tmp_path / "ties2.tflite").read_bytes()
+    assert again.snaps == report.snaps
     after = {k: qat.xqat_quantizers[k].scale_zero_point() for k in tied}
+    assert all((float(qat.xqat_quantizers[s.group].min), float(qat.xqat_quantizers[s.group].max)) == s.new_range
+               for s in report.snaps)  # snap_model=True: the model now holds the exported ranges
     assert all(s.delta <= 0.5 * after[s.group][0] * 1.001 for s in report.snaps)  # at most half a step
     assert all(after[k][1] == before[k][1] for k in tied)  # the TF grid training used is what ships
+    assert xqat.snap_ranges(qat) == []  # already snapped: nothing left to change
+    rows = {r.torch_name: r for r in report.tensors if r.kind == "activation"}
+    for key in tied:  # the .tflite holds the TF grid training used
+        label = next(p.label for p in xqat.quant_points(qat) if p.group == key)
+        assert rows[label].tflite_zero_point == (before[key][1] - 128,)
+
+
+def test_export_leaves_the_model_as_it_was(exported, tmp_path):
+    """Export is a conversion of a copy: the QAT model's state, modules and train/eval mode do not change."""
+    qat, _, _ = exported["mobilenet_v2"]
+    was_training = qat.training
+    qat.train()
+    state = {k: v.clone() for k, v in qat.state_dict().items()}
+    modules = {n: type(m) for n, m in qat.named_modules()}
+    try:
+        xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), tmp_path / "copy.tflite")
+        assert qat.training and modules == {n: type(m) for n, m in qat.named_modules()}
+        assert all(torch.equal(v, state[k]) for k, v in qat.state_dict().items())
+        assert not any(k.startswith("xqat_export") for k in qat.state_dict())
+    finally:
+        qat.train(was_training)
 
 
 def test_unwritable_path_fails_before_any_work(tmp_path):
@@ -122,8 +151,10 @@ def test_failed_export_leaves_no_file_and_no_stray_files(tmp_path, monkeypatch):
 
 
 def test_export_errors_name_the_problem(tmp_path):
-    with pytest.raises(xqat.ExportError, match="not made by xqat.prepare_qat"):
+    with pytest.raises(xqat.NotQATModelError, match="not made by xqat.prepare_qat.*export"):
         xqat.export_tflite(make_model("plain"), torch.rand(INPUT_SHAPE), tmp_path / "a.tflite")
+    with pytest.raises(xqat.NotQATModelError, match="not made by xqat.prepare_qat.*snap"):
+        xqat.snap_ranges(make_model("plain"))
     fresh = xqat.prepare_qat(make_model("plain"), torch.randn(INPUT_SHAPE))
     with pytest.raises(xqat.ExportError, match="input:x is still at its initial value"):
         xqat.export_tflite(fresh, torch.rand(INPUT_SHAPE), tmp_path / "b.tflite")
@@ -162,3 +193,36 @@ def test_edgetpu_export_passes_for_the_model_set_defaults(exported, tmp_path):
     qat, _, _ = exported["mobilenet_v2"]
     report = xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), tmp_path / "tpu.tflite", edgetpu=True)
     assert report.ok
+
+
+def _imported_modules(path: Path, package: str) -> set[str]:
+    """Absolute names of the modules a source file imports (relative imports resolved against `package`)."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            base = base[:len(base) - node.level + 1] if node.level else []
+            out.add(".".join(base + ([node.module] if node.module else [])))
+    return out
+
+
+def test_export_layering():
+    """export/ never imports verify/; torch_side/ knows nothing of export; stage 1 (torch -> ONNX) and the Q/DQ
+    plan load without onnx2tf or TensorFlow."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "xqat"
+    for f in (root / "export").glob("*.py"):
+        assert not [m for m in _imported_modules(f, "xqat.export") if m.startswith("xqat.verify")], f.name
+    for f in (root / "torch_side").glob("*.py"):
+        assert not [m for m in _imported_modules(f, "xqat.torch_side") if m.startswith("xqat.export")], f.name
+        assert "exporting" not in f.read_text() and "xqat_export" not in f.read_text(), f.name
+    code = ("import sys, xqat.export.torch_to_onnx, xqat.export.qdq_plan, xqat.export.export_graph; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnx2tf', 'tensorflow', 'tf_keras')))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root.parent, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr[-2000:]

@@ -9,6 +9,7 @@ export-route.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import os
@@ -25,6 +26,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from xqat.errors import ExportError, OnnxToTfVersionError
+from xqat.export.torch_to_onnx import OPSET
 from xqat.torch_side.qparams import snap_range
 
 # ------------------------------------------------------------------------------------------------
@@ -114,7 +116,61 @@ def calibrate(net: QDQNet, x: torch.Tensor) -> QDQNet:
     return net
 
 
-def export_qdq_onnx(net: nn.Module, x: torch.Tensor, opset: int = 13) -> onnx.ModelProto:
+# ------------------------------------------------------------------------------------------------
+# Test-side verifier: each ONNX quantized tensor's (scale, zero point) next to the .tflite's
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class QParamCheck:
+    """One quantized tensor: what the ONNX Q/DQ says and what the .tflite stores."""
+
+    onnx_name: str
+    kind: str  # "activation" | "weight" | "bias"
+    expected_scale: np.ndarray  # float32
+    expected_zero_point: np.ndarray  # int64 (int8 code space)
+    scale: np.ndarray | None
+    zero_point: np.ndarray | None
+
+    @property
+    def equal(self) -> bool:
+        """Bit-for-bit equal; a per-tensor value also matches a per-channel array of that value."""
+        if self.scale is None or self.zero_point is None or not self.scale.size:
+            return False
+        return _same(self.scale, self.expected_scale) and _same(self.zero_point, self.expected_zero_point)
+
+
+def _same(got: np.ndarray, expected: np.ndarray) -> bool:
+    if got.size == expected.size:
+        return bool(np.array_equal(got.ravel(), expected.ravel()))
+    if got.size == 1 or expected.size == 1:  # per-tensor stored once vs repeated per channel
+        return bool(np.all(got.ravel() == expected.ravel()[0]) and np.all(expected.ravel() == got.ravel()[0]))
+    return False
+
+
+def qparam_checks(c) -> list[QParamCheck]:
+    """Per quantized tensor of a Conversion (activations, weights, biases): ONNX (scale, zero point) vs .tflite."""
+    t = c.model.tensors
+    rows: list[QParamCheck] = []
+
+    def row(name, kind, idx, s, z):
+        got = (None, None) if idx is None else (t[idx].scales, t[idx].zero_points)
+        rows.append(QParamCheck(name, kind, s, z, *got))
+
+    for name, a in c.plan.activations.items():
+        idx = c.tensor_map.get(name)
+        if name in c.fused:  # absorbed (PAD into CONV_2D): the grid of the data the op reads
+            idx = c.model.ops[c.fused[name]].inputs[0]
+        row(name, "activation", idx, np.float32([a.scale]), np.int64([a.zero_point_int8]))
+    for w in c.plan.weights.values():
+        row(w.name, "weight", c.weight_map.get(w.name), w.scales, np.zeros(w.scales.size, np.int64))
+        if w.bias is not None and w.input_activation is not None:  # int32 bias, scale s_in * s_w
+            s_in = c.plan.activations[w.input_activation].converter_scale
+            row(w.bias, "bias", c.bias_map.get(w.bias), w.bias_scales(s_in), np.zeros(w.scales.size, np.int64))
+    return rows
+
+
+def export_qdq_onnx(net: nn.Module, x: torch.Tensor, opset: int = OPSET) -> onnx.ModelProto:
     f = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -479,7 +535,7 @@ def test_every_qparam_equals_the_onnx_qdq(convert, name, io_dtype):
         tw = t[c.weight_map[wname]]
         assert tw.dtype == "INT8" and np.all(tw.zero_points == 0)
         assert np.array_equal(tw.scales, s) or (s.size == 1 and np.all(tw.scales == s[0])), wname
-    assert all(r.equal for r in c.qparam_checks())
+    assert all(r.equal for r in qparam_checks(c))
 
 
 @pytest.mark.parametrize("name", INT8_MODELS)
@@ -558,7 +614,7 @@ def test_requantize_is_reported(convert):
     assert len(c.inner_ops("QUANTIZE")) == 1 and c.float_tensors() == []
     q = c.model.ops[c.inner_ops("QUANTIZE")[0]]
     assert c.located_by[next(k for k, v in c.tensor_map.items() if v == q.outputs[0])] == "fake_quant"
-    assert all(r.equal for r in c.qparam_checks()) and c.unmapped == ()
+    assert all(r.equal for r in qparam_checks(c)) and c.unmapped == ()
 
 
 def test_two_grids_on_one_tensor_are_reported(convert):
@@ -570,7 +626,7 @@ def test_two_grids_on_one_tensor_are_reported(convert):
                          if i in c.model.producers]
     acts, _ = onnx_qdq(model)
     assert set(c.tensor_map) == set(acts) and c.unmapped == ()
-    assert all(r.equal for r in c.qparam_checks() if r.kind == "activation")
+    assert all(r.equal for r in qparam_checks(c) if r.kind == "activation")
 
 
 def test_untied_same_scale_op_fails_clearly(sandbox):
@@ -642,7 +698,7 @@ def test_saved_model_kept_when_asked(convert, sandbox, tmp_path, tf):
     target = tmp_path / "tf_graph"
     with in_sandbox(sandbox):
         again = convert_qdq_onnx(model, saved_model_dir=target, workdir=sandbox[1])
-    assert again.tflite == c.tflite and again.saved_model_dir == target
+    assert again.tflite == c.tflite and target.is_dir()
     fn = tf.saved_model.load(str(target)).signatures["serving_default"]
     spec = list(fn.structured_input_signature[1].values())[0]
     assert spec.shape.as_list() == [1, 10, 10, 3]
@@ -653,9 +709,24 @@ def test_saved_model_kept_when_asked(convert, sandbox, tmp_path, tf):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
 
 
+def installed_state() -> dict:
+    """The onnx2tf callables xqat's handlers replace during a conversion, as currently installed."""
+    import onnx2tf.onnx2tf as impl
+    import onnx2tf.ops.Conv
+    import onnx2tf.ops.DequantizeLinear
+    import onnx2tf.ops.Gemm
+    import onnx2tf.ops.QuantizeLinear
+
+    ops = {"QuantizeLinear": onnx2tf.ops.QuantizeLinear, "DequantizeLinear": onnx2tf.ops.DequantizeLinear,
+           "Conv": onnx2tf.ops.Conv, "Gemm": onnx2tf.ops.Gemm}
+    state = {f"{k}.make_node": m.make_node for k, m in ops.items()}
+    state["Conv.get_weights_constant_or_variable"] = ops["Conv"].get_weights_constant_or_variable
+    state["download_test_image_data"] = impl.download_test_image_data
+    return state
+
+
 def test_failed_conversion_restores_onnx2tf_and_leaves_nothing(convert, sandbox):
     """An op onnx2tf cannot convert: clear error naming the node; handlers restored; no files left."""
-    from xqat.export.onnx2tf_adapter import installed_state
     from xqat.export.tflite_convert import convert_qdq_onnx
 
     _, model, _ = convert("plain")
@@ -686,8 +757,6 @@ def test_handlers_are_not_installed_outside_a_conversion(convert):
     import onnx2tf.ops.Conv
     import onnx2tf.ops.DequantizeLinear
 
-    from xqat.export.onnx2tf_adapter import installed_state
-
     convert("plain")
     state = installed_state()
     assert state["DequantizeLinear.make_node"].__module__ == "onnx2tf.ops.DequantizeLinear"
@@ -700,7 +769,8 @@ def test_handlers_are_not_installed_outside_a_conversion(convert):
 def test_version_check_fails_clearly(monkeypatch):
     import onnx2tf
 
-    from xqat.export.onnx2tf_adapter import analyze_qdq, check_onnx2tf, installed_handlers
+    from xqat.export.onnx2tf_adapter import check_onnx2tf, installed_handlers
+    from xqat.export.qdq_plan import analyze_qdq
 
     assert check_onnx2tf() == "1.28.8"
     monkeypatch.setattr(onnx2tf, "__version__", "1.99.0")
@@ -741,7 +811,7 @@ def _small(**kw) -> onnx.ModelProto:
 
 
 def test_errors_name_the_tensor_and_the_fix():
-    from xqat.export.onnx2tf_adapter import analyze_qdq
+    from xqat.export.qdq_plan import analyze_qdq
     from xqat.export.tflite_convert import convert_qdq_onnx
 
     with pytest.raises(ExportError, match="Gemm.*per channel.*per tensor"):

@@ -76,8 +76,62 @@ def test_parity_errors_are_clear(exported, inputs, tmp_path):
     with pytest.raises(xqat.TFLiteFileError, match="corrupt") as e:
         xqat.parity(qat, bad, inputs)
     assert "corrupt.tflite" in str(e.value)
-    with pytest.raises(xqat.ParityError, match="backend"):
+    with pytest.raises(xqat.InputError, match="backend must be one of xnnpack, builtin, reference"):
         xqat.parity(qat, path, inputs, backend="gpu")
+    with pytest.raises(xqat.NotQATModelError, match="not made by xqat.prepare_qat"):
+        xqat.parity(torch.nn.Conv2d(3, 4, 1), path, inputs)
+    stripped = tmp_path / "no_mapping.tflite"
+    stripped.write_bytes(_without_metadata(path.read_bytes()))
+    with pytest.raises(xqat.TFLiteFileError, match="no_mapping.tflite carries no xqat mapping"):
+        xqat.parity(qat, stripped, inputs)
+
+
+def _without_metadata(tflite: bytes) -> bytes:
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(tflite, 0)
+    model.metadata = []
+    builder = flatbuffers.Builder(len(tflite))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def test_the_tflite_carries_a_typed_mapping(exported):
+    """The mapping in the .tflite: every point in graph order with its tensor, label and group, I/O points."""
+    from xqat.tflite.mapping import TFLiteMapping, read_mapping
+
+    qat, path, report = exported["mobilenet_v2"]
+    m = read_mapping(path.read_bytes(), str(path))
+    points = xqat.quant_points(qat)
+    assert [(p.key, p.label, p.group) for p in m.points] == [(p.key, p.label, p.group) for p in points]
+    assert {p.key: p.tensor for p in m.points} == report.point_tensors
+    assert m.input_points == (points[0].key,) and m.output_points == (points[-1].key,)
+    assert m.io_dtype == "int8" and m.input_shapes == (tuple(INPUT_SHAPE),)
+    assert TFLiteMapping.from_json(m.to_json()) == m
+    v1 = {"format": "xqat-mapping-v1", "points": [{"key": p.key, "tensor": p.tensor} for p in m.points],
+          "labels": {p.key: p.label for p in m.points}, "input_point": m.input_points[0],
+          "output_point": m.output_points[0], "input_shape": list(INPUT_SHAPE), "io_dtype": "int8"}
+    old = TFLiteMapping.from_dict(v1)
+    assert [(p.key, p.tensor, p.label) for p in old.points] == [(p.key, p.tensor, p.label) for p in m.points]
+
+
+def test_bad_mappings_are_refused_with_a_clear_error():
+    from xqat.tflite.mapping import MappedPoint, TFLiteMapping
+
+    good = TFLiteMapping((MappedPoint("x", 0, "input:x", "x"), MappedPoint("fc", 5, "fc", "fc")), ("x",), ("fc",),
+                         "int8", ((1, 3, 16, 16),))
+    d = good.to_dict()
+    with pytest.raises(xqat.TFLiteFileError, match="model.tflite: xqat mapping format 'xqat-mapping' version 99"):
+        TFLiteMapping.from_dict({**d, "version": 99}, "model.tflite")
+    with pytest.raises(xqat.TFLiteFileError, match="incomplete or malformed.*input_points"):
+        TFLiteMapping.from_dict({k: v for k, v in d.items() if k != "input_points"})
+    with pytest.raises(xqat.TFLiteFileError, match="not valid JSON"):
+        TFLiteMapping.from_json("{points")
+    with pytest.raises(xqat.TFLiteFileError, match=r"input/output points \['nope'\]"):
+        TFLiteMapping.from_dict({**d, "output_points": ["nope"]})
+    with pytest.raises(xqat.TFLiteFileError, match="io_dtype 'int16'"):
+        TFLiteMapping.from_dict({**d, "io_dtype": "int16"})
 
 
 def test_cli_parity_layerwise_with_plot(exported, tmp_path, capsys, monkeypatch):

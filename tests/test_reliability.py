@@ -210,7 +210,7 @@ def dead(tmp_path_factory):
     assert (float(q.min), float(q.max), int(q.step)) == (0.0, 0.0, 3)  # observed, all-zero
     unsnapped = {k: v.clone() for k, v in qat.state_dict().items()}  # what save_qat would have written
     path = tmp_path_factory.mktemp("dead") / "dead.tflite"
-    report = xqat.export_tflite(qat.eval(), torch.rand(1, 3, 8, 8), path)
+    report = xqat.export_tflite(qat.eval(), torch.rand(1, 3, 8, 8), path, snap_model=True)  # qat: as deployed
     fresh = xqat.prepare_qat(DeadBranch().eval(), torch.zeros(1, 3, 8, 8))
     fresh.load_state_dict(unsnapped)
     return qat, path, report, fresh.eval()
@@ -234,7 +234,7 @@ def test_zero_range_tensor_exports_and_runs(dead):
 
 
 def test_zero_range_grid_still_maps_every_non_negative_value_to_zero(dead):
-    q = dead[0].xqat_quantizers["dead"]  # snapped by the export
+    q = dead[0].xqat_quantizers["dead"]  # snapped by export_tflite(..., snap_model=True)
     x = torch.tensor([0.0, 0.3, 1.0, 7.5, 300.0])
     assert torch.equal(xqat.fake_quant(x, q.min, q.max), torch.zeros(5))  # same as TF's [0, 0] special case
     assert torch.equal(xqat.fake_quant(x, torch.tensor(0.0), torch.tensor(0.0)), torch.zeros(5))

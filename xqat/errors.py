@@ -6,6 +6,7 @@ from __future__ import annotations
 __all__ = [
     "XQATError",
     "UnsupportedLayerError",
+    "NotQATModelError",
     "QATConfigError",
     "ExportError",
     "OnnxToTfVersionError",
@@ -22,6 +23,10 @@ class XQATError(Exception):
 
 class UnsupportedLayerError(XQATError):
     """prepare_qat met a node it cannot capture or quantize; the message names node, op and module path."""
+
+
+class NotQATModelError(XQATError, TypeError):
+    """A function that needs a `prepare_qat` model (export, parity, checkpoints, point lists) got another model."""
 
 
 class QATConfigError(XQATError, ValueError):

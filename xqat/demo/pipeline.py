@@ -101,10 +101,12 @@ def _latency_ms(model: bytes, repeats: int = 300) -> float:
 def run_demo(out_dir: str | Path = "runs", seed: int = 0, epochs: int = 8, qat_epochs: int = 3,
              verbose: bool = True) -> DemoResult:
     """Train -> QAT -> export -> verify on digits; returns the numbers and writes a run folder."""
-    import xqat
-
+    from ..checkpoint import save_qat
     from ..edgetpu.check import check_edgetpu
+    from ..export.api import export_tflite
     from ..export.float_baseline import float_tflite
+    from ..torch_side.prepare import prepare_qat
+    from ..verify.parity import parity
 
     def say(msg: str) -> None:
         if verbose:
@@ -127,17 +129,17 @@ def run_demo(out_dir: str | Path = "runs", seed: int = 0, epochs: int = 8, qat_e
 
     say("[2/5] QAT fine-tuning (TF fake-quant numerics, BN folded)")
     t = time.perf_counter()
-    qat = xqat.prepare_qat(float_model, data.x_train[:1])
+    qat = prepare_qat(float_model, data.x_train[:1])
     fit(qat, data.x_train, data.y_train, epochs=qat_epochs, lr=5e-4, seed=seed + 1,
         progress="QAT fine-tuning" if verbose else None)
     res.accuracy["qat_simulation"] = accuracy(qat, data.x_test, data.y_test)
     res.seconds["qat_training"] = time.perf_counter() - t
-    xqat.save_qat(qat, run / "qat.pt", shape)
+    save_qat(qat, run / "qat.pt", shape)
 
     say("[3/5] exporting a full-integer TFLite model (ONNX Q/DQ -> onnx2tf -> TFLite converter)")
     t = time.perf_counter()
     int8_path = run / "model_int8.tflite"
-    report = xqat.export_tflite(qat, data.x_train[:1], int8_path)
+    report = export_tflite(qat, data.x_train[:1], int8_path)
     (run / "export_report.txt").write_text(report.table() + "\n")
     int8 = int8_path.read_bytes()
     res.seconds["export"] = time.perf_counter() - t
@@ -145,7 +147,7 @@ def run_demo(out_dir: str | Path = "runs", seed: int = 0, epochs: int = 8, qat_e
     say("[4/5] verifying: accuracy and parity of the .tflite, EdgeTPU check")
     t = time.perf_counter()
     res.accuracy["int8_tflite"] = float((_tflite_predict(int8, data.x_test) == data.y_test.numpy()).mean())
-    par = xqat.parity(qat, int8, data.x_test, layerwise=True)
+    par = parity(qat, int8, data.x_test, layerwise=True)
     (run / "parity.txt").write_text(par.table() + "\n")
     par.plot(run / "parity_layers.png")
     out = par.outputs[0]

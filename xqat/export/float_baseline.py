@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from .onnx2tf_adapter import analyze_qdq, fold_constants, onnx_to_keras
+from .onnx2tf_adapter import onnx_to_keras
+from .onnx_fold import fold_constants
+from .qdq_plan import analyze_qdq
 from .tflite_convert import _concrete_function, _trackable
 
 __all__ = ["float_tflite"]

@@ -10,12 +10,17 @@ import json
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
+from torch import nn
 
 from ..table import format_table
+from ..torch_side.modules import QConv2d, WeightQuantizedModule
 from .grid_health import grid_problems
-from .torch_to_onnx import SnapRecord
+from .snapping import SnapRecord
+from .tflite_convert import Conversion
+from .torch_to_onnx import OnnxExport
 
-__all__ = ["TensorRow", "ExportReport"]
+__all__ = ["TensorRow", "ExportReport", "build_report"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class ExportReport:
     float_tensors: list[str]
     inner_quantize_ops: list[int]
     inner_transpose_ops: list[int]
-    snaps: list[SnapRecord]
+    snaps: list[SnapRecord]  # every learned range whose deployed (snapped) form differs from the model's
     point_tensors: dict[str, int]  # QuantPoint key -> TFLite tensor index
     point_labels: dict[str, str]  # QuantPoint key -> torch op label
     input_index: int
@@ -101,7 +106,10 @@ class ExportReport:
         text.append("ops: " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
         text.append(f"float tensors left: {len(self.float_tensors)}; QUANTIZE inside: "
                     f"{len(self.inner_quantize_ops)}; TRANSPOSE inside: {len(self.inner_transpose_ops)}")
-        for s in self.snaps:
+        quiet = [s for s in self.snaps if not s.notable]
+        if quiet:
+            text.append(f"{len(quiet)} ranges rewritten to their TF grid's ends (same grid; the converter now agrees)")
+        for s in (s for s in self.snaps if s.notable):
             where = ", ".join(s.labels) or s.group
             text.append(f"snapped range of {where}: [{s.old_range[0]:.7g}, {s.old_range[1]:.7g}]"
                         f" -> [{s.new_range[0]:.7g}, {s.new_range[1]:.7g}] (moved {s.delta:.3g}"
@@ -122,3 +130,70 @@ class ExportReport:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, default=float)
+
+
+def _torch_weight_codes(m: WeightQuantizedModule) -> tuple[np.ndarray, np.ndarray]:
+    """(per-channel scales, int8 codes in TFLite layout) of a weight module, from the torch side."""
+    wq, scales, _ = m.export_weights()
+    s = scales.reshape(-1, *([1] * (wq.dim() - 1))) if scales.dim() == 1 else scales
+    codes = torch.round(wq / s).to(torch.int64)
+    if isinstance(m, QConv2d):
+        codes = codes.permute(1, 2, 3, 0) if m.is_depthwise else codes.permute(0, 2, 3, 1)  # 1HWC / OHWI
+    scales = scales.reshape(-1).numpy().astype(np.float32)
+    return scales, codes.numpy()
+
+
+def build_report(model: nn.Module, ex: OnnxExport, conv: Conversion, path: str,
+                 input_shape: tuple[int, ...]) -> ExportReport:
+    """Compare every quantized tensor of the .tflite with the torch side and collect the graph checks."""
+    tfl = conv.model
+    rows: list[TensorRow] = []
+    point_tensors: dict[str, int] = {}
+    scale_of_onnx: dict[str, float] = {}
+    for key, onnx_name in ex.point_tensors.items():
+        scale, zero_point = ex.point_qparams[key]
+        scale_of_onnx[onnx_name] = scale
+        idx = conv.tensor_map.get(onnx_name)
+        if onnx_name in conv.fused:  # absorbed by the op after it (PAD into CONV_2D): the grid it reads
+            idx = tfl.ops[conv.fused[onnx_name]].inputs[0]
+        if idx is not None:
+            point_tensors[key] = idx
+        t = tfl.tensors[idx] if idx is not None else None
+        rows.append(TensorRow("activation", ex.point_labels[key], idx, t.name if t else "", (scale,),
+                              (zero_point,), tuple(map(float, t.scales)) if t else (),
+                              tuple(map(int, t.zero_points)) if t else ()))
+    weights_by_name = conv.plan.weights_by_name
+    for path_name, onnx_w in ex.weight_tensors.items():
+        m = model.get_submodule(path_name)
+        scales, codes = _torch_weight_codes(m)
+        idx = conv.weight_map.get(onnx_w)
+        t = tfl.tensors[idx] if idx is not None else None
+        tfl_scales = tuple(map(float, t.scales)) if t else ()
+        if t is not None and len(tfl_scales) > 1 and len(scales) == 1:  # FC: one scale repeated (docs/numerics.md)
+            scales = np.repeat(scales, len(tfl_scales))
+        same_codes = t is not None and t.data is not None and t.data.shape == codes.shape and \
+            bool(np.array_equal(t.data.astype(np.int64), codes))
+        rows.append(TensorRow("weight", path_name, idx, t.name if t else "", tuple(map(float, scales)),
+                              (0,) * len(scales), tfl_scales, tuple(map(int, t.zero_points)) if t else (),
+                              codes_equal=same_codes))
+        w = weights_by_name.get(onnx_w)
+        if w is not None and w.bias is not None and w.input_activation in scale_of_onnx:
+            # float32 of the product of the converter's *double* scales, which the canonical ranges
+            # of the torch grids determine (up to 1 ulp off float32(s_in * s_w))
+            bias_scales = w.bias_scales(conv.plan.activations[w.input_activation].converter_scale)
+            bidx = conv.bias_map.get(w.bias)
+            bt = tfl.tensors[bidx] if bidx is not None else None
+            if bt is not None and bt.scales.size == 1 and np.all(bias_scales == bias_scales[0]):
+                bias_scales = bias_scales[:1]  # per-tensor FC: one bias scale
+            rows.append(TensorRow("bias", f"{path_name} (bias)", bidx, bt.name if bt else "",
+                                  tuple(map(float, bias_scales)), (0,) * len(bias_scales),
+                                  tuple(map(float, bt.scales)) if bt else (),
+                                  tuple(map(int, bt.zero_points)) if bt else ()))
+    in_idx = conv.io_tensor(conv.plan.input_names[0])
+    out_idx = conv.io_tensor(conv.plan.output_names[0])
+    return ExportReport(
+        path=path, io_dtype=conv.io_dtype, ops=[op.name for op in tfl.ops], tensors=rows,
+        float_tensors=[tfl.tensors[i].name for i in conv.float_tensors()],
+        inner_quantize_ops=conv.inner_ops("QUANTIZE"), inner_transpose_ops=conv.inner_ops("TRANSPOSE"),
+        snaps=ex.snaps, point_tensors=point_tensors, point_labels=dict(ex.point_labels), input_index=in_idx,
+        output_index=out_idx, input_shape=input_shape, onnx2tf_version=conv.onnx2tf_version)

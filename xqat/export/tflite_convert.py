@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,21 +20,15 @@ import onnx
 
 from ..errors import ExportError
 from ..tflite.model import TFLiteModel, read_tflite
+from ..tflite.qtypes import IO_DTYPES
 from .atomic import atomic_directory, check_writable
-from .onnx2tf_adapter import (
-    ActivationQ,
-    ActivationRecord,
-    QDQPlan,
-    WeightQ,
-    analyze_qdq,
-    fold_constants,
-    onnx_to_keras,
-)
+from .onnx2tf_adapter import ActivationRecord, onnx_to_keras
+from .onnx_fold import fold_constants
+from .qdq_plan import QDQPlan, analyze_qdq
+from .workdir import scratch_dir
 
-__all__ = ["IO_DTYPES", "Conversion", "QParamCheck", "TensorLocations", "convert_qdq_onnx", "keras_to_tflite",
-           "locate_tensors", "save_saved_model"]
-
-IO_DTYPES = ("int8", "uint8", "float32")
+__all__ = ["Conversion", "TensorLocations", "convert_qdq_onnx", "keras_to_tflite", "locate_tensors",
+           "save_saved_model"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,35 +223,6 @@ def _shape_matches(tflite_shape: tuple[int, ...], keras_shape: tuple[int | None,
 
 
 @dataclass(frozen=True)
-class QParamCheck:
-    """One quantized tensor: what the ONNX Q/DQ says and what the .tflite stores."""
-
-    onnx_name: str
-    kind: str  # "activation" | "weight" | "bias"
-    tflite_index: int | None
-    tflite_name: str | None
-    expected_scale: np.ndarray  # float32
-    expected_zero_point: np.ndarray  # int64 (int8 code space)
-    scale: np.ndarray | None
-    zero_point: np.ndarray | None
-
-    @property
-    def equal(self) -> bool:
-        """Bit-for-bit equal; a per-tensor value also matches a per-channel array of that value."""
-        if self.scale is None or self.zero_point is None or not self.scale.size:
-            return False
-        return _same(self.scale, self.expected_scale) and _same(self.zero_point, self.expected_zero_point)
-
-
-def _same(got: np.ndarray, expected: np.ndarray) -> bool:
-    if got.size == expected.size:
-        return bool(np.array_equal(got.ravel(), expected.ravel()))
-    if got.size == 1 or expected.size == 1:  # per-tensor stored once vs repeated per channel
-        return bool(np.all(got.ravel() == expected.ravel()[0]) and np.all(expected.ravel() == got.ravel()[0]))
-    return False
-
-
-@dataclass(frozen=True)
 class Conversion:
     """Result of `convert_qdq_onnx`: the .tflite bytes and where every ONNX quantized tensor went."""
 
@@ -275,38 +238,6 @@ class Conversion:
     io_dtype: str
     onnx2tf_version: str
     seconds: dict[str, float] = field(default_factory=dict)
-    saved_model_dir: Path | None = None
-
-    @property
-    def activations(self) -> dict[str, ActivationQ]:
-        return self.plan.activations
-
-    @property
-    def weights(self) -> dict[str, WeightQ]:
-        return self.plan.weights_by_name
-
-    def qparam_checks(self) -> list[QParamCheck]:
-        """Per quantized tensor (activations, weights, biases): ONNX (scale, zero point) vs the .tflite's."""
-        t = self.model.tensors
-        rows: list[QParamCheck] = []
-
-        def row(name, kind, idx, s, z):
-            if idx is None:
-                rows.append(QParamCheck(name, kind, None, None, s, z, None, None))
-            else:
-                rows.append(QParamCheck(name, kind, idx, t[idx].name, s, z, t[idx].scales, t[idx].zero_points))
-
-        for name, a in self.plan.activations.items():
-            idx = self.tensor_map.get(name)
-            if name in self.fused:  # absorbed (PAD into CONV_2D): the grid of the data the op reads
-                idx = self.model.ops[self.fused[name]].inputs[0]
-            row(name, "activation", idx, np.float32([a.scale]), np.int64([a.zero_point_int8]))
-        for w in self.plan.weights.values():
-            row(w.name, "weight", self.weight_map.get(w.name), w.scales, np.zeros(w.scales.size, np.int64))
-            if w.bias is not None and w.input_activation is not None:  # int32 bias, scale s_in * s_w (§4.4)
-                s_in = self.plan.activations[w.input_activation].converter_scale
-                row(w.bias, "bias", self.bias_map.get(w.bias), w.bias_scales(s_in), np.zeros(w.scales.size, np.int64))
-        return rows
 
     def io_tensor(self, onnx_name: str) -> int:
         """TFLite input/output tensor index of an ONNX graph input or output: the mapped int8 tensor itself
@@ -368,22 +299,20 @@ def convert_qdq_onnx(onnx_model: onnx.ModelProto | str | os.PathLike, *, io_dtyp
     t0 = time.perf_counter()
     model = fold_constants(_load(onnx_model))
     plan = analyze_qdq(model)
-    scratch = Path(tempfile.mkdtemp(prefix="xqat-onnx2tf-", dir=workdir))
-    try:
+    with scratch_dir(workdir) as scratch:  # removed on any end but SIGKILL; swept on the next run after that
         t1 = time.perf_counter()
         graph = onnx_to_keras(model, plan, scratch, batch_size)
         t2 = time.perf_counter()
         tflite = keras_to_tflite(graph.model, io_dtype, batch_size)
         t3 = time.perf_counter()
-        saved = save_saved_model(graph.model, saved_model_dir, batch_size) if saved_model_dir else None
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if saved_model_dir:
+            save_saved_model(graph.model, saved_model_dir, batch_size)
     tfl = read_tflite(tflite)
     loc = locate_tensors(tfl, plan, graph.activation_records, graph.model.name)
     seconds = {"analyze": t1 - t0, "onnx2tf": t2 - t1, "tflite_converter": t3 - t2,
                "total": time.perf_counter() - t0}
     return Conversion(tflite, tfl, plan, loc.tensor_map, loc.weight_map, loc.bias_map, loc.located_by, loc.fused,
-                      loc.unmapped, io_dtype, graph.onnx2tf_version, seconds, saved)
+                      loc.unmapped, io_dtype, graph.onnx2tf_version, seconds)
 
 
 def _load(onnx_model: Any) -> onnx.ModelProto:

@@ -63,13 +63,23 @@ def _sync_var_mean(var: torch.Tensor, mean: torch.Tensor, n: int) -> tuple[torch
 
 class WeightQuantizedModule(nn.Module):
     """Base of every module with quantized weights (QConv2d, QLinear, ...): its step counter drives quant_delay
-    and freeze_bn_delay; `export_weights()` gives what the deployed model holds."""
+    and freeze_bn_delay; `export_weights()` gives what the deployed model holds.
+
+    Each subclass provides `functional(x, weight, bias)` (its float op with its hyper-parameters, without the
+    fused activation), `act` (None, "relu" or "relu6": the fused activation applied after it), `weight_quant`
+    and `weight_axis` (the output-channel axis of the weight), so a conversion can rebuild the deployed op.
+    """
+
+    weight_axis: int = 0  # output channels of the weight: 0 for conv / linear (1 for a transposed conv)
 
     def __init__(self, quant_delay: int) -> None:
         super().__init__()
         self.quant_delay = quant_delay
-        self.exporting = False  # set by the exporter: forward emits weight Q/DQ for ONNX
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
+
+    def functional(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The float op with this module's hyper-parameters, without the fused activation."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def export_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -81,19 +91,6 @@ class WeightQuantizedModule(nn.Module):
         scales = self.weight_quant.scales(w)
         scales = torch.where(scales > 0, scales, torch.full_like(scales, 1e-8))
         return self.weight_quant(w).detach(), scales, (b.detach().clone() if b is not None else None)
-
-    def _qdq_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weight through an int8 QuantizeLinear/DequantizeLinear (zero point 0) for the ONNX export; the
-        weight is already on TF's grid, so ONNX's rounding recovers TF's codes exactly."""
-        if "xqat_export_weight" in self._buffers:  # registered by the exporter, so tracing keeps the Q/DQ
-            wq, scales, b = self.xqat_export_weight, self.xqat_export_scale, self.xqat_export_bias
-        else:
-            wq, scales, b = self.export_weights()
-        if self.weight_quant.per_channel:
-            zeros = torch.zeros(scales.shape, dtype=torch.int32)
-            return torch.fake_quantize_per_channel_affine(wq, scales, zeros, 0, -128, 127), b
-        return torch.fake_quantize_per_tensor_affine(wq, scales.reshape(()), torch.tensor(0, dtype=torch.int32),
-                                                     -128, 127), b
 
     def _tick(self) -> bool:
         """Count a training step; True when weights are fake-quantized in this forward."""
@@ -149,8 +146,9 @@ class QConv2d(WeightQuantizedModule):
             return True
         return False
 
-    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        return self.conv._conv_forward(x, w, b)
+    def functional(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """conv2d with this layer's stride, padding (mode), dilation and groups."""
+        return self.conv._conv_forward(x, weight, bias)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Eval/export weight and bias: BN folded with the moving statistics (§3 eval graph)."""
@@ -163,23 +161,21 @@ class QConv2d(WeightQuantizedModule):
         return w * factor.reshape(-1, 1, 1, 1), bn.bias + (b0 - bn.running_mean) * factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.exporting:
-            return _activate(self._conv(x, *self._qdq_weight()), self.act)
         quant = self._tick()
         wq = self.weight_quant if quant else (lambda w: w)
         if self.bn is None or not self.training or self._bn_is_frozen():
             w, b = self.folded()
-            return _activate(self._conv(x, wq(w), b), self.act)
+            return _activate(self.functional(x, wq(w), b), self.act)
         return _activate(self._train_bn_fold(x, wq), self.act)
 
     def _train_bn_fold(self, x: torch.Tensor, wq) -> torch.Tensor:
         bn, w = self.bn, self.conv.weight
         sigma_mv = torch.sqrt(bn.running_var + bn.eps)
         gamma_over_mv = bn.weight / sigma_mv
-        y_q = self._conv(x, wq(w * gamma_over_mv.reshape(-1, 1, 1, 1)), None)
+        y_q = self.functional(x, wq(w * gamma_over_mv.reshape(-1, 1, 1, 1)), None)
         dims = (0, 2, 3)
         if self.bn_stats == "float":
-            var_b, mean_b = torch.var_mean(self._conv(x, w, None), dims, correction=0)
+            var_b, mean_b = torch.var_mean(self.functional(x, w, None), dims, correction=0)
         else:  # stats of the quantized conv with the fold undone: y_q · σ_mv/γ ≈ conv(x, w)
             safe = torch.where(gamma_over_mv == 0, torch.ones_like(gamma_over_mv), gamma_over_mv)
             var_q, mean_q = torch.var_mean(y_q, dims, correction=0)
@@ -235,10 +231,12 @@ class QLinear(WeightQuantizedModule):
         return self.linear.weight, self.linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.exporting:
-            return _activate(F.linear(x, *self._qdq_weight()), self.act)
         w = self.weight_quant(self.linear.weight) if self._tick() else self.linear.weight
-        return _activate(F.linear(x, w, self.linear.bias), self.act)
+        return _activate(self.functional(x, w, self.linear.bias), self.act)
+
+    def functional(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """linear(x, weight, bias)."""
+        return F.linear(x, weight, bias)
 
 
 class QAdd(nn.Module):

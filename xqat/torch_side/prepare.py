@@ -23,13 +23,14 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import InputError, UnsupportedLayerError
+from ..errors import InputError, NotQATModelError, UnsupportedLayerError
 from .config import QATConfig
 from .modules import QAdd, QConv2d, QLinear
 from .patterns import OpKind, classify, describe, module_path, tensor_inputs
 from .quantizers import FIXED_RANGES, ActivationQuantizer, QuantPoint
 
-__all__ = ["prepare_qat", "freeze_ranges", "freeze_bn", "is_qat_model", "quant_points", "qat_config", "PointInfo"]
+__all__ = ["prepare_qat", "freeze_ranges", "freeze_bn", "is_qat_model", "quant_points", "qat_config", "PointInfo",
+           "require_qat_model", "point_module", "point_key"]
 
 POINTS = "xqat_points"
 QUANTIZERS = "xqat_quantizers"
@@ -424,6 +425,25 @@ def quant_points(model: nn.Module) -> list[PointInfo]:
             qp = model.get_submodule(n.target)
             out.append(PointInfo(str(n.target)[len(POINTS) + 1:], qp.label, qp.group, qp.role))
     return out
+
+
+def require_qat_model(model: nn.Module, purpose: str) -> None:
+    """Raise NotQATModelError unless `model` was made by `prepare_qat`; `purpose` says what needed it."""
+    if not is_qat_model(model):
+        raise NotQATModelError(f"{type(model).__name__} was not made by xqat.prepare_qat, so it cannot be used to "
+                               f"{purpose}: call qat = xqat.prepare_qat(model, example_inputs), train or calibrate "
+                               "qat, and pass qat")
+
+
+def point_module(model: nn.Module, key: str) -> QuantPoint:
+    """The QuantPoint stored under `key` (a `PointInfo.key`) of a QAT model."""
+    return getattr(model, POINTS)[key]
+
+
+def point_key(node: fx.Node) -> str | None:
+    """The QuantPoint key an fx node calls, or None if it is not a fake-quant point."""
+    target = str(node.target)
+    return target[len(POINTS) + 1:] if node.op == "call_module" and target.startswith(POINTS + ".") else None
 
 
 def qat_config(model: nn.Module) -> QATConfig:

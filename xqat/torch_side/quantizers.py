@@ -194,7 +194,7 @@ class QuantPoint(nn.Module):
 
     `observe=False` marks a tied use (same-scale ops such as concat inputs, pooling, reshape): it applies
     the group's range without updating it. `passthrough=True` marks a point whose input is already on
-    the group's grid (max pool, reshape): the simulation skips it, the ONNX export still emits Q/DQ.
+    the group's grid (max pool, reshape): the simulation skips it, the deployed graph still quantizes there.
     The shared quantizer is registered once, in the model's `xqat_quantizers`, not here.
     """
 
@@ -204,7 +204,6 @@ class QuantPoint(nn.Module):
         object.__setattr__(self, "_quantizer", quantizer)  # not a submodule: one owner per group
         self.observe, self.passthrough, self.group, self.label = observe, passthrough, group, label
         self.pool_divisor = pool_divisor  # > 0: the output of an unpadded average pool over that many pixels
-        self.exporting = False
 
     @property
     def quantizer(self) -> ActivationQuantizer:
@@ -221,8 +220,6 @@ class QuantPoint(nn.Module):
         return f"{self.label}, group={self.group}, {self.role}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.exporting:
-            return self._qdq(x)
         if self.passthrough:
             return x
         if self.pool_divisor:
@@ -246,13 +243,6 @@ class QuantPoint(nn.Module):
                                 torch.div(acc - n // 2, n, rounding_mode="trunc"))
             out = (q_out.clamp(-half_range, half_range - 1) - zp) * torch.tensor(scale, dtype=torch.float32)
         return x + (out.to(x.dtype) - x).detach()
-
-    def _qdq(self, x: torch.Tensor) -> torch.Tensor:
-        """ONNX export: a per-tensor int8 QuantizeLinear/DequantizeLinear with the snapped grid."""
-        r = self.quantizer.snapped()
-        scale = torch.tensor(r.scale, dtype=torch.float32)
-        zp = torch.tensor(r.zero_point - 128, dtype=torch.int32)
-        return torch.fake_quantize_per_tensor_affine(x, scale, zp, -128, 127)
 
 
 class WeightQuantizer(nn.Module):

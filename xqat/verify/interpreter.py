@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ParityError
+from .backends import BACKENDS, check_backend
 
 __all__ = ["BACKENDS", "make_interpreter", "quantize_input", "QUANTIZE_RULES"]
-
-BACKENDS = ("xnnpack", "builtin", "reference")
 
 # How TFLite's own QUANTIZE op turns float32 into codes on each backend (§5.3, QUANTIZE f32->i8).
 QUANTIZE_RULES = {
@@ -26,8 +24,7 @@ def make_interpreter(model: bytes, backend: str = "xnnpack", preserve_all_tensor
     """An allocated ai_edge_litert Interpreter on `backend`."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    if backend not in BACKENDS:
-        raise ParityError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     resolver = {"xnnpack": OpResolverType.AUTO, "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
                 "reference": OpResolverType.BUILTIN_REF}[backend]
     it = Interpreter(model_content=model, experimental_op_resolver_type=resolver,

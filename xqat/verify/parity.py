@@ -18,10 +18,12 @@ from torch import nn
 
 from ..errors import ParityError, TFLiteFileError
 from ..table import format_table
-from ..tflite.metadata import XQAT_KEY, read_metadata
+from ..tflite.mapping import read_mapping
 from ..tflite.model import read_tflite
+from ..tflite.qtypes import UINT8_ZERO_POINT_SHIFT, int8_zero_point
 from ..tflite.validate import validate_model
-from ..torch_side.prepare import POINTS, is_qat_model
+from ..torch_side.prepare import POINTS, point_module, require_qat_model
+from .backends import check_backend
 from .interpreter import QUANTIZE_RULES, make_interpreter, quantize_input
 
 __all__ = ["parity", "ParityReport", "TensorParity"]
@@ -129,8 +131,8 @@ def _to_tflite_layout(a: np.ndarray) -> np.ndarray:
 
 
 def _point_grid(model: nn.Module, key: str) -> tuple[float, int]:
-    s, zp = model.get_submodule(f"{POINTS}.{key}").quantizer.scale_zero_point()
-    return s, zp - 128
+    s, zp = point_module(model, key).quantizer.scale_zero_point()
+    return s, int8_zero_point(zp)
 
 
 def _codes(x: torch.Tensor, scale: float, zp: int) -> np.ndarray:
@@ -143,32 +145,37 @@ def parity(model: nn.Module, tflite: str | os.PathLike | bytes, inputs, backend:
     through the .tflite interpreter one by one; compare integer codes at the output (and every layer)."""
     raw = tflite if isinstance(tflite, bytes) else _read(tflite)
     path = "<bytes>" if isinstance(tflite, bytes) else str(tflite)
-    if not is_qat_model(model):
-        raise ParityError(f"{type(model).__name__} was not made by xqat.prepare_qat; pass the QAT model")
+    require_qat_model(model, "compare it with a .tflite")
+    check_backend(backend)
     tfl = validate_model(read_tflite(raw if isinstance(tflite, bytes) else tflite))
-    meta = _mapping(read_metadata(raw, XQAT_KEY), path, len(tfl.tensors))
+    mapping = read_mapping(raw, path)
     x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
     x = x.float()
     if x.numel() == 0 or not bool(torch.isfinite(x).all()):
         raise ParityError(f"the parity inputs must be a non-empty batch of finite numbers; got shape "
                           f"{tuple(x.shape)}{'' if x.numel() == 0 else ' with NaN or Inf values'}")
-    expected = tuple(meta["input_shape"])
+    expected = mapping.input_shapes[0]
     if x.dim() != len(expected) or tuple(x.shape[1:]) != expected[1:]:
         raise ParityError(f"inputs of shape {tuple(x.shape)} do not fit {path}, exported for {list(expected)} "
                           "(batch may differ)")
-    points = meta["points"]
-    missing = [p["key"] for p in points if p["key"] not in getattr(model, POINTS)]
-    if missing or len(points) != len(getattr(model, POINTS)):
-        raise ParityError(f"{path} does not match this model: its {len(points)} fake-quant points vs the model's "
-                          f"{len(getattr(model, POINTS))} (missing here: {missing[:5]}); was it exported from "
+    model_points = getattr(model, POINTS)
+    missing = [p.key for p in mapping.points if p.key not in model_points]
+    if missing or len(mapping.points) != len(model_points):
+        raise ParityError(f"{path} does not match this model: its {len(mapping.points)} fake-quant points vs the "
+                          f"model's {len(model_points)} (missing here: {missing[:5]}); was it exported from "
                           "another architecture?")
+    points = [p for p in mapping.points if p.tensor is not None]  # None: not located by a non-strict export
+    n_tensors = len(tfl.tensors)
+    if any(not 0 <= p.tensor < n_tensors for p in points):
+        raise ParityError(f"{path}: the stored mapping points past the file's {n_tensors} tensors; re-export")
+
     # torch side: eval simulation, capturing every point
     captured: dict[str, torch.Tensor] = {}
     hooks = []
     if layerwise:
         for p in points:
-            mod = model.get_submodule(f"{POINTS}.{p['key']}")
-            hooks.append(mod.register_forward_hook(lambda m, a, out, k=p["key"]: captured.__setitem__(k, out)))
+            mod = point_module(model, p.key)
+            hooks.append(mod.register_forward_hook(lambda m, a, out, k=p.key: captured.__setitem__(k, out)))
     was_training = model.training
     model.eval()
     try:
@@ -183,10 +190,10 @@ def parity(model: nn.Module, tflite: str | os.PathLike | bytes, inputs, backend:
     it = _interpreter(raw, path, backend, layerwise)
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
     io_float = inp["dtype"] == np.float32
-    in_point = meta["input_point"]
+    in_point = mapping.input_points[0]
     s_in, zp_in = _point_grid(model, in_point)
     xs = _to_tflite_layout(x.numpy())
-    tfl_out, tfl_layers = [], {p["key"]: [] for p in points} if layerwise else {}
+    tfl_out, tfl_layers = [], {p.key: [] for p in points} if layerwise else {}
     for i in range(len(xs)):
         xi = xs[i:i + 1]
         if io_float:
@@ -201,31 +208,31 @@ def parity(model: nn.Module, tflite: str | os.PathLike | bytes, inputs, backend:
             raise TFLiteFileError(f"{path}: the interpreter fails to run the model ({_first_line(e)})") from e
         tfl_out.append(it.get_tensor(out["index"]).copy())
         for p in points if layerwise else ():
-            tfl_layers[p["key"]].append(it.get_tensor(p["tensor"]).copy())
-    out_key = meta["output_point"]
+            tfl_layers[p.key].append(it.get_tensor(p.tensor).copy())
+    out_key = mapping.output_points[0]
     s_out, zp_out = _point_grid(model, out_key)
     t_out = np.concatenate(tfl_out)
     if out["dtype"] == np.float32:
         t_codes = np.round(t_out / s_out).astype(np.int64) + zp_out
     else:
-        t_codes = t_out.astype(np.int64) - (128 if out["dtype"] == np.uint8 else 0)
+        t_codes = t_out.astype(np.int64) - (UINT8_ZERO_POINT_SHIFT if out["dtype"] == np.uint8 else 0)
     y_codes = _to_tflite_layout(_codes(y, s_out, zp_out))
     if y_codes.shape != t_codes.shape:
         raise ParityError(f"output shapes differ: torch {y_codes.shape} vs tflite {t_codes.shape}")
-    outputs = [_stats(meta["labels"][out_key], out["index"], y_codes, t_codes, classifier=True)]
+    outputs = [_stats(mapping.point(out_key).label, out["index"], y_codes, t_codes, classifier=True)]
     report = ParityReport(backend, path, len(xs), "float I/O: the model's own QUANTIZE op" if io_float
                           else QUANTIZE_RULES[backend], outputs, tolerance=tolerance)
     if not io_float:
         report.input_rule += f" (input scale {s_in:.6g}, zero point {zp_in})"
     for p in points if layerwise else ():
-        s, zp = _point_grid(model, p["key"])
-        tc = _to_tflite_layout(_codes(captured[p["key"]], s, zp))
-        lc = np.concatenate(tfl_layers[p["key"]]).astype(np.int64)
+        s, zp = _point_grid(model, p.key)
+        tc = _to_tflite_layout(_codes(captured[p.key], s, zp))
+        lc = np.concatenate(tfl_layers[p.key]).astype(np.int64)
         if lc.shape != tc.shape:
             lc = lc.reshape(tc.shape) if lc.size == tc.size else lc
         if lc.shape != tc.shape:
-            raise ParityError(f"layer '{meta['labels'][p['key']]}': torch shape {tc.shape} vs tflite {lc.shape}")
-        report.layers.append(_stats(meta["labels"][p["key"]], p["tensor"], tc, lc, classifier=False))
+            raise ParityError(f"layer '{p.label}': torch shape {tc.shape} vs tflite {lc.shape}")
+        report.layers.append(_stats(p.label, p.tensor, tc, lc, classifier=False))
     report.first_divergent = next((t.name for t in report.layers if t.diverges(tolerance)), None)
     return report
 
@@ -241,24 +248,6 @@ def _interpreter(raw: bytes, path: str, backend: str, layerwise: bool):
         return make_interpreter(raw, backend, preserve_all_tensors=layerwise)
     except (ValueError, RuntimeError) as e:
         raise TFLiteFileError(f"{path}: the TFLite interpreter refuses the model ({_first_line(e)})") from e
-
-
-def _mapping(meta, path: str, n_tensors: int) -> dict:
-    """The xqat mapping stored at export, checked for the fields and tensor indices parity uses."""
-    if meta is None:
-        raise ParityError(f"{path} carries no xqat mapping: export it with xqat.export_tflite / `xqat export`")
-    try:
-        ok = (isinstance(meta["points"], list) and isinstance(meta["labels"], dict)
-              and all(isinstance(p["key"], str) and isinstance(p["tensor"], int) and 0 <= p["tensor"] < n_tensors
-                      and p["key"] in meta["labels"] for p in meta["points"])
-              and meta["input_point"] in meta["labels"] and meta["output_point"] in meta["labels"]
-              and all(isinstance(d, int) and d >= 1 for d in meta["input_shape"]))
-    except (KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise ParityError(f"{path}: the stored xqat mapping is damaged or points past the file's {n_tensors} "
-                          "tensors; re-export the model")
-    return meta
 
 
 def _read(path) -> bytes:

@@ -10,7 +10,7 @@ from types import MappingProxyType
 
 __all__ = ["BACKENDS", "RULES", "XNNPACK_OPS", "rules_for"]
 
-BACKENDS = ("reference", "builtin", "xnnpack")
+from ..backends import BACKENDS  # the one definition (verify/backends.py)
 
 _REFERENCE = {
     "conv": "gemmlowp",            # MultiplyByQuantizedMultiplier, double rounding (§5.2)

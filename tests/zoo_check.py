@@ -1,0 +1,132 @@
+"""One zoo model through the whole chain, as a user would run it: prepare -> a few training steps -> strict
+export -> parity and emulator on three backends -> EdgeTPU check. Shared by tests/test_model_zoo.py and
+benchmarks/model_zoo.py; every stage's failure is recorded with its one-line reason, never raised."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import xqat
+from tests.real_models import ZooModel
+
+BACKENDS = ("xnnpack", "builtin", "reference")
+
+
+@dataclass
+class ZooResult:
+    """What happened to one model at one input size; `error` names the first stage that failed and why."""
+
+    model: str
+    size: tuple[int, int]
+    stage: str = "build"  # the last stage reached: build, prepare, train, export, parity, emulate, edgetpu, done
+    error: str = ""
+    identical: dict[str, float] = field(default_factory=dict)  # backend -> share of output codes identical
+    max_abs: dict[str, int] = field(default_factory=dict)
+    top1: dict[str, float | None] = field(default_factory=dict)
+    emulator_exact: dict[str, bool] = field(default_factory=dict)
+    edgetpu_mapped: float | None = None  # share of ops in the TPU segment
+    edgetpu_fully_mapped: bool | None = None
+    edgetpu_export: str = ""  # "ok" / the reason export_tflite(edgetpu=True) refused; "" when not asked
+
+    @property
+    def ok(self) -> bool:
+        return self.stage == "done" and not self.error
+
+
+def _outputs(y) -> list[torch.Tensor]:
+    if isinstance(y, torch.Tensor):
+        return [y]
+    if isinstance(y, dict):
+        y = list(y.values())
+    return [t for o in y for t in _outputs(o)]
+
+
+def train_a_few_steps(qat: torch.nn.Module, z: ZooModel, size: tuple[int, int], steps: int = 3) -> None:
+    """Random inputs, a loss on every output: ranges observed, BN statistics and weights moved."""
+    qat.train()
+    opt = torch.optim.SGD([p for p in qat.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    for i in range(steps):
+        opt.zero_grad()
+        loss = sum(o.float().square().mean() for o in _outputs(qat(*z.example(size, batch=4, seed=100 + i))))
+        loss.backward()
+        opt.step()
+    qat.eval()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def emulator_matches(path: Path, xs: tuple[torch.Tensor, ...], backend: str) -> bool:
+    """The integer emulator's outputs equal the interpreter's, bit for bit, on the same int8 inputs."""
+    from xqat.verify.interpreter import make_interpreter, quantize_input
+
+    raw = path.read_bytes()
+    it = make_interpreter(raw, backend)
+    ins = it.get_input_details()
+    feeds = []
+    for d, x in zip(ins, xs):
+        a = x.numpy()
+        a = np.ascontiguousarray(a.transpose(0, 2, 3, 1)) if a.ndim == 4 else a
+        if a.ndim == 3 and len(d["shape"]) == 3 and tuple(d["shape"][1:]) != a.shape[1:]:
+            a = np.ascontiguousarray(a.transpose(0, 2, 1))  # (N, C, T) -> (N, T, C)
+        s, zp = d["quantization"]
+        feeds.append(quantize_input(a, s, zp, d["dtype"], backend))
+    expected: list[list[np.ndarray]] = []
+    for i in range(len(feeds[0])):
+        for d, f in zip(ins, feeds):
+            it.set_tensor(d["index"], f[i:i + 1])
+        it.invoke()
+        expected.append([it.get_tensor(o["index"]).copy() for o in it.get_output_details()])
+    got = xqat.Emulator(raw, backend=backend).run(feeds)
+    want = [np.concatenate([e[k] for e in expected]) for k in range(len(expected[0]))]
+    return len(got) == len(want) and all(np.array_equal(np.asarray(g), w) for g, w in zip(got, want))
+
+
+def check_model(z: ZooModel, size: tuple[int, int], workdir: str | os.PathLike, n_inputs: int = 8,
+                backends: tuple[str, ...] = BACKENDS) -> ZooResult:
+    """Run `z` at `size` through the chain; stop at the first failing stage and record why."""
+    r = ZooResult(z.name, size)
+    path = Path(workdir) / (z.name.replace("/", "_").replace(" ", "_") + f"_{size[0]}x{size[1]}.tflite")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.manual_seed(0)
+            model = z.build().eval()
+            r.stage = "prepare"
+            qat = xqat.prepare_qat(model, z.example(size))
+            r.stage = "train"
+            train_a_few_steps(qat, z, size)
+            r.stage = "export"
+            xqat.export_tflite(qat, z.example(size), path)
+            r.stage = "parity"
+            xs = z.example(size, batch=n_inputs, seed=7)
+            for b in backends:
+                rep = xqat.parity(qat, path, xs[0] if len(xs) == 1 else xs, backend=b)
+                worst = min(rep.outputs, key=lambda t: t.identical)
+                r.identical[b] = min(t.identical for t in rep.outputs)
+                r.max_abs[b] = max(t.max_abs for t in rep.outputs)
+                r.top1[b] = worst.top1_agreement
+            r.stage = "emulate"
+            for b in backends:
+                r.emulator_exact[b] = emulator_matches(path, xs, b)
+            r.stage = "edgetpu"
+            tpu = xqat.check_edgetpu(path)
+            r.edgetpu_mapped, r.edgetpu_fully_mapped = tpu.mapped_op_share, tpu.fully_mapped
+            if z.edgetpu:
+                try:
+                    xqat.export_tflite(qat, z.example(size), path.with_suffix(".edgetpu.tflite"), edgetpu=True)
+                    r.edgetpu_export = "ok"
+                except xqat.XQATError as e:
+                    r.edgetpu_export = _first_line(e)
+            r.stage = "done"
+        except Exception as e:  # recorded, not raised: the table shows every model's first failure
+            r.error = _first_line(e)
+    return r

@@ -1,0 +1,73 @@
+"""ONNX constant folding: the part of onnxsim that onnx2tf's layout handling relies on (onnxsim is not run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["onnx_constants", "fold_constants"]
+
+
+def onnx_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every initializer and Constant node output of `model`, by tensor name, as numpy arrays."""
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type != "Constant" or not n.output:
+            continue
+        for a in n.attribute:
+            if a.name == "value":
+                consts[n.output[0]] = numpy_helper.to_array(a.t)
+            elif a.name in ("value_float", "value_int", "value_floats", "value_ints"):
+                v = onnx.helper.get_attribute_value(a)
+                consts[n.output[0]] = np.asarray(v, np.float32 if "float" in a.name else np.int64)
+    return consts
+
+
+
+_NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "Constant"}
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Evaluate every node whose inputs are all constants (shape arithmetic such as the pads torch
+    computes for F.pad) into an initializer, and drop what becomes dead. This is the part of onnxsim
+    that onnx2tf's layout handling relies on; onnxsim itself is not run. Q/DQ pairs are kept."""
+    from onnx.reference import ReferenceEvaluator
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    consts = onnx_constants(out)
+    opsets = list(out.opset_import)
+    folded: dict[str, np.ndarray] = {}
+    for n in g.node:
+        if (n.op_type in _NEVER_FOLD or n.domain not in ("", "ai.onnx") or not n.input
+                or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
+                or not all(x == "" or x in consts for x in n.input)):
+            continue
+        single = onnx.helper.make_model(
+            onnx.helper.make_graph([n], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None) for o in n.output],
+                                   [numpy_helper.from_array(np.asarray(consts[x]), x) for x in set(n.input) if x]),
+            opset_imports=opsets)
+        try:
+            values = ReferenceEvaluator(single).run(None, {})
+        except Exception:  # leave anything the reference runtime cannot evaluate to onnx2tf
+            continue
+        for name, v in zip(n.output, values):
+            consts[name] = folded[name] = np.asarray(v)
+    if not folded:
+        return out
+    keep = [n for n in g.node if not (n.output and all(o in folded for o in n.output))]
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in folded.items())
+    needed = {o.name for o in g.output}
+    alive: list[onnx.NodeProto] = []
+    for n in reversed(keep):  # dead-code elimination, graph order is topological
+        if any(o in needed for o in n.output):
+            alive.append(n)
+            needed.update(x for x in n.input if x)
+    del g.node[:]
+    g.node.extend(reversed(alive))
+    inits = [i for i in g.initializer if i.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    return out
