@@ -252,3 +252,25 @@ def test_single_byte_flips_never_crash_hang_or_mislead(subject):
     for name, f in _flips(raw, FLIPS, SEED).items():
         bad += _judge(name, f, qat, x, codes)[0]
     assert not bad, f"{len(bad)} of {FLIPS} files:\n" + "\n".join(bad[:20])
+
+
+def test_check_edgetpu_cli_calls_an_invalid_model_invalid(subject, tmp_path, capsys):
+    from xqat.cli import main
+
+    path = tmp_path / "stride0.tflite"
+    path.write_bytes(_patch(subject[1], CRAFTED["conv_stride_0"]))
+    assert main(["check-edgetpu", str(path)]) == 2  # was: FULLY MAPPED, exit 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stride0.tflite" in err and "strides (0, 1)" in err, err
+
+
+def test_mac_total_does_not_wrap_around():
+    from xqat.edgetpu.check import op_macs
+    from xqat.tflite.model import TFLiteModel, TFLiteOp, TFLiteTensor
+
+    def tensor(i, shape):
+        return TFLiteTensor(i, f"t{i}", "INT8", shape, shape, np.zeros(0, np.float32), np.zeros(0, np.int64), 0, None)
+
+    huge = (1, 1 << 31, 1 << 31, 8)  # 2^65 output elements: int64 products wrap to a negative number
+    m = TFLiteModel((), (tensor(0, (1, 8, 8, 8)), tensor(1, (8, 3, 3, 8)), tensor(2, huge)), (0,), (2,), 1, "x")
+    assert op_macs(m, TFLiteOp(0, "CONV_2D", 1, (0, 1), (2,))) == (1 << 65) * 72

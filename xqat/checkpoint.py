@@ -63,7 +63,7 @@ def _import_file(p: Path):
     folder = str(p.resolve().parent)
     if folder not in sys.path:
         sys.path.append(folder)
-    s = importlib.util.spec_from_file_location(f"xqat_factory_{p.stem}", p)
+    s = importlib.util.spec_from_file_location(p.stem, p)
     if s is None or s.loader is None:
         raise XQATError(f"model factory file {p} is not a Python module (give path/to/file.py:FUNCTION)")
     module = importlib.util.module_from_spec(s)
