@@ -242,8 +242,10 @@ def test_crafted_files_are_refused_cleanly(subject):
         bad += problems
         refused[name] = tools is not None and tools["edgetpu"][0] == "refused"
     assert not bad, "\n".join(bad)
-    structural = [n for n in CRAFTED if not n.startswith("metadata")]
-    assert [n for n in structural if not refused[n]] == []  # every structural defect: an error, not a verdict
+    # every structural defect is an error, not a verdict; an op version no runtime has is a FAIL finding of
+    # check_edgetpu (F5), and the emulator and parity refuse it
+    structural = [n for n in CRAFTED if not n.startswith("metadata") and n != "conv_version_99"]
+    assert [n for n in structural if not refused[n]] == []
 
 
 def test_single_byte_flips_never_crash_hang_or_mislead(subject):

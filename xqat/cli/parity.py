@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output(args.plot, "plot")  # every argument checked before the slow work
     check_output(args.json, "JSON report")
-    validate_model(read_tflite(args.tflite))
+    validate_model(read_tflite(args.tflite), runnable=True)
     x = load_inputs(args.data) if args.data else None
     load_factory(args.model)
 

@@ -147,7 +147,7 @@ def parity(model: nn.Module, tflite: str | os.PathLike | bytes, inputs, backend:
     path = "<bytes>" if isinstance(tflite, bytes) else str(tflite)
     require_qat_model(model, "compare it with a .tflite")
     check_backend(backend)
-    tfl = validate_model(read_tflite(raw if isinstance(tflite, bytes) else tflite))
+    tfl = validate_model(read_tflite(raw if isinstance(tflite, bytes) else tflite), runnable=True)
     mapping = read_mapping(raw, path)
     x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
     x = x.float()

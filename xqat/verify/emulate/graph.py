@@ -44,9 +44,9 @@ class Emulator:
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 (the interpreter's thread count), got {num_threads}")
         self.num_threads = int(num_threads)
-        self.model = model if isinstance(model, TFLiteModel) else read_tflite(model)
         try:  # what the runtime would refuse, the emulator refuses too (the one validator's message)
-            validate_model(self.model)
+            self.model = validate_model(model if isinstance(model, TFLiteModel) else read_tflite(model),
+                                        runnable=True)
         except TFLiteFileError as e:
             raise EmulationError(str(e)) from e
         self.backend = backend
