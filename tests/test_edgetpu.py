@@ -444,7 +444,7 @@ def test_patched_violations(models):
 
     def wrong_axis(m, op):
         tensors(m)[op.inputs[1]].quantization.quantizedDimension = 3
-    with pytest.raises(TFLiteFileError, match="per-channel scales along dimension 3"):
+    with pytest.raises(TFLiteFileError, match="per-axis quantization"):
         check_edgetpu(_set_op_field(clean, "CONV_2D", wrong_axis))
 
     def overflow(m, op):

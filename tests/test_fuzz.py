@@ -263,7 +263,7 @@ def test_check_edgetpu_cli_calls_an_invalid_model_invalid(subject, tmp_path, cap
     path.write_bytes(_patch(subject[1], CRAFTED["conv_stride_0"]))
     assert main(["check-edgetpu", str(path)]) == 2  # was: FULLY MAPPED, exit 0
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "stride0.tflite" in err and "strides (0, 1)" in err, err
+    assert err.count("\n") == 1 and "stride0.tflite" in err and "strides (1, 0)" in err, err
 
 
 def test_mac_total_does_not_wrap_around():
