@@ -35,7 +35,7 @@ def validate_model(m: TFLiteModel, *, runnable: bool = False) -> TFLiteModel:
     """Raise TFLiteFileError if `m` is structurally invalid (see the module docstring); return it otherwise.
 
     runnable=True (emulator, parity): also refuse ops this TFLite runtime does not implement (an op code or
-    version it lacks). False (check_edgetpu): those are findings of the op rules, not a corrupt file."""
+    version it lacks). False (check_edgetpu): those are findings of its op rules (F4, F5), not a corrupt file."""
     _runtime_verifier(m, runnable)
     n = len(m.tensors)
     try:
