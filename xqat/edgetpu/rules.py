@@ -77,7 +77,9 @@ OP_RULES: tuple[OpRule, ...] = (
     OpRule("O8", CPU, _RESIZE, ops.resize_mode,
            "use nn.Upsample(mode='nearest') or bilinear without half-pixel centers (align_corners=True maps)",
            note=PAIR_EVIDENCE["RESIZE_BILINEAR"]),
-    OpRule("O8", CPU, _RESIZE, ops.resize_from_1x1, "broadcast a 1x1 map with TILE (expand/repeat) instead",
+    OpRule("O8", CPU, _RESIZE, ops.resize_from_1x1,
+           "keep the broadcast of a 1x1 map off the TPU path: TILE version 1 (uint8) maps, but int8 TILE is "
+           "version 3, which compiler 16 refuses (F5)",
            note=PAIR_EVIDENCE["RESIZE_BILINEAR"]),
     OpRule("O8", CPU, _RESIZE, ops.resize_size, "resize in postprocessing, or to a smaller output",
            note=PAIR_EVIDENCE["RESIZE_BILINEAR"]),

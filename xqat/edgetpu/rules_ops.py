@@ -206,8 +206,8 @@ def resize_mode(m, op):
 def resize_from_1x1(m, op):
     x, out = input_tensor(m, op, 0), m.tensors[op.outputs[0]]
     if x is not None and len(x.shape) == 4 and x.shape[1:3] == (1, 1) and out.shape[1:3] != (1, 1):
-        return (f"{op.name} from a 1x1 map to {list(out.shape[1:3])} (a broadcast) stays on the CPU, as in a "
-                "compiled DeepLab's image pooling; TILE, which maps, broadcasts the same")
+        return (f"{op.name} from a 1x1 map to {list(out.shape[1:3])} (a broadcast) stays on the CPU, as the "
+                "image-pooling resize of a compiled DeepLab did")
     return None
 
 

@@ -105,8 +105,10 @@ def io_conversion(m, op):
     if not is_boundary_op(m, op):
         return None
     ins, outs = tensors(m, op.inputs), tensors(m, op.outputs)
-    if ins and ins[0].dtype in _FLOATS:
+    if ins and ins[0].dtype in _FLOATS and ins[0].index in m.inputs:
         return f"{op.name} of the float input '{ins[0].name}' runs on the CPU, before the TPU segment"
+    if ins and ins[0].dtype in _FLOATS:
+        return f"{op.name} of the float tensor '{ins[0].name}' to the output '{outs[0].name}' runs on the CPU"
     if outs and outs[0].dtype in _FLOATS:
         return f"{op.name} to the float output '{outs[0].name}' runs on the CPU, after the TPU segment"
     return None
