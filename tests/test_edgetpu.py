@@ -255,6 +255,23 @@ class _Models:
             return fq(tiled + corners, -8, 8), from_1x1, padded
         return _convert(tf, self.fn([1, 4, 4, 8], body))
 
+    def _torch_ops(self):  # the ops xqat's exporter emits for SiLU, chunk, slicing, shuffles, upsampling, ...
+        tf, fq = self.tf, self.tf.quantization.fake_quant_with_min_max_args
+        kt, bt = self.w(3, 3, 8, 8), self.w(8)
+
+        def body(x):
+            x = fq(x, -4, 4)
+            s = fq(x * fq(tf.sigmoid(x), 0, 1), -4, 4)  # LOGISTIC, inner QUANTIZE, MUL
+            a, b = tf.split(s, 2, axis=-1)  # SPLIT
+            c = fq(a[:, 1:3, :, :], -4, 4)  # STRIDED_SLICE
+            t = fq(tf.transpose(b, [0, 2, 1, 3]), -4, 4)  # TRANSPOSE
+            up = fq(tf.compat.v1.image.resize_nearest_neighbor(t, [8, 8]), -4, 4)
+            cat = fq(tf.concat([up, up], -1), -4, 4)
+            y = fq(tf.nn.conv2d_transpose(cat, kt, [1, 16, 16, 8], 2, "SAME") + bt, -8, 8)  # TRANSPOSE_CONV v3
+            bmm = fq(tf.matmul(tf.reshape(c, [1, 8, 4]), tf.reshape(c, [1, 8, 4]), transpose_b=True), -8, 8)
+            return fq(y * tf.nn.relu6(y + 3.0) / 6.0, -4, 8), bmm, c  # HARD_SWISH
+        return _convert(tf, self.fn([1, 4, 4, 8], body))
+
     def _big(self):
         tf, k = self.tf, self.w(3000, 3000)
 
@@ -478,6 +495,20 @@ def test_tile_resize_padv2(models):
             if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.TILE:
                 c.version = 1
     assert not _find(check_edgetpu(_patch(raw, tile_v1)), "F5", op_name="TILE")
+
+
+def test_ops_of_torch_models(models):
+    """The ops xqat's exporter emits for torchvision/timm layers: what maps, what runs on the CPU."""
+    raw = models["torch_ops"]
+    r = check_edgetpu(raw)
+    names = read_tflite(raw).op_names()
+    assert names == ["LOGISTIC", "QUANTIZE", "MUL", "SPLIT", "STRIDED_SLICE", "RESHAPE", "BATCH_MATMUL", "TRANSPOSE",
+                     "RESIZE_NEAREST_NEIGHBOR", "CONCATENATION", "TRANSPOSE_CONV", "HARD_SWISH"]
+    assert r.ok and {(f.op_name, f.level) for f in r.findings} == {
+        ("BATCH_MATMUL", "CPU"), ("HARD_SWISH", "CPU"), ("TRANSPOSE", "WARN"), ("TRANSPOSE_CONV", "WARN")}
+    assert r.segment_start == 0 and r.first_cpu_op == names.index("BATCH_MATMUL")
+    assert "FULLY_CONNECTED" in r.segment_end_reason  # how to make it map
+    assert read_tflite(raw).ops[names.index("TRANSPOSE_CONV")].version == 3  # with bias, no fused act: known
 
 
 def _coral_pairs():
