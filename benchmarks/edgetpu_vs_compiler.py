@@ -1,7 +1,7 @@
 """The EdgeTPU check against the real compiler: predicted vs actual mapped share and CPU ops, per compiled pair.
 
 A pair is X.tflite (what was fed to edgetpu_compiler) and X_edgetpu.tflite (what it produced) in one folder.
-Run from the repo root: .venv/bin/python -m benchmarks.edgetpu_vs_compiler tests/data/coral
+Run from the repo root: .venv/bin/python -m benchmarks.edgetpu_vs_compiler [DIR]   (default: tests/data/coral)
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def table(results: list[CompilerComparison]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("folder", help="folder of X.tflite + X_edgetpu.tflite pairs")
+    ap.add_argument("folder", nargs="?", default=str(Path(__file__).resolve().parents[1] / "tests" / "data" / "coral"),
+                    help="folder of X.tflite + X_edgetpu.tflite pairs (default: tests/data/coral)")
     ap.add_argument("-v", "--verbose", action="store_true", help="also print where each TPU segment ends")
     args = ap.parse_args(argv)
     pairs = find_pairs(args.folder)

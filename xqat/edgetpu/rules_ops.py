@@ -21,7 +21,7 @@ SUPPORTED_OPS = frozenset({
     "RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR", "SLICE", "SPACE_TO_DEPTH", "SPLIT", "SOFTMAX", "SQUEEZE",
     "STRIDED_SLICE", "TILE",
 })
-# What compiled pairs showed, where it adds to or overrides the table (docs/edgetpu.md, "Evidence").
+# What compiled pairs showed, where it adds to or overrides the table (docs/edgetpu.md, "Evidence from compiled pairs").
 PAIR_EVIDENCE = {
     "TILE": "not in Coral's table, but a compiled MobileNet-EdgeTPU DeepLab mapped it (the pair wins)",
     "UNIDIRECTIONAL_SEQUENCE_LSTM": "a compiled int8 Keras LSTM mapped it whole, int16 cell state included",

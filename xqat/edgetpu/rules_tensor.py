@@ -21,7 +21,7 @@ _INT32_MAX = 2**31 - 1
 _BOUNDED_ACTS = {"RELU6": (0.0, 6.0), "RELU_N1_TO_1": (-1.0, 1.0)}
 _FLOATS = ("FLOAT32", "FLOAT16", "FLOAT64")
 # The int8 LSTM kernels keep their cell state (input 19) in int16; the compiler maps them all the same
-# (compiled pair keras_lstm_mnist_ptq, docs/edgetpu.md "Evidence").
+# (compiled pair keras_lstm_mnist_ptq, docs/edgetpu.md, "Evidence from compiled pairs").
 _LSTM_STATE_INPUTS = {"UNIDIRECTIONAL_SEQUENCE_LSTM": (19,), "LSTM": (19,)}
 
 def _activations(m: TFLiteModel, op: TFLiteOp) -> list[TFLiteTensor]:
