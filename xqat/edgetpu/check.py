@@ -19,7 +19,7 @@ from ..table import format_table
 from ..tflite.model import TFLiteModel, TFLiteOp, read_tflite
 from .rules import CPU, FAIL, MODEL_RULES, OP_RULES, WARN
 
-__all__ = ["Finding", "EdgeTPUReport", "check_edgetpu", "op_macs"]
+__all__ = ["Finding", "EdgeTPUReport", "check_edgetpu", "op_macs", "segment"]
 
 _LEVEL_ORDER = {FAIL: 0, CPU: 1, WARN: 2}
 

@@ -25,9 +25,10 @@ SUPPORTED_OPS = frozenset({
 PAIR_EVIDENCE = {
     "TILE": "not in Coral's table, but a compiled MobileNet-EdgeTPU DeepLab mapped it (the pair wins)",
     "UNIDIRECTIONAL_SEQUENCE_LSTM": "a compiled int8 Keras LSTM mapped it whole, int16 cell state included",
-    "QUANTIZE": "8-bit to 8-bit requantizes inside the graph map (DeepLab, PoseNet pairs); from float it is CPU",
-    "RESIZE_BILINEAR": "align_corners=True maps (MobileNet-EdgeTPU DeepLab); a resize from a 1x1 map and one to "
-                       "a 513x513 output stayed on the CPU (DeepLab pairs)",
+    "QUANTIZE": "8-bit to 8-bit requantizes inside the graph map (MobileNet-EdgeTPU DeepLab, PoseNet pairs); "
+                "from float it is CPU",
+    "RESIZE_BILINEAR": "align_corners=True maps (MobileNet-EdgeTPU DeepLab, from DeepLab code that always sets "
+                       "it); a resize from a 1x1 map and one to a 513x513 output stayed on the CPU (DeepLab pairs)",
     "CUSTOM": "a custom op runs on the CPU and the model still compiles (PoseNet with its decoder op)",
 }
 # Listed only in newer, partly read copies of the table, or listed but known to map poorly: WARN, still mapped.
@@ -54,8 +55,8 @@ CONTROL_FLOW = frozenset({"WHILE", "IF", "CALL_ONCE", "VAR_HANDLE", "READ_VARIAB
 
 SOFTMAX_MAX_ELEMENTS = 16_000  # Coral's table: Softmax
 MEAN_Z_MULTIPLE = 4  # Coral's table: a Mean over channels needs a multiple of 4
-# 128x128 mapped and 512x512 did not (edgetpu#31); the DeepLab pairs left a 513x513 resize on the CPU while
-# 33x33 ones mapped. The cut between 128 and 512 is a guess.
+# 128x128 mapped and 512x512 did not (edgetpu#31); a compiled DeepLab left its 513x513 output resize on the CPU
+# while its smaller resizes mapped. The cut between 128 and 512 is a guess.
 RESIZE_MAX_SIDE = 256
 
 
@@ -215,7 +216,7 @@ def resize_size(m, op):
     out = m.tensors[op.outputs[0]]
     if len(out.shape) == 4 and max(out.shape[1:3]) > RESIZE_MAX_SIDE:
         return (f"{op.name} output {list(out.shape)}: resizes past {RESIZE_MAX_SIDE} a side stay on the CPU "
-                "(512x512 and 513x513 did, 128x128 and 33x33 mapped)")
+                "(a 512x512 and a 513x513 resize did; 128x128 mapped)")
     return None
 
 
