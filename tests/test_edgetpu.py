@@ -276,9 +276,9 @@ class _Models:
         tf, k = self.tf, self.w(3000, 3000)
 
         def body(x, v):
-            up = tf.compat.v1.image.resize_nearest_neighbor(x, [384, 384])  # 2.25 MiB int8, side > 256
+            up = tf.compat.v1.image.resize_nearest_neighbor(x, [384, 384])  # 4.5 MiB int8, side > 256
             return up, tf.matmul(v, k)  # 9 MB of int8 weights
-        fn = tf.function(body, input_signature=[tf.TensorSpec([1, 192, 192, 16]), tf.TensorSpec([1, 3000])])
+        fn = tf.function(body, input_signature=[tf.TensorSpec([1, 192, 192, 32]), tf.TensorSpec([1, 3000])])
         return _convert(tf, fn, "ptq", per_tensor_dense=True)
 
 
@@ -470,8 +470,8 @@ def test_tiny_scale_warns(models):
 
 def test_large_activation_resize_and_parameters(models):
     r = check_edgetpu(models["big"])
-    assert "2.2 MiB" in _find(r, "T9", "WARN", "RESIZE_NEAREST_NEIGHBOR")[0].message
-    assert "[1, 384, 384, 16]" in _find(r, "O8", "CPU")[0].message  # past 256 a side: stays on the CPU
+    assert "4.5 MiB" in _find(r, "T9", "WARN", "RESIZE_NEAREST_NEIGHBOR")[0].message
+    assert "[1, 384, 384, 32]" in _find(r, "O8", "CPU")[0].message  # past 256 a side: stays on the CPU
     assert "8.6 MiB" in _find(r, "P2", "WARN")[0].message
     assert r.param_bytes >= 9_000_000 and r.ok and not r.fully_mapped
 

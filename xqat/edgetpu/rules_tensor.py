@@ -14,7 +14,8 @@ from .rules_ops import unsupported
 from .versions import COMPILER_TF, MAX_BUILTIN_CODE, UNCERTAIN_TF, first_release, format_release
 
 PARAM_CACHE_BYTES = 8 * 2**20  # ~8 MB on-chip parameter cache
-LARGE_ACTIVATION_BYTES = 2 * 2**20  # heuristic: large activations fail to compile
+# Heuristic: very large activations fail to compile; a compiled DeepLab mapped a 3 MiB one (257x257x48).
+LARGE_ACTIVATION_BYTES = 4 * 2**20
 TINY_SCALE = 1e-6  # an int8 range narrower than ~2.5e-4 is a dead layer
 CONV_LIKE = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"})
 _INT32_MAX = 2**31 - 1
