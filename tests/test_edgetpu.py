@@ -61,6 +61,13 @@ def _patch(raw: bytes, edit) -> bytes:
     return bytes(b.Output())
 
 
+def _tile_v1(m) -> None:
+    """TILE as a uint8 TF1-era converter wrote it (version 1, which compiler 16 knows); int8 TILE is v3."""
+    for c in m.operatorCodes:
+        if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.TILE:
+            c.version = 1
+
+
 class _Models:
     """Builds each test model on first use; shared by the whole module."""
 
@@ -271,6 +278,22 @@ class _Models:
             bmm = fq(tf.matmul(tf.reshape(c, [1, 8, 4]), tf.reshape(c, [1, 8, 4]), transpose_b=True), -8, 8)
             return fq(y * tf.nn.relu6(y + 3.0) / 6.0, -4, 8), bmm, c  # HARD_SWISH
         return _convert(tf, self.fn([1, 4, 4, 8], body))
+
+    def _deeplab_head(self):  # image pooling broadcast by TILE, concat, small and full-size resizes, argmax
+        tf, fq = self.tf, self.tf.quantization.fake_quant_with_min_max_args
+        k1, k2, k3 = self.w(3, 3, 3, 8), self.w(1, 1, 8, 8), self.w(1, 1, 16, 4)
+
+        def body(x):
+            x = fq(x, -1, 1)
+            f = fq(tf.nn.relu(tf.nn.conv2d(x, fq(k1, -1, 1), 2, "SAME")), 0, 6)  # (1, 8, 8, 8)
+            p = fq(tf.nn.avg_pool2d(f, 8, 8, "VALID"), 0, 6)  # (1, 1, 1, 8)
+            p = fq(tf.nn.relu(tf.nn.conv2d(p, fq(k2, -1, 1), 1, "SAME")), 0, 6)
+            c = fq(tf.concat([fq(tf.tile(p, [1, 8, 8, 1]), 0, 6), f], -1), 0, 6)
+            y = fq(tf.nn.conv2d(c, fq(k3, -1, 1), 1, "SAME"), -8, 8)
+            y = fq(tf.compat.v1.image.resize_bilinear(y, [16, 16], align_corners=True), -8, 8)
+            y = fq(tf.compat.v1.image.resize_bilinear(y, [300, 300], align_corners=True), -8, 8)
+            return tf.argmax(y, -1)
+        return _patch(_convert(tf, self.fn([1, 16, 16, 3], body)), _tile_v1)
 
     def _big(self):
         tf, k = self.tf, self.w(3000, 3000)
@@ -490,11 +513,18 @@ def test_tile_resize_padv2(models):
     assert sum(op.name == "RESIZE_BILINEAR" for op in m.ops) == 2  # the align-corners one has no finding
     assert "only PAD" in _find(r, "O1", "CPU", "PADV2")[0].message
 
-    def tile_v1(mt):  # the uint8 TILE of a TF1-era model: version 1, which compiler 16 knows
-        for c in mt.operatorCodes:
-            if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.TILE:
-                c.version = 1
-    assert not _find(check_edgetpu(_patch(raw, tile_v1)), "F5", op_name="TILE")
+    assert not _find(check_edgetpu(_patch(raw, _tile_v1)), "F5", op_name="TILE")
+
+
+def test_deeplab_head_maps_up_to_the_full_size_resize(models):
+    """As the compiler did with a MobileNet-EdgeTPU DeepLab: TILE, CONCATENATION and the small align-corners
+    resize map; only the full-size RESIZE_BILINEAR and ARG_MAX stay on the CPU."""
+    raw = models["deeplab_head"]
+    r = check_edgetpu(raw)
+    m = read_tflite(raw)
+    assert {"TILE", "CONCATENATION"} <= set(m.op_names()) and r.ok
+    assert [m.ops[i].name for i in r.cpu_ops] == ["RESIZE_BILINEAR", "ARG_MAX"], r.table()
+    assert "300, 300" in r.segment_end_reason and r.mapped_mac_share == 1.0
 
 
 def test_ops_of_torch_models(models):
