@@ -659,9 +659,11 @@ def test_mapped_prefix_counts_macs_before_first_cpu_op(models):
 
 
 def test_runtime_table_matches_known_traps():
-    """§2: the versions that broke compiler 16 in practice are all past TF 2.5 in the table."""
+    """The versions that broke compiler 16 in practice are all past TF 2.5 in the table (docs/edgetpu.md,
+    "Compiler and op versions"); TILE v3 (int8) is TF 2.8."""
     assert RUNTIME_VERSIONS["CONV_2D"][5] == (2, 9) and len(RUNTIME_VERSIONS["TRANSPOSE_CONV"]) == 3
     assert RUNTIME_VERSIONS["QUANTIZE"][2] == (2, 7) and RUNTIME_VERSIONS["RESIZE_BILINEAR"][2] == (2, 2)
+    assert RUNTIME_VERSIONS["TILE"][2] == (2, 8) and RUNTIME_VERSIONS["GELU"][0] == (2, 9)
     for op in SUPPORTED_OPS:
         assert op in RUNTIME_VERSIONS, op
         assert RUNTIME_VERSIONS[op][0] <= (2, 5)
