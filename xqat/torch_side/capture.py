@@ -28,35 +28,45 @@ from .patterns import describe, is_pass_through_module, module_path
 
 __all__ = ["trace", "propagate_shapes", "install_input_checks", "check_input", "ConcreteTracer"]
 
-_SHAPE_ATTRS = ("shape", "ndim", "dtype", "device", "is_cuda")
-_SHAPE_METHODS = ("size", "dim", "numel", "nelement", "ndimension")
+_CONCRETE_ATTRS = ("ndim", "dtype", "device", "is_cuda")
 
 
 class _ConcreteProxy(fx.Proxy):
-    """A proxy that also holds the op's value at the example input: shape queries answer with ints."""
+    """A proxy that also holds the op's value at the example input: shape queries answer with ints, except
+    the batch size (dim 0), which stays traced, so the model still takes any batch size."""
 
     def _value(self):
         return self.node.meta.get("xqat_value")
 
+    def _batch(self) -> fx.Proxy:
+        return self.tracer.create_proxy("call_method", "size", (self, 0), {})
+
+    def _shape(self) -> tuple:
+        dims = tuple(int(d) for d in self._value().shape)
+        return (self._batch(), *dims[1:]) if dims else dims
+
     def __getattr__(self, name: str):
         value = self._value()
-        if name in _SHAPE_ATTRS and isinstance(value, torch.Tensor):
-            return getattr(value, name)
-        if name in _SHAPE_METHODS and isinstance(value, torch.Tensor):
-            return getattr(value, name)
+        if isinstance(value, torch.Tensor):
+            if name in _CONCRETE_ATTRS:
+                return getattr(value, name)
+            if name == "shape":
+                return self._shape()
+            if name == "size":
+                return lambda dim=None: self._shape() if dim is None else self._shape()[dim]
+            if name in ("dim", "ndimension"):
+                return value.dim
         return super().__getattr__(name)
 
     def __len__(self) -> int:
         value = self._value()
-        if isinstance(value, (torch.Tensor, tuple, list)):
+        if isinstance(value, (tuple, list)):
             return len(value)
         return super().__len__()
 
     def __iter__(self):
         value = self._value()
         if isinstance(value, (tuple, list)):  # e.g. `a, b = x.chunk(2, 1)`
-            return iter([self[i] for i in range(len(value))])
-        if isinstance(value, torch.Tensor):
             return iter([self[i] for i in range(len(value))])
         return super().__iter__()
 
@@ -74,15 +84,6 @@ def _concrete(a):
     if isinstance(a, slice):
         return slice(_concrete(a.start), _concrete(a.stop), _concrete(a.step))
     return a
-
-
-def _clone(v):
-    """A copy of an example value, so later in-place ops in the model do not change what a node recorded."""
-    if isinstance(v, torch.Tensor):
-        return v.clone()
-    if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
-        return type(v)(_clone(x) for x in v)
-    return v
 
 
 @contextlib.contextmanager
@@ -113,7 +114,7 @@ class ConcreteTracer(fx.Tracer):
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, *a, **k):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, *a, **k)
-        proxy.node.meta["xqat_value"] = _clone(self._run(kind, target, args, kwargs))
+        proxy.node.meta["xqat_value"] = self._run(kind, target, args, kwargs)  # only its shape is read
         return proxy
 
     @torch.no_grad()

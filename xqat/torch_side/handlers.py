@@ -224,22 +224,126 @@ def _pool_divisor(plan: Plan, node: fx.Node) -> int:
 
 
 # -- decompositions: ops TFLite runs as several tensors ------------------------------------------------
-def decompose(plan: Plan) -> None:
-    """SiLU becomes x * sigmoid(x) in the graph: TFLite runs LOGISTIC (fixed 1/256 grid) then MUL (own grid)."""
+def decompose(plan: Plan) -> bool:
+    """Rewrite ops that TFLite runs as several ops into those ops; True if the graph changed (shapes and
+    kinds are then computed again).
+
+    - SiLU -> x * sigmoid(x): LOGISTIC (fixed 1/256 grid) then MUL (own grid).
+    - channel shuffle -> reshape, transpose, reshape (ONNX has no channel-shuffle op).
+    - grouped conv (not depthwise) [+BN][+ReLU] -> chunk + per-group conv[+BN][+ReLU] + concat: the form
+      every TFLite backend runs in int8 and the EdgeTPU compiler accepts (it rejects grouped CONV_2D).
+    """
+    changed = False
+    for node in list(plan.gm.graph.nodes):
+        kind = plan.kind(node)
+        if kind is OpKind.SILU:
+            _split_silu(plan, node)
+            changed = True
+        elif kind is OpKind.GROUPED_CONV:
+            _split_groups(plan, node)
+            changed = True
+        elif _is_channel_shuffle(plan.gm, node) and kind is not None:
+            _split_channel_shuffle(plan, node)
+            changed = True
+    if changed:
+        plan.gm.graph.eliminate_dead_code()
+        plan.gm.delete_all_unused_submodules()
+        plan.gm.recompile()
+    return changed
+
+
+def _split_silu(plan: Plan, node: fx.Node) -> None:
     gm = plan.gm
-    for node in list(gm.graph.nodes):
-        if plan.kind(node) is not OpKind.SILU:
-            continue
-        x = node.args[0]
-        with gm.graph.inserting_before(node):
-            sig = gm.graph.call_function(torch.sigmoid, (x,))
-            mul = gm.graph.call_function(operator.mul, (x, sig))
-        for new, name in ((sig, "sigmoid"), (mul, "silu")):
-            new.meta = dict(node.meta)
-            new.meta["xqat_functional"] = name
-        if node.op == "call_module":  # labels follow the SiLU module's path
-            sig.meta["xqat_label"], mul.meta["xqat_label"] = f"{node.target}.sigmoid", str(node.target)
-        node.replace_all_uses_with(mul)
-        gm.graph.erase_node(node)
-        del plan.kinds[node]
-        plan.kinds[sig], plan.kinds[mul] = (OpKind.FIXED, "sigmoid"), (OpKind.MUL, "")
+    x = node.args[0]
+    with gm.graph.inserting_before(node):
+        sig = gm.graph.call_function(torch.sigmoid, (x,))
+        mul = gm.graph.call_function(operator.mul, (x, sig))
+    for new, name in ((sig, "sigmoid"), (mul, "silu")):
+        new.meta = {k: v for k, v in node.meta.items() if k != "tensor_meta"}
+        new.meta["xqat_functional"] = name
+    if node.op == "call_module":  # labels follow the SiLU module's path
+        sig.meta["xqat_label"], mul.meta["xqat_label"] = f"{node.target}.sigmoid", str(node.target)
+    node.replace_all_uses_with(mul)
+    gm.graph.erase_node(node)
+
+
+def _is_channel_shuffle(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is torch.channel_shuffle) or \
+        (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.ChannelShuffle))
+
+
+def _split_channel_shuffle(plan: Plan, node: fx.Node) -> None:
+    gm = plan.gm
+    groups = gm.get_submodule(node.target).groups if node.op == "call_module" else arg(node, 1, "groups")
+    _, c, *spatial = shape(node)
+    with gm.graph.inserting_before(node):
+        a = gm.graph.call_method("reshape", (node.args[0], (-1, groups, c // groups, *spatial)))
+        b = gm.graph.call_method("transpose", (a, 1, 2))
+        out = gm.graph.call_method("reshape", (b, (-1, c, *spatial)))
+    for new in (a, b, out):
+        new.meta = {"nn_module_stack": node.meta.get("nn_module_stack", {})}
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+
+
+def _split_groups(plan: Plan, node: fx.Node) -> None:
+    gm = plan.gm
+    conv = gm.get_submodule(node.target)
+    bn = _next_op(plan, node)
+    bn = bn if plan.kind(bn) is OpKind.BN and isinstance(gm.get_submodule(bn.target), nn.BatchNorm2d | nn.BatchNorm1d) \
+        else None
+    act_node, act = _fused_act(plan, bn if bn is not None else node)
+    g, parent_path, _, name = conv.groups, *str(node.target).rpartition(".")
+    parent = gm.get_submodule(parent_path) if parent_path else gm
+    bn_mod = gm.get_submodule(bn.target) if bn is not None else None
+    og = conv.out_channels // g
+    outs, stack = [], {"nn_module_stack": node.meta.get("nn_module_stack", {})}
+    with gm.graph.inserting_before(node):
+        parts = gm.graph.call_function(torch.chunk, (node.args[0], g, 1))
+        for i in range(g):
+            part = gm.graph.call_function(operator.getitem, (parts, i))
+            path = _register(parent, parent_path, f"{name}_g{i}", _group_conv(conv, i, og))
+            y = gm.graph.call_module(path, (part,))
+            if bn_mod is not None:
+                y = gm.graph.call_module(_register(parent, parent_path, f"{path}_bn".rpartition(".")[2],
+                                                   _group_bn(bn_mod, i, og)), (y,))
+            if act is not None:
+                y = gm.graph.call_function(torch.relu if act == Act.RELU else torch.nn.functional.relu6, (y,))
+            outs.append(y)
+        cat = gm.graph.call_function(torch.cat, (outs, 1))
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and not n.meta:
+            n.meta = dict(stack)
+    for n in (act_node, bn, node):
+        if n is not None:
+            n.replace_all_uses_with(cat)
+            gm.graph.erase_node(n)
+
+
+def _register(parent: nn.Module, parent_path: str, name: str, module: nn.Module) -> str:
+    parent.add_module(name, module)
+    return f"{parent_path}.{name}" if parent_path else name
+
+
+@torch.no_grad()
+def _group_conv(conv: nn.Conv2d | nn.Conv1d, i: int, og: int) -> nn.Module:
+    g = conv.groups
+    part = type(conv)(conv.in_channels // g, og, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                      bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    part.weight.copy_(conv.weight[i * og:(i + 1) * og])
+    if conv.bias is not None:
+        part.bias.copy_(conv.bias[i * og:(i + 1) * og])
+    return part.to(conv.weight.device)
+
+
+@torch.no_grad()
+def _group_bn(bn: nn.BatchNorm2d | nn.BatchNorm1d, i: int, og: int) -> nn.Module:
+    part = type(bn)(og, eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats)
+    sl = slice(i * og, (i + 1) * og)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        src = getattr(bn, name)
+        if src is not None:
+            getattr(part, name).copy_(src[sl])
+    if bn.track_running_stats:
+        part.num_batches_tracked.copy_(bn.num_batches_tracked)
+    return part.to(bn.running_mean.device if bn.running_mean is not None else "cpu")

@@ -19,6 +19,7 @@ from torch import fx, nn
 
 class OpKind(Enum):
     CONV = "conv"  # Conv1d/Conv2d/depthwise/ConvTranspose2d: fuses a following BN and ReLU/ReLU6
+    GROUPED_CONV = "grouped_conv"  # split into per-group convs + concat before planning
     LINEAR = "linear"  # Linear: fuses a following ReLU/ReLU6
     ADD = "add"  # add of two tensors: fuses a following ReLU/ReLU6
     MUL = "mul"  # mul of two tensors (SE gates, SiLU's x*sigmoid(x)): its own range
@@ -155,6 +156,19 @@ def _interpolate(node: fx.Node, mode: str, align_corners) -> Kind:
     return OpKind.UNSUPPORTED, f"interpolate mode {mode!r}: TFLite resizes only 'nearest' and 'bilinear'"
 
 
+def _permute(node: fx.Node) -> Kind:
+    """A transpose/permute that keeps every dim in place is an identity; any other moves data."""
+    rank = len(shape(node))
+    if node.target in ("transpose", torch.transpose):
+        dims = [d % rank for d in (arg(node, 1, "dim0"), arg(node, 2, "dim1"))]
+        identity = dims[0] == dims[1]
+    else:
+        dims = node.args[1:] if node.op == "call_method" else arg(node, 1, "dims")
+        dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else list(dims)
+        identity = [d % rank for d in dims] == list(range(rank))
+    return (OpKind.PASS_THROUGH, "") if identity else (OpKind.SAME_SCALE, "")
+
+
 def _pad(node: fx.Node) -> Kind:
     mode, value = arg(node, 2, "mode", "constant"), arg(node, 3, "value", None)
     if mode != "constant" or value:
@@ -215,7 +229,7 @@ _FUNCTIONS: dict[object, Callable[[fx.Node], Kind]] = {
     F.adaptive_avg_pool2d: _adaptive_avg, torch.mean: lambda n: _mean_rule(n),
     F.pad: _pad, F.interpolate: lambda n: _interpolate(n, arg(n, 3, "mode", "nearest"), arg(n, 4, "align_corners")),
     torch.flatten: _reshape, torch.reshape: _reshape, torch.squeeze: _reshape, torch.unsqueeze: _reshape,
-    torch.transpose: _reshape, torch.permute: _reshape, torch.channel_shuffle: _reshape,
+    torch.transpose: _permute, torch.permute: _permute, torch.channel_shuffle: _reshape,
     operator.getitem: _getitem,
     F.dropout: _const(OpKind.PASS_THROUGH), F.dropout2d: _const(OpKind.PASS_THROUGH),
     torch.sigmoid: _const(OpKind.FIXED, "sigmoid"), F.sigmoid: _const(OpKind.FIXED, "sigmoid"),
@@ -228,8 +242,9 @@ _METHODS: dict[str, Callable[[fx.Node], Kind]] = {
     "mul": _binary(OpKind.MUL, "mul"), "mul_": _binary(OpKind.MUL, "mul"),
     "mean": lambda n: _mean_rule(n), "sigmoid": _const(OpKind.FIXED, "sigmoid"),
     "tanh": _const(OpKind.FIXED, "tanh"), "softmax": _softmax,
+    "permute": _permute, "transpose": _permute,
     **{m: _reshape for m in ("view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "view_as",
-                             "reshape_as", "permute", "transpose")},
+                             "reshape_as")},
 }
 
 
@@ -246,10 +261,11 @@ def _conv_module(m: nn.Module) -> Kind:
     if m.groups == 1 or (isinstance(m, nn.Conv2d) and m.groups == m.in_channels
                          and m.out_channels % m.in_channels == 0):
         return OpKind.CONV, ""
+    if isinstance(m, (nn.Conv2d, nn.Conv1d)) and isinstance(m.padding, tuple):
+        return OpKind.GROUPED_CONV, ""
     return OpKind.UNSUPPORTED, (
-        f"grouped convolution (groups={m.groups}, in={m.in_channels}) is not expressible in xqat yet: TFLite's "
-        "grouped CONV_2D does not run on every backend and the EdgeTPU compiler rejects it. Split it into "
-        "per-group convs + torch.cat, or use groups=1 / depthwise (groups == in_channels)")
+        f"grouped {type(m).__name__} (groups={m.groups}, in={m.in_channels}) has no int8 TFLite form in xqat; "
+        "use groups=1, or per-group layers + torch.cat")
 
 
 def _adaptive_module(node: fx.Node) -> Kind:

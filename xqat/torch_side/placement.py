@@ -84,10 +84,20 @@ class Plan:
     def add_point(self, anchor: fx.Node, kind: OpKind, slot: int | None = None, observe: bool = True,
                   passthrough: bool = False, fixed: str = "", pool_divisor: int = 0) -> int:
         slot = self.slots.new() if slot is None else slot
-        self.points.append(Point(anchor, slot, label(self.gm, anchor), kind, observe, passthrough, fixed,
-                                 pool_divisor))
+        self.points.append(Point(self._after_pass_through(anchor), slot, label(self.gm, anchor), kind, observe,
+                                 passthrough, fixed, pool_divisor))
         self.slot_of[anchor] = slot
         return slot
+
+    def _after_pass_through(self, node: fx.Node) -> fx.Node:
+        """Where the point goes: after the identities-in-eval (Dropout, DropPath, Identity) that alone consume
+        `node`, so the tensor TFLite keeps (the op's output) is the one quantized, also at a model output."""
+        while len(node.users) == 1:
+            user = next(iter(node.users))
+            if self.kind(user) is not OpKind.PASS_THROUGH or user.op == "output":
+                break
+            node = user
+        return node
 
     def alias(self, node: fx.Node, src: fx.Node) -> None:
         """`node` is `src` in the TFLite graph (an identity or folded op): no point, same range."""

@@ -66,10 +66,10 @@ def prepare_qat(model: nn.Module, example_inputs, config: QATConfig | None = Non
         if problems:
             raise UnsupportedLayerError("QATConfig(edgetpu=True): layers that can never run on the EdgeTPU:\n  "
                                         + "\n  ".join(problems))
-    calls = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
-    plan = Plan(gm, config, kinds={n: classify(gm, n) for n in calls},
-                skipped={n for n in calls if _is_skipped(gm, n, config.skip)})
-    decompose(plan)
+    plan = _plan(gm, config)
+    if decompose(plan):  # SiLU, grouped convs: rewritten into the ops TFLite runs; classify those again
+        propagate_shapes(gm, inputs, name)
+        plan = _plan(gm, config)
     for node in list(gm.graph.nodes):
         if node.op == "placeholder":
             if is_tensor(node):
@@ -95,6 +95,12 @@ def prepare_qat(model: nn.Module, example_inputs, config: QATConfig | None = Non
     getattr(gm, QUANTIZERS).xqat_config = config  # a plain Module attribute: survives deepcopy and pickling
     gm.train(was_training)
     return gm
+
+
+def _plan(gm: fx.GraphModule, config: QATConfig) -> Plan:
+    calls = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+    return Plan(gm, config, kinds={n: classify(gm, n) for n in calls},
+                skipped={n for n in calls if _is_skipped(gm, n, config.skip)})
 
 
 def _inputs(node: fx.Node, kind: OpKind) -> list[fx.Node]:
