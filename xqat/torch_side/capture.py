@@ -43,7 +43,7 @@ class _ConcreteProxy(fx.Proxy):
 
     def _shape(self) -> tuple:
         dims = tuple(int(d) for d in self._value().shape)
-        return (self._batch(), *dims[1:]) if dims else dims
+        return (self._batch(), *dims[1:]) if dims and self.node.meta.get("xqat_batched") else dims
 
     def __getattr__(self, name: str):
         value = self._value()
@@ -115,6 +115,8 @@ class ConcreteTracer(fx.Tracer):
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, *a, **k):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, *a, **k)
         proxy.node.meta["xqat_value"] = self._run(kind, target, args, kwargs)  # only its shape is read
+        proxy.node.meta["xqat_batched"] = kind == "placeholder" or any(
+            n.meta.get("xqat_batched", False) for n in proxy.node.all_input_nodes)
         return proxy
 
     @torch.no_grad()
@@ -125,8 +127,9 @@ class ConcreteTracer(fx.Tracer):
             return self.example_inputs[i] if i < len(self.example_inputs) else None
         if kind == "get_attr":
             obj = self.root
-            for part in str(target).split("."):
-                obj = getattr(obj, part)
+            with _unpatched_modules():
+                for part in str(target).split("."):
+                    obj = getattr(obj, part)
             return obj
         if kind == "output":
             return None
@@ -162,7 +165,8 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
             x = n.args[0].meta.get("xqat_value")
             n.meta["xqat_in_rank"] = x.dim() if isinstance(x, torch.Tensor) else 0
     for n in graph.nodes:
-        n.meta.pop("xqat_value", None)  # example values served tracing only: keep no tensors in the graph
+        n.meta.pop("xqat_value", None)
+        n.meta.pop("xqat_batched", None)  # example values served tracing only: keep no tensors in the graph
     gm = fx.GraphModule(model, graph, class_name=f"QAT{type(model).__name__}")
     _functional_to_modules(gm)
     return gm
