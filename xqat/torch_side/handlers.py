@@ -81,8 +81,10 @@ def _conv(plan: Plan, node: fx.Node, detail: str) -> None:
     bn = _next_op(plan, node)
     if plan.kind(bn) is not OpKind.BN or not _bn_matches(gm, node, bn):
         bn = None
-    act_node, act = _fused_act(plan, bn if bn is not None else node)
     conv = gm.get_submodule(node.target)
+    act_node, act = _fused_act(plan, bn if bn is not None else node)
+    if cfg.edgetpu and isinstance(conv, nn.ConvTranspose2d):
+        act_node, act = None, None  # TRANSPOSE_CONV with a fused activation is op version 4: compiler 16 rejects it
     bn_mod = gm.get_submodule(bn.target) if bn is not None else None
     _replace_module(gm, node.target, QConv2d(conv, bn_mod, act=act, freeze_bn_delay=cfg.freeze_bn_delay,
                                              bn_stats=cfg.bn_stats, sync_bn=cfg.sync_bn, **_weight_kwargs(plan)))
@@ -185,7 +187,37 @@ def _resize(plan: Plan, node: fx.Node, detail: str) -> None:
 
 @handles(OpKind.SAME_SCALE)
 def _same_scale(plan: Plan, node: fx.Node, detail: str) -> None:
-    plan.add_point(node, OpKind.SAME_SCALE, slot=plan.slot_of[tensor_inputs(node)[0]], observe=False, passthrough=True)
+    src = tensor_inputs(node)[0]
+    if _folds_into_fully_connected(plan, node, src):
+        plan.alias(node, src)
+        return
+    plan.add_point(node, OpKind.SAME_SCALE, slot=plan.slot_of[src], observe=False, passthrough=True)
+
+
+def _through_pass(plan: Plan, node: fx.Node) -> fx.Node | None:
+    """`node`, or the op after the pass-through ops (Dropout, ...) that start at it."""
+    while node is not None and plan.kind(node) is OpKind.PASS_THROUGH:
+        node = _single_user(node)
+    return node
+
+
+def _producer(plan: Plan, node: fx.Node) -> fx.Node:
+    """The op that computes `node` in TFLite, looking back through ops that are identities there."""
+    while plan.kind(node) is OpKind.PASS_THROUGH and tensor_inputs(node):
+        node = tensor_inputs(node)[0]
+    return node
+
+
+def _folds_into_fully_connected(plan: Plan, node: fx.Node, src: fx.Node) -> bool:
+    """(N, C, 1, 1) -> (N, C) feeding a Linear, from an op other than a global mean: FULLY_CONNECTED reads the
+    4-D tensor itself and the converter drops the RESHAPE (e.g. flatten after a global pool over a 1x1 map).
+    After a MEAN, onnx2tf keeps the RESHAPE."""
+    if len(shape(src)) != 4 or shape(src)[2:] != (1, 1) or shape(node) != shape(src)[:2]:
+        return False
+    users = list(node.users)
+    if not users or any(plan.kind(_through_pass(plan, u)) is not OpKind.LINEAR for u in users):
+        return False
+    return plan.kind(_producer(plan, src)) is not OpKind.MEAN
 
 
 @handles(OpKind.PASS_THROUGH)

@@ -127,8 +127,8 @@ def _reshape(node: fx.Node) -> Kind:
 
 
 def _pool(kind: OpKind) -> Callable[[fx.Node], Kind]:
-    """A pool is an identity (removed by the converter) when it keeps the shape of a 1x1 map."""
-    return lambda node: (OpKind.PASS_THROUGH, "") if _same_shape(node) and _spatial_one(node) else (kind, "")
+    """A (max/avg) pool stays an op in TFLite at every shape, even a 1x1 window over a 1x1 map."""
+    return lambda node: (kind, "")
 
 
 def _adaptive_avg(node: fx.Node) -> Kind:
@@ -147,8 +147,7 @@ def _adaptive_avg(node: fx.Node) -> Kind:
 
 
 def _interpolate(node: fx.Node, mode: str, align_corners) -> Kind:
-    if _same_shape(node):
-        return OpKind.PASS_THROUGH, ""
+    """A resize stays an op in TFLite, also to the same size."""
     if mode == "nearest":
         return OpKind.SAME_SCALE, ""
     if mode == "bilinear":
@@ -166,6 +165,7 @@ def _permute(node: fx.Node) -> Kind:
         dims = node.args[1:] if node.op == "call_method" else arg(node, 1, "dims")
         dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else list(dims)
         identity = [d % rank for d in dims] == list(range(rank))
+        identity = identity or [d % rank for d in dims] == [0, 2, 3, 1]  # NCHW -> NHWC: TFLite's layout already
     return (OpKind.PASS_THROUGH, "") if identity else (OpKind.SAME_SCALE, "")
 
 
