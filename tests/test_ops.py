@@ -59,6 +59,9 @@ _EXPORT_GAPS = {
     "conv1d": "the exporter accepts only 2-D convolution weights",
 }
 _PARITY_GAPS = {**_EXPORT_GAPS, "two_heads": "xqat.parity compares a single model output"}
+# RESIZE_BILINEAR interpolates in integers; the simulation rounds the float interpolation once (a tied fake
+# quant), so a value on a rounding tie can land 1 LSB apart and grow to 2 through the next conv.
+_TOLERANCE = {"unet": 2}
 
 
 def _cases(gaps: dict[str, str]) -> list:
@@ -85,7 +88,8 @@ def test_parity_within_one_lsb(exported, name, backend):
     qat, path, _, shape = _get(exported, name)
     x = torch.rand(16, *shape[1:], generator=torch.Generator().manual_seed(3))
     r = xqat.parity(qat, path, x, backend=backend)
-    assert r.outputs and all(o.max_abs <= 1 for o in r.outputs), r.table()
+    tol = _TOLERANCE.get(name, 1)
+    assert r.outputs and all(o.max_abs <= tol and not o.diverges(1) for o in r.outputs), r.table()
 
 
 def test_pass_through_ops_get_no_point_and_fusion_looks_through_them():

@@ -40,7 +40,7 @@ def _next_op(plan: Plan, node: fx.Node) -> fx.Node | None:
     """The op that alone consumes `node`, looking through pass-through ops (Identity, Dropout, DropPath)
     that alone consume it, so conv -> BN -> Identity -> ReLU still fuses."""
     nxt = _single_user(node)
-    while nxt is not None and plan.kind(nxt) is OpKind.PASS_THROUGH:
+    while plan.is_identity(nxt):
         nxt = _single_user(nxt)
     return nxt
 

@@ -116,14 +116,17 @@ def _spatial_one(node: fx.Node) -> bool:
     return bool(ins) and len(shape(ins[0])) == 4 and shape(ins[0])[2:] == (1, 1)
 
 
-# -- shape rules (#"any input size"): ops the converter folds away at the example's shape ------------------
+# -- shape rules (any input size): ops the converter folds away at the example's shape --------------------
+FOLDED = "folded"  # PASS_THROUGH detail of an op that is an identity only at this shape (not a regulariser)
+
+
 def _mean(node: fx.Node) -> Kind:
-    """Global average pooling; over a 1x1 map it is an identity the converter removes."""
-    return (OpKind.PASS_THROUGH, "") if _spatial_one(node) else (OpKind.MEAN, "")
+    """Global average pooling (GlobalAveragePool in ONNX); over a 1x1 map the converter removes it."""
+    return (OpKind.PASS_THROUGH, FOLDED) if _spatial_one(node) else (OpKind.MEAN, "")
 
 
 def _reshape(node: fx.Node) -> Kind:
-    return (OpKind.PASS_THROUGH, "") if _same_shape(node) else (OpKind.SAME_SCALE, "")
+    return (OpKind.PASS_THROUGH, FOLDED) if _same_shape(node) else (OpKind.SAME_SCALE, "")
 
 
 def _pool(kind: OpKind) -> Callable[[fx.Node], Kind]:
@@ -137,7 +140,7 @@ def _adaptive_avg(node: fx.Node) -> Kind:
         return OpKind.UNSUPPORTED, "adaptive average pooling of a tensor that is not 4-D (N, C, H, W)"
     (h, w), (oh, ow) = shape(ins[0])[2:], shape(node)[2:]
     if (oh, ow) == (h, w):
-        return OpKind.PASS_THROUGH, ""
+        return OpKind.PASS_THROUGH, FOLDED
     if (oh, ow) == (1, 1):
         return _mean(node)
     if h % oh == 0 and w % ow == 0:
@@ -166,7 +169,7 @@ def _permute(node: fx.Node) -> Kind:
         dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else list(dims)
         identity = [d % rank for d in dims] == list(range(rank))
         identity = identity or [d % rank for d in dims] == [0, 2, 3, 1]  # NCHW -> NHWC: TFLite's layout already
-    return (OpKind.PASS_THROUGH, "") if identity else (OpKind.SAME_SCALE, "")
+    return (OpKind.PASS_THROUGH, FOLDED) if identity else (OpKind.SAME_SCALE, "")
 
 
 def _pad(node: fx.Node) -> Kind:
@@ -187,7 +190,7 @@ def _binary(kind: OpKind, name: str) -> Callable[[fx.Node], Kind]:
 
 def _cat(node: fx.Node) -> Kind:
     tensors = arg(node, 0, "tensors", ())
-    return (OpKind.PASS_THROUGH, "") if len(tensors) == 1 else (OpKind.CAT, "")
+    return (OpKind.PASS_THROUGH, FOLDED) if len(tensors) == 1 else (OpKind.CAT, "")
 
 
 def _getitem(node: fx.Node) -> Kind:
@@ -253,7 +256,7 @@ def _mean_rule(node: fx.Node) -> Kind:
     dims = {dims} if isinstance(dims, int) else set(dims or ())
     rank = len(shape(tensor_inputs(node)[0])) if tensor_inputs(node) else 0
     if rank == 4 and {d % 4 for d in dims} == {2, 3}:
-        return _mean(node)
+        return OpKind.MEAN, ""  # ReduceMean stays a MEAN in TFLite, also over a 1x1 map
     return OpKind.UNSUPPORTED, "mean over dims other than the spatial ones (2, 3) has no placement in xqat yet"
 
 

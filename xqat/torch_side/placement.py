@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from ..errors import UnsupportedLayerError
 from .config import QATConfig
-from .patterns import OpKind, describe, module_path
+from .patterns import FOLDED, OpKind, describe, module_path
 from .quantizers import FIXED_RANGES, ActivationQuantizer, QuantPoint
 
 __all__ = ["POINTS", "QUANTIZERS", "Role", "Plan", "install_points", "label"]
@@ -81,6 +81,10 @@ class Plan:
             return None
         return self.kinds.get(node, (None,))[0]
 
+    def is_identity(self, node: fx.Node | None) -> bool:
+        """An identity in eval at every shape (Dropout, Identity, DropPath), not an op folded at this shape."""
+        return self.kind(node) is OpKind.PASS_THROUGH and self.kinds[node][1] != FOLDED
+
     def add_point(self, anchor: fx.Node, kind: OpKind, slot: int | None = None, observe: bool = True,
                   passthrough: bool = False, fixed: str = "", pool_divisor: int = 0) -> int:
         slot = self.slots.new() if slot is None else slot
@@ -94,7 +98,7 @@ class Plan:
         `node`, so the tensor TFLite keeps (the op's output) is the one quantized, also at a model output."""
         while len(node.users) == 1:
             user = next(iter(node.users))
-            if self.kind(user) is not OpKind.PASS_THROUGH or user.op == "output":
+            if not self.is_identity(user):
                 break
             node = user
         return node
