@@ -78,7 +78,7 @@ def test_exports_strictly_full_integer(exported, name):
     assert "QUANTIZE" not in [op.name for op in m.ops] and "DEQUANTIZE" not in [op.name for op in m.ops]
     assert sum(r.kind == "activation" for r in report.tensors) == len(xqat.quant_points(qat))
     activations = {t.index for t in m.tensors if t.data is None and t.dtype == "INT8"}
-    pads = {op.outputs[0] for op in m.ops if op.name == "PAD"}  # conv padding: the conv input's grid
+    pads = {op.outputs[0] for op in m.ops if op.name in ("PAD", "PADV2")}  # padding: its input's grid
     assert set(report.point_tensors.values()) | pads == activations  # every tensor has its point, and back
 
 
