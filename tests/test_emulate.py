@@ -17,7 +17,7 @@ import xqat
 import xqat.torch_side.qparams
 from xqat.errors import EmulationError
 from xqat.tflite.model import read_tflite
-from xqat.verify.emulate import kernels, rounding
+from xqat.verify.emulate import conv, requant, rounding
 
 BACKENDS = ("reference", "builtin", "xnnpack")
 _RESOLVER = {"reference": "BUILTIN_REF", "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "xnnpack": "AUTO"}
@@ -504,7 +504,7 @@ def test_long_reductions_are_sliced_and_exact(long_reduction_model, backend):
         if op.name in ("CONV_2D", "FULLY_CONNECTED"):
             t_in, t_w = m.tensor(op.inputs[0]), m.tensor(op.inputs[1])
             w = np.abs(t_w.data.reshape(t_w.shape[0], -1).astype(np.float64))
-            dtype, slices = kernels._chunks(w, np.zeros(len(w)), 128.0, abs(int(t_in.zero_points[0])),
+            dtype, slices = conv._chunks(w, np.zeros(len(w)), 128.0, abs(int(t_in.zero_points[0])),
                                             torch.device("cpu"))
             assert dtype == torch.float32 and slices is not None and len(slices) >= 2, op.name
     rng = np.random.default_rng(12)
@@ -545,7 +545,7 @@ def test_pools_with_uneven_padding(pool_models, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int64_requantization_fallback_is_exact(model_set, backend, monkeypatch):
     """Without the one-floor float64 requantizer the int64 chain runs; both equal the interpreter."""
-    monkeypatch.setattr(kernels, "one_floor_requantizer", lambda *args, **kwargs: None)
+    monkeypatch.setattr(requant, "one_floor_requantizer", lambda *args, **kwargs: None)
     for name in ("digits_cnn", "branchy"):
         model, inputs = model_set[name]
         bad, _ = compare_all(model, [x[:120] for x in inputs], backend)

@@ -1,7 +1,8 @@
 """Which arithmetic each TFLite backend uses, per op: the backend table of tf-quant-semantics §5.3 as data.
 
 Kernels look their rounding up here instead of branching on the backend name, so the differences
-between the backends live in one table. Each rule name is implemented once in `kernels.py`.
+between the backends live in one table. Each rule name is implemented once, in the kernel module of its op
+(see `kernels.py`).
 """
 
 from __future__ import annotations
