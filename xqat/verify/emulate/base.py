@@ -155,8 +155,12 @@ def _xnnpack_accepts(o: Op) -> bool:
     if float_io and name not in ("QUANTIZE", "DEQUANTIZE"):
         return False
     so = np.float32(o.tout.scales[0]) if o.tout.scales.size else None
-    if name == "ADD":
+    if name in ("ADD", "SUB"):
         return all(2.0 ** -10 <= np.float32(o.tin(i).scales[0] / so) < 256.0 for i in (0, 1))
+    if name == "LEAKY_RELU":
+        pos = np.float32(o.tin(0).scales[0] / so)
+        neg = np.float32(pos * np.float32(o.op.options.get("alpha", 0.2)))
+        return 2.0 ** -8 <= pos <= 128.0 and -127.99609375 <= neg <= 128.0 and abs(neg) >= 2.0 ** -8
     if name == "MUL":
         prod = np.float32(np.float32(o.tin(0).scales[0] * o.tin(1).scales[0]) / so)
         return 2.0 ** -16 <= prod < 256.0

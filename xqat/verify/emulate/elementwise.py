@@ -1,5 +1,5 @@
-"""Elementwise binary ops (ADD, MUL): tables over all input-code pairs, built from each backend's
-integer formula."""
+"""Elementwise binary ops (ADD, SUB, MUL): tables over all input-code pairs, built from each backend's
+integer formula. Broadcasting (an SE gate (N,1,1,C) times (N,H,W,C)) is the table lookup's own."""
 
 from __future__ import annotations
 
@@ -16,14 +16,25 @@ from .rounding import (
 )
 from .rules import RULES
 
-__all__ = ["add", "mul"]
+__all__ = ["add", "sub", "mul"]
 
 
 def add(o: Op) -> Kernel:
+    """ADD: both inputs rescaled to a common fixed-point scale, summed, rescaled to the output."""
+    return _add_sub(o, 1)
+
+
+def sub(o: Op) -> Kernel:
+    """SUB: ADD's arithmetic with the second input negated where each backend negates it (rules.py, "sub")."""
+    return _add_sub(o, -1)
+
+
+def _add_sub(o: Op, sign: int) -> Kernel:
     t1, t2 = o.tin(0), o.tin(1)
     (s1, z1), (s2, z2), (so, zo) = o.qp(t1), o.qp(t2), o.qp(o.tout)
     lo, hi = activation_range(o, o.op.fused_activation)
     rule = o.rules["add"]
+    negate = o.rules["sub"] if sign < 0 else None
     if rule == "xnnpack":  # qs8 vadd: one fixed-point multiply-add, arithmetic shift (§5.3)
         sa, sb = np.float32(s1 / so), np.float32(s2 / so)
         mx = max(sa, sb)
@@ -31,7 +42,7 @@ def add(o: Op) -> Kernel:
         if not 0 < shift <= 31:
             raise o.fail(f"input/output scale ratio {mx} is outside what XNNPACK's ADD accepts")
         am = int(np.rint(np.float32(sa * np.float32(2.0 ** shift))))
-        bm = int(np.rint(np.float32(sb * np.float32(2.0 ** shift))))
+        bm = sign * int(np.rint(np.float32(sb * np.float32(2.0 ** shift))))  # lrintf: odd, the sign commutes
         bias = (1 << (shift - 1)) - am * z1 - bm * z2
         return table_kernel(o, lambda a, b: ((bias + am * a + bm * b) >> shift).add(zo).clamp(lo, hi))
     left_shift = 20
@@ -43,8 +54,12 @@ def add(o: Op) -> Kernel:
     simd = rule == "simd16_int16wrap"  # builtin: single-rounding input scaling (§5.3), int16 packing
     in_scale = mbqm_single if simd else mbqm
 
+    if negate == "multiplier":  # the optimized kernel runs ADD with the second input's multiplier negated
+        m2 = -m2
+
     def out(a, b):
-        raw = in_scale((a - z1) << left_shift, m1, sh1) + in_scale((b - z2) << left_shift, m2, sh2)
+        scaled2 = in_scale((b - z2) << left_shift, m2, sh2)
+        raw = in_scale((a - z1) << left_shift, m1, sh1) + (-scaled2 if negate == "result" else scaled2)
         return mbqm(raw, mo, sho) + zo
 
     if simd:  # 16-lane blocks pack the results to int16 (wrapping), the scalar tail does not

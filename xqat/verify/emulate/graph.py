@@ -135,7 +135,8 @@ class Emulator:
                 else:
                     raise EmulationError(f"op #{op.index} {op.name} reads tensor {t} "
                                          f"('{self.model.tensor(t).name}') before any op writes it")
-            env[op.outputs[0]] = kernel(args)
+            out = kernel(args)  # a tuple for ops with several outputs (SPLIT)
+            env.update(zip(op.outputs, out) if isinstance(out, tuple) else [(op.outputs[0], out)])
             if not intermediates:
                 for t in self._free_after[pos]:
                     env.pop(t, None)

@@ -19,10 +19,12 @@ from ...tflite.model import TFLiteModel, TFLiteOp
 from .activations import lut_op, softmax
 from .base import TORCH_DTYPES, Kernel, Op, batched_shape
 from .conv import conv_like, fully_connected
-from .elementwise import add, mul
+from .elementwise import add, mul, sub
+from .layout import gather, maximum_minimum, resize_nearest, same_shape_copy, slice_op, split, strided_slice, transpose
 from .movement import concatenation, pad, reshape
 from .pooling import mean, pool
 from .quantize import dequantize, float_quantizer, quantize
+from .rectifiers import hard_swish, leaky_relu, prelu, relu
 
 __all__ = ["build", "SUPPORTED_OPS", "TORCH_DTYPES", "batched_shape", "float_quantizer"]
 
@@ -31,6 +33,7 @@ _BUILDERS: dict[str, Callable[[Op], Kernel]] = {
     "DEPTHWISE_CONV_2D": lambda o: conv_like(o, depthwise=True),
     "FULLY_CONNECTED": fully_connected,
     "ADD": add,
+    "SUB": sub,
     "MUL": mul,
     "AVERAGE_POOL_2D": lambda o: pool(o, "avg"),
     "MAX_POOL_2D": lambda o: pool(o, "max"),
@@ -44,6 +47,23 @@ _BUILDERS: dict[str, Callable[[Op], Kernel]] = {
     "LOGISTIC": lambda o: lut_op(o, "logistic"),
     "TANH": lambda o: lut_op(o, "tanh"),
     "SOFTMAX": softmax,
+    "TRANSPOSE": transpose,
+    "SLICE": slice_op,
+    "STRIDED_SLICE": strided_slice,
+    "SPLIT": split,
+    "SPLIT_V": split,
+    "GATHER": gather,
+    "SQUEEZE": same_shape_copy,
+    "EXPAND_DIMS": same_shape_copy,
+    "RESIZE_NEAREST_NEIGHBOR": resize_nearest,
+    "MAXIMUM": maximum_minimum,
+    "MINIMUM": maximum_minimum,
+    "RELU": relu,
+    "RELU6": relu,
+    "RELU_N1_TO_1": relu,
+    "LEAKY_RELU": leaky_relu,
+    "PRELU": prelu,
+    "HARD_SWISH": hard_swish,
 }
 SUPPORTED_OPS = frozenset(_BUILDERS)
 

@@ -19,6 +19,7 @@ _REFERENCE = {
     "fully_connected": "float64",  # round_half_away(double(acc) * double multiplier)
     "fc_multiplier": "double",     # s_in * s_w / s_out in double
     "add": "gemmlowp",             # left_shift 20, three double-rounding MBQMs
+    "sub": "result",               # SUB: ADD's input scalings, then scaled1 - scaled2
     "mul": "gemmlowp",             # MBQM(prod, s1*s2/s_out in double)
     "mean": "reference",           # QuantizedMeanOrSum: multiplier << k / N, biased rounding
     "quantize": "div_half_away",   # TfLiteRound(x / scale) + zp, float32
@@ -27,6 +28,7 @@ _REFERENCE = {
     "lut": "tflite",               # LUTPopulate: float32, libm, round half away
     "softmax": "fixed_point",      # gemmlowp exp / reciprocal
     "activation_range": "tflite",  # zp + TfLiteRound(f / scale)
+    "leaky_relu": "reference",     # MBQM(x - zp) by identity or alpha multiplier; float32 scale arithmetic
 }
 
 _BUILTIN = {
@@ -36,6 +38,7 @@ _BUILTIN = {
     "fully_connected": "ruy",
     "fc_multiplier": "float_product",  # GetQuantizedConvolutionMultipler: float(s_in * s_w) / s_out
     "add": "simd16_int16wrap",     # single-rounding input scalings; 16-lane blocks wrap results to int16
+    "sub": "multiplier",           # optimized SUB = optimized ADD with the second multiplier negated
     # optimized_integer_ops::Mean (4-D, axes {1, 2}, keep_dims): raw sum, float32 bias and multiplier;
     # 16-channel SIMD blocks round like ruy (half up), remainder channels gemmlowp. Other means: reference.
     "mean": "simd16ch_ruy_tail_gemmlowp",
@@ -51,6 +54,7 @@ _XNNPACK = {
     "depthwise": "fp32",
     "fully_connected": "fp32",
     "add": "xnnpack",              # qs8 vadd fixed point, arithmetic shift
+    "sub": "multiplier",           # qs8 vsub = vadd with the second multiplier negated
     "mul": "fp32",
     "mean": "fp32",
     "requantize": "xnnpack",       # qs8 convert: 8 fractional bits
@@ -58,6 +62,7 @@ _XNNPACK = {
     "quantize": "mul_half_even",   # x * (1/scale), float32, round half even
     "lut": "xnnpack",              # function in double -> float32, lrintf (half even)
     "activation_range": "xnnpack",  # lrintf(f / scale + zp)
+    "leaky_relu": "xnnpack",       # qs8 vlrelu: lrintf(256 * ratio), (d * m + 128) >> 8 + zp
 }
 
 RULES = MappingProxyType({
@@ -68,9 +73,13 @@ RULES = MappingProxyType({
 
 # Int8 ops the XNNPACK delegate takes (seen with ai-edge-litert 2.3.0 on x86); any other op runs the
 # builtin optimized kernel even in the default (XNNPACK) interpreter.
+# Int8 ops it leaves (builtin kernels run them): RELU, RELU6, HARD_SWISH, MAXIMUM, MINIMUM, GATHER, SPLIT_V,
+# RESIZE_NEAREST_NEIGHBOR, PADV2 with a pad value other than the zero point. Pure copies (TRANSPOSE, slices,
+# SPLIT) give the same codes on every backend, delegated or not.
 XNNPACK_OPS = frozenset({
-    "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "MAX_POOL_2D", "MEAN",
-    "CONCATENATION", "RESHAPE", "PAD", "PADV2", "QUANTIZE", "DEQUANTIZE", "LOGISTIC", "TANH",
+    "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL", "MAX_POOL_2D", "MEAN",
+    "CONCATENATION", "RESHAPE", "PAD", "PADV2", "QUANTIZE", "DEQUANTIZE", "LOGISTIC", "TANH", "LEAKY_RELU",
+    "TRANSPOSE", "STRIDED_SLICE", "SPLIT", "RESIZE_BILINEAR",
 })
 
 

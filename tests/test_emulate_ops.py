@@ -1,0 +1,153 @@
+"""The emulator's kernels for the ops real torchvision/timm models, detectors and segmenters produce, against
+the interpreter on its three backends: 0 mismatched elements on every tensor of every sample.
+
+Each model is a tiny TF fake-quant graph converted int8 by the real TFLiteConverter (the oracle helpers of
+test_emulate.py). Power-of-two scales put many requantizations exactly on ties; the inputs include
+saturated, zero-point and all-codes samples besides random codes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.test_emulate import BACKENDS, Builder, compare_all, pow2_range
+from xqat.tflite.model import read_tflite
+
+N_RANDOM = 120
+
+
+def sample_codes(model: bytes, rng, n: int = N_RANDOM) -> list[np.ndarray]:
+    """Per input: n random codes, then all -128, all 127, all zero-point, and every code tiled."""
+    m = read_tflite(model)
+    out = []
+    for i in m.inputs:
+        t = m.tensor(i)
+        shape = tuple(t.shape[1:])
+        size = int(np.prod(shape))
+        special = [np.full(shape, -128), np.full(shape, 127), np.full(shape, int(t.zero_points[0])),
+                   np.resize(np.arange(-128, 128), size).reshape(shape),
+                   np.resize(np.arange(127, -129, -1), size).reshape(shape)]
+        rand = rng.integers(-128, 128, (n, *shape))
+        out.append(np.concatenate([np.stack(special), rand]).astype(np.int8))
+    return out
+
+
+def check(model: bytes, backend: str, ops: set[str], seed: int = 0) -> None:
+    m = read_tflite(model)
+    assert ops <= {op.name for op in m.ops}, [op.name for op in m.ops]
+    bad, total = compare_all(model, sample_codes(model, np.random.default_rng(seed)), backend)
+    assert bad == 0, f"{bad} of {total} elements differ ({backend}, ops {[op.name for op in m.ops]})"
+    assert total > 0
+
+
+@pytest.fixture(scope="module")
+def builder(tf):
+    return Builder(tf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Piecewise-linear activations
+
+_ACT_RANGES = [  # (input range, output range): power-of-two ratios (ties) and arbitrary ones
+    (pow2_range(128, 5), pow2_range(8, 5)), (pow2_range(100, 4), pow2_range(30, 6)),
+    ((-3.7, 5.1), (-0.43, 4.9)), ((-9.0, 7.0), (-0.5, 6.3)),
+]
+
+
+@pytest.fixture(scope="module")
+def activation_models(builder):
+    tf, fq = builder.tf, builder.fq
+    models = []
+    for r_in, r_out in _ACT_RANGES:
+        @tf.function(input_signature=builder.spec([1, 5, 5, 11]))
+        def f(x, r_in=r_in, r_out=r_out):
+            x = fq(x, r_in)
+            return {"hswish": fq(x * tf.nn.relu6(x + 3.0) * (1.0 / 6.0), r_out),
+                    "relu": fq(tf.nn.relu(x), (0.0, r_out[1])),
+                    "relu6": fq(tf.nn.relu6(x), r_out),
+                    "leaky": fq(tf.nn.leaky_relu(x, 0.1), (r_out[0] - 0.3, r_out[1])),
+                    "leaky2": fq(tf.nn.leaky_relu(x, 0.25), r_in)}
+        models.append(builder.convert(f))
+    return models
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rectifiers(activation_models, backend):
+    for model in activation_models:
+        check(model, backend, {"HARD_SWISH", "RELU", "RELU6", "LEAKY_RELU"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Binary elementwise: SUB, broadcast MUL (squeeze-excite gate), MAXIMUM/MINIMUM
+
+
+@pytest.fixture(scope="module")
+def binary_models(builder):
+    tf, fq = builder.tf, builder.fq
+    models = []
+    for r1, r2, ro in [(pow2_range(128, 5), pow2_range(100, 6), pow2_range(140, 5)),
+                       ((-4.045, 1.37), (-0.52, 3.9), (-2.77, 4.61))]:
+        @tf.function(input_signature=builder.spec([1, 6, 6, 20], [1, 6, 6, 20], [1, 1, 1, 20]))
+        def f(a, c, g, r1=r1, r2=r2, ro=ro):
+            a, c, g = fq(a, r1), fq(c, r2), fq(g, (0.0, 1.0))
+            return {"sub": fq(a - c, ro), "se": fq(a * g, r1),
+                    "max": fq(tf.maximum(a, fq(c, r1)), r1), "min": fq(tf.minimum(a, fq(c, r1)), r1)}
+        models.append(builder.convert(f))
+    return models
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_binary_elementwise(binary_models, backend):
+    for model in binary_models:
+        check(model, backend, {"SUB", "MUL", "MAXIMUM", "MINIMUM"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: ops that only move codes
+
+
+@pytest.fixture(scope="module")
+def layout_model(builder):
+    tf, fq = builder.tf, builder.fq
+    r = pow2_range(120, 4)
+
+    @tf.function(input_signature=builder.spec([1, 5, 7, 6], [1, 1, 6, 6]))
+    def f(x, y):
+        x, y = fq(x, r), fq(y, r)
+        s1, s2 = tf.split(x, 2, axis=-1)
+        v1, v2 = tf.split(x, [2, -1], axis=2)
+        e = tf.expand_dims(tf.squeeze(y, 1), 2)
+        return {"t": fq(tf.transpose(x, [0, 3, 1, 2]), r), "ss": fq(x[:, 1:5:2, ::3, 1:], r),
+                "sl": fq(tf.slice(x, [0, 1, 2, 0], [1, 3, -1, 4]), r), "s1": fq(s1, r), "s2": fq(s2 + 0.0, r),
+                "v1": fq(v1, r), "v2": fq(v2, r), "g": fq(tf.gather(x, [4, 0, 2, 2], axis=2), r),
+                "e": fq(e, r), "p": fq(tf.pad(x, [[0, 0], [1, 0], [2, 1], [0, 0]], constant_values=0.75), r)}
+    return builder.convert(f)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layout_ops(layout_model, backend):
+    check(layout_model, backend, {"TRANSPOSE", "STRIDED_SLICE", "SPLIT", "SPLIT_V", "GATHER", "PADV2"})
+
+
+@pytest.fixture(scope="module")
+def resize_nearest_models(builder):
+    tf, fq = builder.tf, builder.fq
+    r = pow2_range(77, 3)
+    models = []
+    for size, out in [((4, 5), (8, 10)), ((5, 3), (7, 8)), ((6, 7), (4, 3))]:
+        @tf.function(input_signature=builder.spec([1, *size, 3]))
+        def f(x, out=out):
+            x = fq(x, r)
+            v1 = tf.compat.v1.image
+            return {"hp": fq(v1.resize_nearest_neighbor(x, out, half_pixel_centers=True), r),
+                    "ac": fq(v1.resize_nearest_neighbor(x, out, align_corners=True), r),
+                    "plain": fq(v1.resize_nearest_neighbor(x, out), r)}
+        models.append(builder.convert(f))
+    return models
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resize_nearest(resize_nearest_models, backend):
+    for model in resize_nearest_models:
+        check(model, backend, {"RESIZE_NEAREST_NEIGHBOR"})
