@@ -110,10 +110,15 @@ class Builder:
         m = float(np.abs(w).max())
         return self.fq(w, (-m, m), narrow=True)
 
-    def convert(self, fn, io="int8") -> bytes:
+    def convert(self, fn, io="int8", representative=None) -> bytes:
+        """int8 TFLite from a tf.function; fake-quant graphs need no data, float graphs calibrate on
+        `representative` (a list of input lists, as the converter's representative dataset)."""
         tf = self.tf
         conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        if representative is not None:
+            conv.representative_dataset = lambda: iter(representative)
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         if io is not None:
             conv.inference_input_type = conv.inference_output_type = getattr(tf, io)
         with warnings.catch_warnings():

@@ -151,3 +151,44 @@ def resize_nearest_models(builder):
 def test_resize_nearest(resize_nearest_models, backend):
     for model in resize_nearest_models:
         check(model, backend, {"RESIZE_NEAREST_NEIGHBOR"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolutions the model set lacks: TRANSPOSE_CONV (per-channel, with and without bias), grouped CONV_2D.
+# Float graphs calibrated by the converter (its per-channel transposed filters need no fake-quant axis).
+
+
+def _calibration(rng, *shapes, n: int = 24) -> list[list[np.ndarray]]:
+    return [[(rng.normal(size=s) * 2).astype(np.float32) for s in shapes] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def conv_models(builder):
+    tf, rng = builder.tf, np.random.default_rng(21)
+    w8 = (rng.normal(size=(3, 3, 8, 6)) * 0.3).astype(np.float32)  # (kh, kw, out, in)
+    w13 = (rng.normal(size=(2, 2, 13, 6)) * 0.3).astype(np.float32)
+    b13 = rng.normal(size=13).astype(np.float32)
+    wg = (rng.normal(size=(3, 3, 3, 12)) * 0.3).astype(np.float32)  # 4 groups of 3 input channels
+
+    @tf.function(input_signature=builder.spec([1, 5, 4, 6]))
+    def tconv(x):
+        return {"same": tf.nn.conv2d_transpose(x, w8, [1, 10, 8, 8], 2, "SAME"),
+                "valid_bias": tf.nn.conv2d_transpose(x, w13, [1, 10, 8, 13], 2, "VALID") + b13,
+                "s3": tf.nn.relu(tf.nn.conv2d_transpose(x, w8, [1, 15, 12, 8], 3, "SAME"))}
+
+    @tf.function(input_signature=builder.spec([1, 6, 6, 12]))
+    def grouped(x):
+        return {"g": tf.nn.conv2d(x, wg, 1, "SAME"), "g2": tf.nn.conv2d(x, wg, 2, "VALID") + 0.5}
+
+    return [builder.convert(tconv, representative=_calibration(rng, (1, 5, 4, 6))),
+            builder.convert(grouped, representative=_calibration(rng, (1, 6, 6, 12)))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transpose_conv_and_grouped_conv(conv_models, backend):
+    tconv, grouped = conv_models
+    check(tconv, backend, {"TRANSPOSE_CONV"})
+    m = read_tflite(grouped)
+    assert all(m.tensor(op.inputs[1]).shape[3] < m.tensor(op.inputs[0]).shape[3] for op in m.ops
+               if op.name == "CONV_2D")
+    check(grouped, backend, {"CONV_2D"})

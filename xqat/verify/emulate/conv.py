@@ -1,4 +1,4 @@
-"""Convolutions and matrix products: CONV_2D (grouped too), DEPTHWISE_CONV_2D, FULLY_CONNECTED.
+"""Convolutions and matrix products: CONV_2D (grouped too), DEPTHWISE_CONV_2D, FULLY_CONNECTED, TRANSPOSE_CONV.
 
 Exactness (`_chunks`): they run as floating-point
 convolutions/matmuls of the raw input codes |x| <= x_max (128 for int8) with the integer weights, the
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .base import Kernel, Op, same_padding
 from .requant import activation_range, output_stage
 
-__all__ = ["conv_like", "fully_connected"]
+__all__ = ["conv_like", "fully_connected", "transpose_conv"]
 
 _F32_EXACT = 2.0 ** 24
 
@@ -102,8 +102,8 @@ def conv_like(o: Op, depthwise: bool) -> Kernel:
     conv_pad = (ph0, pw0) if zp_in == 0 and ph0 == ph1 and pw0 == pw1 else (0, 0)
     int8_pad = (0, 0, pw0, pw1, ph0, ph1) if conv_pad == (0, 0) and (ph0 or ph1 or pw0 or pw1) else None
     lo, hi = activation_range(o, o.op.fused_activation)
-    stage = output_stage(o, o.rules["depthwise" if depthwise else "conv"], s_in, s_w, s_out, lo, hi,
-                          acc_bound)
+    rule = o.rules["depthwise" if depthwise else "grouped_conv" if groups > 1 else "conv"]
+    stage = output_stage(o, rule, s_in, s_w, s_out, lo, hi, acc_bound)
     conv = dict(stride=(sh, sw), padding=conv_pad, dilation=(dh, dw), groups=groups)
 
     def run(xs):
@@ -157,5 +157,47 @@ def fully_connected(o: Op) -> Kernel:
             acc = sum((rows[:, sl] @ wt).to(torch.float64) for sl, wt in zip(slices, weights)).add_(bias)
         out = stage(acc)
         return out.reshape(*x.shape[:-1], out_ch) if keep else out
+
+    return run
+
+
+def transpose_conv(o: Op) -> Kernel:
+    """TRANSPOSE_CONV (inputs: output shape, filter (O, kh, kw, I), input, optional bias): every input tap
+    scatters (x - zp) * w into the output window at y * stride - pad + ky, pad from TFLite's padding rule
+    applied to the output size; + bias, then the backend's output stage (rules.py, "transpose_conv")."""
+    opts = o.op.options
+    tw, tin = o.tin(1), o.tin(2)
+    s_in, zp_in = o.qp(tin)
+    s_out, _ = o.qp(o.tout)
+    if tw.dtype != "INT8" or tw.data is None:
+        raise o.fail(f"filter '{tw.name}' must be a constant int8 tensor (got {tw.dtype})")
+    if np.any(tw.zero_points != 0):
+        raise o.fail(f"filter '{tw.name}' has nonzero zero points; int8 filters are symmetric")
+    w = tw.data.astype(np.float64)  # (O, kh, kw, I)
+    cout, kh, kw, _ = w.shape
+    bias_np = (o.tin(3).data.astype(np.float64) if o.has_input(3) and o.tin(3).data is not None
+               else np.zeros(cout))
+    # each output sums (x - zp) * w over at most all taps of one output channel: |x - zp| <= 255
+    acc_bound = 255.0 * np.abs(w).reshape(cout, -1).sum(axis=1) + np.abs(bias_np)
+    dtype = torch.float32 if o.device.type == "cpu" and acc_bound.max(initial=0) <= _F32_EXACT else torch.float64
+    weight = torch.as_tensor(np.ascontiguousarray(w.transpose(3, 0, 1, 2)), device=o.device).to(dtype)
+    bias = torch.as_tensor(bias_np, device=o.device).to(dtype)
+    sh, sw = opts.get("strideH", 1), opts.get("strideW", 1)
+    _, oh, ow, _ = o.tout.shape
+    _, ph, _ = same_padding(oh, kh, sh, 1, opts.get("padding", "VALID"))
+    _, pw, _ = same_padding(ow, kw, sw, 1, opts.get("padding", "VALID"))
+    s_w = tw.scales if tw.scales.size == cout else np.full(cout, tw.scales[0], np.float32)
+    lo, hi = activation_range(o, o.op.fused_activation)
+    stage = output_stage(o, o.rules["transpose_conv"], s_in, s_w, s_out, lo, hi, acc_bound)
+
+    def run(xs):
+        x = xs[2].to(dtype).sub_(zp_in).permute(0, 3, 1, 2)
+        with _exact_context(x.device):
+            full = F.conv_transpose2d(x, weight, stride=(sh, sw))
+        short_h, short_w = max(ph + oh - full.shape[2], 0), max(pw + ow - full.shape[3], 0)
+        if short_h or short_w:  # output rows past the last tap get only the bias
+            full = F.pad(full, (0, short_w, 0, short_h))
+        acc = full[:, :, ph:ph + oh, pw:pw + ow] + bias[:, None, None]
+        return stage(acc.permute(0, 2, 3, 1))
 
     return run

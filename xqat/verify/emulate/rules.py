@@ -16,6 +16,8 @@ BACKENDS = ("reference", "builtin", "xnnpack")
 _REFERENCE = {
     "conv": "gemmlowp",            # MultiplyByQuantizedMultiplier, double rounding (§5.2)
     "depthwise": "gemmlowp",
+    "grouped_conv": "gemmlowp",    # CONV_2D with filter channels < input channels
+    "transpose_conv": "gemmlowp",  # reference_integer_ops::TransposeConv: per-channel MBQM
     "fully_connected": "float64",  # round_half_away(double(acc) * double multiplier)
     "fc_multiplier": "double",     # s_in * s_w / s_out in double
     "add": "gemmlowp",             # left_shift 20, three double-rounding MBQMs
@@ -36,6 +38,10 @@ _BUILTIN = {
     "conv": "ruy",                 # x86 ruy: two round-half-up steps
     "depthwise": "ruy8",           # AVX2 blocks of 8 channels like ruy, remainder channels gemmlowp
     "fully_connected": "ruy",
+    # TransposeConvV2 requantizes with optimized_ops::Quantize: 8-channel NEON_2_SSE blocks (vqrdmulh, then a
+    # half-up rounding shift, like ruy), the remainder channels with the scalar gemmlowp MBQM
+    "transpose_conv": "ruy8",
+    # grouped CONV_2D: the optimized kernel hands it to the reference per-channel conv (gemmlowp), see _REFERENCE
     "fc_multiplier": "float_product",  # GetQuantizedConvolutionMultipler: float(s_in * s_w) / s_out
     "add": "simd16_int16wrap",     # single-rounding input scalings; 16-lane blocks wrap results to int16
     "sub": "multiplier",           # optimized SUB = optimized ADD with the second multiplier negated
@@ -52,6 +58,8 @@ _XNNPACK = {
     **_BUILTIN,
     "conv": "fp32",                # float32(acc) * f32(f32(s_in*s_w)/s_out), round half even
     "depthwise": "fp32",
+    "grouped_conv": "fp32",
+    "transpose_conv": "fp32",      # qs8/qc8 deconvolution: the conv's fp32 requantization
     "fully_connected": "fp32",
     "add": "xnnpack",              # qs8 vadd fixed point, arithmetic shift
     "sub": "multiplier",           # qs8 vsub = vadd with the second multiplier negated
@@ -79,7 +87,7 @@ RULES = MappingProxyType({
 XNNPACK_OPS = frozenset({
     "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL", "MAX_POOL_2D", "MEAN",
     "CONCATENATION", "RESHAPE", "PAD", "PADV2", "QUANTIZE", "DEQUANTIZE", "LOGISTIC", "TANH", "LEAKY_RELU",
-    "TRANSPOSE", "STRIDED_SLICE", "SPLIT", "RESIZE_BILINEAR",
+    "TRANSPOSE", "STRIDED_SLICE", "SPLIT", "RESIZE_BILINEAR", "TRANSPOSE_CONV",
 })
 
 
