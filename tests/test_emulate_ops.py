@@ -66,6 +66,7 @@ def activation_models(builder):
             return {"hswish": fq(x * tf.nn.relu6(x + 3.0) * (1.0 / 6.0), r_out),
                     "relu": fq(tf.nn.relu(x), (0.0, r_out[1])),
                     "relu6": fq(tf.nn.relu6(x), r_out),
+                    "relu1": fq(tf.clip_by_value(x, -1.0, 1.0), (-1.0, 1.0)),
                     "leaky": fq(tf.nn.leaky_relu(x, 0.1), (r_out[0] - 0.3, r_out[1])),
                     "leaky2": fq(tf.nn.leaky_relu(x, 0.25), r_in)}
         models.append(builder.convert(f))
@@ -75,7 +76,7 @@ def activation_models(builder):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rectifiers(activation_models, backend):
     for model in activation_models:
-        check(model, backend, {"HARD_SWISH", "RELU", "RELU6", "LEAKY_RELU"})
+        check(model, backend, {"HARD_SWISH", "RELU", "RELU6", "RELU_N1_TO_1", "LEAKY_RELU"})
 
 
 # ---------------------------------------------------------------------------------------------

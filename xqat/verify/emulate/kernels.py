@@ -20,11 +20,11 @@ from .activations import lut_op, softmax
 from .base import TORCH_DTYPES, Kernel, Op, batched_shape
 from .conv import conv_like, fully_connected, transpose_conv
 from .elementwise import add, mul, sub
-from .layout import gather, maximum_minimum, resize_nearest, same_shape_copy, slice_op, split, strided_slice, transpose
+from .layout import gather, maximum_minimum, resize_nearest, slice_op, split, strided_slice, transpose
 from .movement import concatenation, pad, reshape
 from .pooling import mean, pool
 from .quantize import dequantize, float_quantizer, quantize
-from .rectifiers import hard_swish, leaky_relu, prelu, relu
+from .rectifiers import hard_swish, leaky_relu, relu
 
 __all__ = ["build", "SUPPORTED_OPS", "TORCH_DTYPES", "batched_shape", "float_quantizer"]
 
@@ -54,8 +54,6 @@ _BUILDERS: dict[str, Callable[[Op], Kernel]] = {
     "SPLIT": split,
     "SPLIT_V": split,
     "GATHER": gather,
-    "SQUEEZE": same_shape_copy,
-    "EXPAND_DIMS": same_shape_copy,
     "RESIZE_NEAREST_NEIGHBOR": resize_nearest,
     "MAXIMUM": maximum_minimum,
     "MINIMUM": maximum_minimum,
@@ -63,7 +61,6 @@ _BUILDERS: dict[str, Callable[[Op], Kernel]] = {
     "RELU6": relu,
     "RELU_N1_TO_1": relu,
     "LEAKY_RELU": leaky_relu,
-    "PRELU": prelu,
     "HARD_SWISH": hard_swish,
 }
 SUPPORTED_OPS = frozenset(_BUILDERS)

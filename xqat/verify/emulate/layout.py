@@ -1,5 +1,6 @@
-"""Ops that only pick input codes: TRANSPOSE, SLICE, STRIDED_SLICE, SPLIT, SPLIT_V, GATHER, SQUEEZE,
-EXPAND_DIMS, RESIZE_NEAREST_NEIGHBOR, and MAXIMUM/MINIMUM (which compare raw codes).
+"""Ops that only pick input codes: TRANSPOSE, SLICE, STRIDED_SLICE, SPLIT, SPLIT_V, GATHER,
+RESIZE_NEAREST_NEIGHBOR, and MAXIMUM/MINIMUM (which compare raw codes). (The converter turns squeeze and
+expand_dims into RESHAPE.)
 
 Every output element of the index ops is one element of the input at a position fixed by the op and the
 shapes, so each is compiled once into an index map: the op applied (in numpy, with TFLite's own index
@@ -17,7 +18,7 @@ import torch
 from .base import TORCH_DTYPES, Kernel, Op
 
 __all__ = ["index_op", "transpose", "slice_op", "strided_slice", "split", "gather", "resize_nearest",
-           "same_shape_copy", "maximum_minimum"]
+           "maximum_minimum"]
 
 
 def _positions(o: Op, i: int = 0) -> np.ndarray:
@@ -146,11 +147,6 @@ def resize_nearest(o: Op) -> Kernel:
     hp = bool(o.op.options.get("halfPixelCenters", False))
     rows, cols = _nearest_sources(h, oh, ac, hp), _nearest_sources(w, ow, ac, hp)
     return index_op(o, lambda pos: pos[:, rows][:, :, cols])
-
-
-def same_shape_copy(o: Op) -> Kernel:
-    """SQUEEZE / EXPAND_DIMS: a reshape of the codes."""
-    return index_op(o, lambda pos: pos.reshape((1, *o.tout.shape[1:])))
 
 
 def maximum_minimum(o: Op) -> Kernel:

@@ -1,4 +1,4 @@
-"""Piecewise-linear activations as standalone ops: RELU, RELU6, RELU_N1_TO_1, LEAKY_RELU, PRELU, HARD_SWISH.
+"""Piecewise-linear activations as standalone ops: RELU, RELU6, RELU_N1_TO_1, LEAKY_RELU, HARD_SWISH.
 
 Each is a table over the input codes (`table_kernel`), built from the kernel's integer formula. The
 multipliers come from float32 scale arithmetic (the C++ multiplies and divides `float` scales before
@@ -14,7 +14,7 @@ from .base import Kernel, Op, table_kernel
 from .requant import activation_range
 from .rounding import mbqm, quantize_multiplier, rdbp
 
-__all__ = ["relu", "leaky_relu", "prelu", "hard_swish"]
+__all__ = ["relu", "leaky_relu", "hard_swish"]
 
 _RELU_BOUNDS = {"RELU": "RELU", "RELU6": "RELU6", "RELU_N1_TO_1": "RELU_N1_TO_1"}
 
@@ -55,20 +55,6 @@ def leaky_relu(o: Op) -> Kernel:
         return (torch.where(d >= 0, mbqm(d, m1, s1), mbqm(d, m2, s2)) + zo).clamp(qmin, qmax)
 
     return table_kernel(o, ref)
-
-
-def prelu(o: Op) -> Kernel:
-    """PRELU with a constant int8 alpha (broadcast over the input): MBQM(x - zi, f32(si / so)) for x >= zi,
-    else MBQM((x - zi) * (a - za), f32(f32(si * sa) / so)); + zo, clamped."""
-    (si, zi), (sa, za), (so, zo) = o.qp(o.tin(0)), o.qp(o.tin(1)), o.qp(o.tout)
-    qmin, qmax = o.qrange(o.tout)
-    (m1, s1), (m2, s2) = _multiplier(np.float32(si / so)), _multiplier(np.float32(np.float32(si * sa) / so))
-
-    def fn(x, a):
-        d = x - zi
-        return (torch.where(d >= 0, mbqm(d, m1, s1), mbqm(d * (a - za), m2, s2)) + zo).clamp(qmin, qmax)
-
-    return table_kernel(o, fn)
 
 
 def _int16_multiplier(real: np.float32) -> tuple[int, int]:
