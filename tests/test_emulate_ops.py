@@ -128,7 +128,7 @@ def layout_model(builder):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layout_ops(layout_model, backend):
-    check(layout_model, backend, {"TRANSPOSE", "STRIDED_SLICE", "SPLIT", "SPLIT_V", "GATHER", "PADV2"})
+    check(layout_model, backend, {"TRANSPOSE", "SLICE", "STRIDED_SLICE", "SPLIT", "SPLIT_V", "GATHER", "PADV2"})
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +193,54 @@ def test_transpose_conv_and_grouped_conv(conv_models, backend):
     assert all(m.tensor(op.inputs[1]).shape[3] < m.tensor(op.inputs[0]).shape[3] for op in m.ops
                if op.name == "CONV_2D")
     check(grouped, backend, {"CONV_2D"})
+
+
+@pytest.fixture(scope="module")
+def resize_bilinear_models(builder):
+    """Up- and down-sampling, integer and fractional ratios, the three coordinate conventions."""
+    tf, rng = builder.tf, np.random.default_rng(22)
+    models = []
+    for size, out in [((4, 5), (8, 10)), ((5, 3), (7, 8)), ((6, 7), (4, 3)), ((3, 3), (1, 5))]:
+        @tf.function(input_signature=builder.spec([1, *size, 3]))
+        def f(x, out=out):
+            v1 = tf.compat.v1.image
+            return {"hp": v1.resize_bilinear(x, out, half_pixel_centers=True),
+                    "ac": v1.resize_bilinear(x, out, align_corners=True), "plain": v1.resize_bilinear(x, out)}
+        models.append(builder.convert(f, representative=_calibration(rng, (1, *size, 3))))
+    return models
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resize_bilinear(resize_bilinear_models, backend):
+    for model in resize_bilinear_models:
+        check(model, backend, {"RESIZE_BILINEAR"})
+
+
+def _op_differences(model: bytes, a: str, b: str) -> dict[str, int]:
+    """Elements where the emulator's backends a and b disagree, per op name (every op output, every sample)."""
+    import torch
+
+    import xqat
+
+    m = read_tflite(model)
+    xs = [torch.as_tensor(x) for x in sample_codes(model, np.random.default_rng(3))]
+    _, ta = xqat.emulate(model, xs, backend=a, intermediates=True)
+    _, tb = xqat.emulate(model, xs, backend=b, intermediates=True)
+    out: dict[str, int] = {}
+    for op in m.ops:
+        for t in op.outputs:
+            out[op.name] = out.get(op.name, 0) + int((ta[t] != tb[t]).sum())
+    return out
+
+
+def test_the_backend_rules_are_exercised(activation_models, binary_models, conv_models, resize_bilinear_models):
+    """The inputs above reach the cases where the backends' roundings differ, so the per-backend rules were
+    each checked (ops whose backends share one formula, e.g. HARD_SWISH, RELU, are not listed)."""
+    pairs = {("LEAKY_RELU", "reference", "xnnpack"): activation_models,
+             ("SUB", "reference", "xnnpack"): binary_models, ("MUL", "builtin", "xnnpack"): binary_models,
+             ("TRANSPOSE_CONV", "reference", "builtin"): conv_models[:1],
+             ("TRANSPOSE_CONV", "builtin", "xnnpack"): conv_models[:1],
+             ("RESIZE_BILINEAR", "reference", "xnnpack"): resize_bilinear_models}
+    diff = {key: sum(_op_differences(model, key[1], key[2]).get(key[0], 0) for model in models)
+            for key, models in pairs.items()}
+    assert all(n > 0 for n in diff.values()), diff

@@ -25,6 +25,7 @@ from .movement import concatenation, pad, reshape
 from .pooling import mean, pool
 from .quantize import dequantize, float_quantizer, quantize
 from .rectifiers import hard_swish, leaky_relu, relu
+from .resize import resize_bilinear
 
 __all__ = ["build", "SUPPORTED_OPS", "TORCH_DTYPES", "batched_shape", "float_quantizer"]
 
@@ -55,6 +56,7 @@ _BUILDERS: dict[str, Callable[[Op], Kernel]] = {
     "SPLIT_V": split,
     "GATHER": gather,
     "RESIZE_NEAREST_NEIGHBOR": resize_nearest,
+    "RESIZE_BILINEAR": resize_bilinear,
     "MAXIMUM": maximum_minimum,
     "MINIMUM": maximum_minimum,
     "RELU": relu,

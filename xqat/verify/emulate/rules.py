@@ -31,6 +31,7 @@ _REFERENCE = {
     "softmax": "fixed_point",      # gemmlowp exp / reciprocal
     "activation_range": "tflite",  # zp + TfLiteRound(f / scale)
     "leaky_relu": "reference",     # MBQM(x - zp) by identity or alpha multiplier; float32 scale arithmetic
+    "resize_bilinear": "integer10",  # ResizeBilinearInteger (also the optimized int8 kernel): 10-bit weights
 }
 
 _BUILTIN = {
@@ -71,6 +72,7 @@ _XNNPACK = {
     "lut": "xnnpack",              # function in double -> float32, lrintf (half even)
     "activation_range": "xnnpack",  # lrintf(f / scale + zp)
     "leaky_relu": "xnnpack",       # qs8 vlrelu: lrintf(256 * ratio), (d * m + 128) >> 8 + zp
+    "resize_bilinear": "xnnpack",  # s8 ibilinear: float32 coordinates, 11-bit weights, (acc + 2^21) >> 22
 }
 
 RULES = MappingProxyType({
