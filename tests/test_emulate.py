@@ -663,11 +663,12 @@ def test_unsupported_op_is_named(builder):
 
     @tf.function(input_signature=builder.spec([1, 8], [1, 8]))
     def f(a, c):
-        return builder.fq(tf.maximum(builder.fq(a, (-1.0, 1.0)), builder.fq(c, (-1.0, 1.0))), (-1.0, 1.0))
+        d = tf.math.squared_difference(builder.fq(a, (-1.0, 1.0)), builder.fq(c, (-1.0, 1.0)))
+        return builder.fq(d, (0.0, 4.0))
 
     model = builder.convert(f)
-    op = [o for o in read_tflite(model).ops if o.name == "MAXIMUM"][0]
-    with pytest.raises(EmulationError, match=rf"op #{op.index} MAXIMUM .* not supported"):
+    op = [o for o in read_tflite(model).ops if o.name == "SQUARED_DIFFERENCE"][0]
+    with pytest.raises(EmulationError, match=rf"op #{op.index} SQUARED_DIFFERENCE .* not supported"):
         xqat.Emulator(model)
 
 

@@ -233,14 +233,44 @@ def _op_differences(model: bytes, a: str, b: str) -> dict[str, int]:
     return out
 
 
-def test_the_backend_rules_are_exercised(activation_models, binary_models, conv_models, resize_bilinear_models):
+def test_the_backend_rules_are_exercised(activation_models, binary_models, conv_models, resize_bilinear_models,
+                                        batch_matmul_models):
     """The inputs above reach the cases where the backends' roundings differ, so the per-backend rules were
     each checked (ops whose backends share one formula, e.g. HARD_SWISH, RELU, are not listed)."""
     pairs = {("LEAKY_RELU", "reference", "xnnpack"): activation_models,
              ("SUB", "reference", "xnnpack"): binary_models, ("MUL", "builtin", "xnnpack"): binary_models,
              ("TRANSPOSE_CONV", "reference", "builtin"): conv_models[:1],
              ("TRANSPOSE_CONV", "builtin", "xnnpack"): conv_models[:1],
-             ("RESIZE_BILINEAR", "reference", "xnnpack"): resize_bilinear_models}
+             ("RESIZE_BILINEAR", "reference", "xnnpack"): resize_bilinear_models,
+             ("BATCH_MATMUL", "reference", "xnnpack"): batch_matmul_models}
     diff = {key: sum(_op_differences(model, key[1], key[2]).get(key[0], 0) for model in models)
             for key, models in pairs.items()}
     assert all(n > 0 for n in diff.values()), diff
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence models: BATCH_MATMUL of two activations (attention scores, attention x values)
+
+
+@pytest.fixture(scope="module")
+def batch_matmul_models(builder):
+    """Both transpose flags; XNNPACK takes the products whose second operand has zero point 0 (a, e)."""
+    tf, fq = builder.tf, builder.fq
+    models = []
+    for ra, rb, ro in [(pow2_range(128, 4), pow2_range(100, 5), pow2_range(128, 1)),
+                       ((-4.0, 4.0), (-2.0, 3.0), (-20.0, 20.0))]:
+        @tf.function(input_signature=builder.spec([1, 3, 6, 8], [1, 3, 8, 5], [1, 3, 5, 8], [1, 3, 8, 4]))
+        def f(a, c, d, e, ra=ra, rb=rb, ro=ro):
+            a, c, d, e = fq(a, ra), fq(c, rb), fq(d, rb), fq(e, ra)
+            ca = fq(tf.matmul(c, a, transpose_a=True, transpose_b=True), ro)
+            return {"ab": fq(tf.matmul(a, c), ro), "adj": fq(tf.matmul(a, d, transpose_b=True), ro),
+                    "relu": fq(tf.nn.relu(ca), (0.0, ro[1])), "ae": fq(tf.matmul(a, e), ro),
+                    "da": fq(tf.matmul(d, a, transpose_b=True), ro)}
+        models.append(builder.convert(f))
+    return models
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_matmul(batch_matmul_models, backend):
+    for model in batch_matmul_models:
+        check(model, backend, {"BATCH_MATMUL"})

@@ -157,6 +157,8 @@ def _xnnpack_accepts(o: Op) -> bool:
     so = np.float32(o.tout.scales[0]) if o.tout.scales.size else None
     if name in ("ADD", "SUB"):
         return all(2.0 ** -10 <= np.float32(o.tin(i).scales[0] / so) < 256.0 for i in (0, 1))
+    if name == "BATCH_MATMUL":  # the second operand must be symmetric (zero point 0), like a weight matrix
+        return int(o.tin(1).zero_points[0]) == 0
     if name == "LEAKY_RELU":
         pos = np.float32(o.tin(0).scales[0] / so)
         neg = np.float32(pos * np.float32(o.op.options.get("alpha", 0.2)))

@@ -1,4 +1,5 @@
-"""Convolutions and matrix products: CONV_2D (grouped too), DEPTHWISE_CONV_2D, FULLY_CONNECTED, TRANSPOSE_CONV.
+"""Convolutions and matrix products: CONV_2D (grouped too), DEPTHWISE_CONV_2D, FULLY_CONNECTED, TRANSPOSE_CONV,
+BATCH_MATMUL.
 
 Exactness (`_chunks`): they run as floating-point
 convolutions/matmuls of the raw input codes |x| <= x_max (128 for int8) with the integer weights, the
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from .base import Kernel, Op, same_padding
 from .requant import activation_range, output_stage
 
-__all__ = ["conv_like", "fully_connected", "transpose_conv"]
+__all__ = ["conv_like", "fully_connected", "transpose_conv", "batch_matmul"]
 
 _F32_EXACT = 2.0 ** 24
 
@@ -199,5 +200,28 @@ def transpose_conv(o: Op) -> Kernel:
             full = F.pad(full, (0, short_w, 0, short_h))
         acc = full[:, :, ph:ph + oh, pw:pw + ow] + bias[:, None, None]
         return stage(acc.permute(0, 2, 3, 1))
+
+    return run
+
+
+def batch_matmul(o: Op) -> Kernel:
+    """BATCH_MATMUL of two int8 activations (adj_x / adj_y transpose the last two axes; leading axes
+    broadcast): exact sum of (a - za)(b - zb), then the per-tensor output stage (rules.py, "batch_matmul";
+    the multiplier is float32(s_a * s_b) / s_out, as GetQuantizedConvolutionMultipler computes it)."""
+    ta, tb = o.tin(0), o.tin(1)
+    (sa, za), (sb, zb), (so, _) = o.qp(ta), o.qp(tb), o.qp(o.tout)
+    adj_x, adj_y = bool(o.op.options.get("adjX", False)), bool(o.op.options.get("adjY", False))
+    depth = ta.shape[-2] if adj_x else ta.shape[-1]
+    acc_bound = np.array([255.0 * 255.0 * depth])
+    dtype = torch.float32 if o.device.type == "cpu" and acc_bound[0] <= _F32_EXACT else torch.float64
+    lo, hi = activation_range(o, o.op.fused_activation)
+    stage = output_stage(o, o.rules["batch_matmul"], sa, np.array([sb], np.float32), so, lo, hi, acc_bound,
+                         "float_product")
+
+    def run(xs):
+        a, b = xs[0].to(dtype).sub_(za), xs[1].to(dtype).sub_(zb)  # |a - za|, |b - zb| <= 255: exact products
+        a = a.transpose(-1, -2) if adj_x else a
+        b = b.transpose(-1, -2) if adj_y else b
+        return stage(torch.matmul(a, b).unsqueeze(-1)).squeeze(-1)
 
     return run

@@ -18,7 +18,7 @@ from ...errors import EmulationError
 from ...tflite.model import TFLiteModel, TFLiteOp
 from .activations import lut_op, softmax
 from .base import TORCH_DTYPES, Kernel, Op, batched_shape
-from .conv import conv_like, fully_connected, transpose_conv
+from .conv import batch_matmul, conv_like, fully_connected, transpose_conv
 from .elementwise import add, mul, sub
 from .layout import gather, maximum_minimum, resize_nearest, slice_op, split, strided_slice, transpose
 from .movement import concatenation, pad, reshape
@@ -34,6 +34,7 @@ _BUILDERS: dict[str, Callable[[Op], Kernel]] = {
     "DEPTHWISE_CONV_2D": lambda o: conv_like(o, depthwise=True),
     "FULLY_CONNECTED": fully_connected,
     "TRANSPOSE_CONV": transpose_conv,
+    "BATCH_MATMUL": batch_matmul,
     "ADD": add,
     "SUB": sub,
     "MUL": mul,

@@ -20,6 +20,7 @@ _REFERENCE = {
     "transpose_conv": "gemmlowp",  # reference_integer_ops::TransposeConv: per-channel MBQM
     "fully_connected": "float64",  # round_half_away(double(acc) * double multiplier)
     "fc_multiplier": "double",     # s_in * s_w / s_out in double
+    "batch_matmul": "gemmlowp",    # reference BatchMatMul: MBQM of the int32 sum, float32(s_a * s_b) / s_out
     "add": "gemmlowp",             # left_shift 20, three double-rounding MBQMs
     "sub": "result",               # SUB: ADD's input scalings, then scaled1 - scaled2
     "mul": "gemmlowp",             # MBQM(prod, s1*s2/s_out in double)
@@ -39,6 +40,7 @@ _BUILTIN = {
     "conv": "ruy",                 # x86 ruy: two round-half-up steps
     "depthwise": "ruy8",           # AVX2 blocks of 8 channels like ruy, remainder channels gemmlowp
     "fully_connected": "ruy",
+    # optimized BatchMatMul of two int8 activations rounds like the reference (gemmlowp MBQM), unlike FC
     # TransposeConvV2 requantizes with optimized_ops::Quantize: 8-channel NEON_2_SSE blocks (vqrdmulh, then a
     # half-up rounding shift, like ruy), the remainder channels with the scalar gemmlowp MBQM
     "transpose_conv": "ruy8",
@@ -60,6 +62,7 @@ _XNNPACK = {
     "conv": "fp32",                # float32(acc) * f32(f32(s_in*s_w)/s_out), round half even
     "depthwise": "fp32",
     "grouped_conv": "fp32",
+    "batch_matmul": "fp32",        # taken only when the second operand has zero point 0 (else builtin)
     "transpose_conv": "fp32",      # qs8/qc8 deconvolution: the conv's fp32 requantization
     "fully_connected": "fp32",
     "add": "xnnpack",              # qs8 vadd fixed point, arithmetic shift
@@ -89,7 +92,7 @@ RULES = MappingProxyType({
 XNNPACK_OPS = frozenset({
     "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL", "MAX_POOL_2D", "MEAN",
     "CONCATENATION", "RESHAPE", "PAD", "PADV2", "QUANTIZE", "DEQUANTIZE", "LOGISTIC", "TANH", "LEAKY_RELU",
-    "TRANSPOSE", "STRIDED_SLICE", "SPLIT", "RESIZE_BILINEAR", "TRANSPOSE_CONV",
+    "TRANSPOSE", "STRIDED_SLICE", "SPLIT", "RESIZE_BILINEAR", "TRANSPOSE_CONV", "BATCH_MATMUL",
 })
 
 
