@@ -47,7 +47,7 @@ def builder(tf):
 
 
 # ---------------------------------------------------------------------------------------------
-# Piecewise-linear activations
+# Activations: piecewise-linear ones and GELU (tanh form)
 
 _ACT_RANGES = [  # (input range, output range): power-of-two ratios (ties) and arbitrary ones
     (pow2_range(128, 5), pow2_range(8, 5)), (pow2_range(100, 4), pow2_range(30, 6)),
@@ -67,6 +67,7 @@ def activation_models(builder):
                     "relu": fq(tf.nn.relu(x), (0.0, r_out[1])),
                     "relu6": fq(tf.nn.relu6(x), r_out),
                     "relu1": fq(tf.clip_by_value(x, -1.0, 1.0), (-1.0, 1.0)),
+                    "gelu": fq(tf.nn.gelu(x, approximate=True), r_out),
                     "leaky": fq(tf.nn.leaky_relu(x, 0.1), (r_out[0] - 0.3, r_out[1])),
                     "leaky2": fq(tf.nn.leaky_relu(x, 0.25), r_in)}
         models.append(builder.convert(f))
@@ -76,7 +77,7 @@ def activation_models(builder):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rectifiers(activation_models, backend):
     for model in activation_models:
-        check(model, backend, {"HARD_SWISH", "RELU", "RELU6", "RELU_N1_TO_1", "LEAKY_RELU"})
+        check(model, backend, {"HARD_SWISH", "RELU", "RELU6", "RELU_N1_TO_1", "LEAKY_RELU", "GELU"})
 
 
 # ---------------------------------------------------------------------------------------------

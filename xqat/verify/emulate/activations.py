@@ -1,4 +1,4 @@
-"""Fixed-range activations: LOGISTIC and TANH (tables over all codes) and SOFTMAX."""
+"""Activations by lookup table over all input codes (LOGISTIC, TANH, GELU) and SOFTMAX."""
 
 from __future__ import annotations
 
@@ -20,20 +20,38 @@ from .rounding import (
 __all__ = ["lut_op", "softmax"]
 
 
+_SQRT_2_OVER_PI = np.float32(1.12837916709551257390 * 0.70710678118654752440)  # M_2_SQRTPI * M_SQRT1_2
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """reference_ops::GeluTransformApproximate in C float arithmetic, left to right, with C tanhf:
+    0.5f * x * (1 + tanhf(sqrt(2/pi) * (x + 0.044715f * x * x * x)))."""
+    f = np.float32
+    cubic = ((f(0.044715) * x).astype(f) * x).astype(f) * x
+    inner = (x + cubic.astype(f)).astype(f)
+    return ((f(0.5) * x).astype(f) * (f(1) + tanhf((_SQRT_2_OVER_PI * inner).astype(f))).astype(f)).astype(f)
+
+
 def lut_op(o: Op, fn: str) -> Kernel:
+    """LOGISTIC / TANH / GELU as a table built the way the backend builds its own (rules.py, "lut"); GELU runs
+    TFLite's table on every backend (XNNPACK leaves int8 GELU) and only its tanh form converts to TFLite."""
     tin, tout = o.tin(0), o.tout
     (si, zi), (so, zo) = o.qp(tin), o.qp(tout)
     qmin, qmax = o.qrange(tin)
     codes = np.arange(qmin, qmax + 1)
     x = (np.float32(si) * (codes - zi).astype(np.float32)).astype(np.float32)
     one = np.float32(1)
-    if o.rules["lut"] == "xnnpack":  # XNNPACK: the function in double (C exp/tanh), rounded to float32
+    if fn == "gelu" and not o.op.options.get("approximate", False):
+        raise o.fail("GELU with approximate=False (erf) is not emulated; only the tanh approximation is")
+    if fn == "gelu":
+        y = _gelu_tanh(x)
+    elif o.rules["lut"] == "xnnpack":  # XNNPACK: the function in double (C exp/tanh), rounded to float32
         f64 = (lambda v: 1.0 / (1.0 + math.exp(-v))) if fn == "logistic" else math.tanh
         y = np.array([f64(float(v)) for v in x], np.float32)
     else:  # TFLite LUTPopulate: float32 arithmetic with C expf/tanhf
         y = (one / (one + expf(-x))).astype(np.float32) if fn == "logistic" else tanhf(x)
     r = (y * np.float32(one / so)).astype(np.float32)
-    if o.rules["lut"] == "xnnpack":  # lrintf: half even
+    if o.rules["lut"] == "xnnpack" and fn != "gelu":  # lrintf: half even
         q = np.rint(r).astype(np.int64) + zo
     else:  # TfLiteRound: half away from zero
         q = (np.sign(r) * np.floor(np.abs(r.astype(np.float64)) + 0.5)).astype(np.int64) + zo

@@ -49,6 +49,7 @@ _BUILDERS: dict[str, Callable[[Op], Kernel]] = {
     "DEQUANTIZE": dequantize,
     "LOGISTIC": lambda o: lut_op(o, "logistic"),
     "TANH": lambda o: lut_op(o, "tanh"),
+    "GELU": lambda o: lut_op(o, "gelu"),
     "SOFTMAX": softmax,
     "TRANSPOSE": transpose,
     "SLICE": slice_op,
