@@ -1,7 +1,7 @@
-"""xqat.emulate against the real TFLite interpreter on its three backends (tf-quant-semantics §4.4, §5).
+"""xqat.emulate against the real TFLite interpreter on its three backends (docs/numerics.md, per-backend kernel rules).
 
 Models are int8 TFLite files converted at test time from TF fake-quant graphs (no representative
-dataset, §4.1). Ranges with power-of-two scales put many requantizations exactly on ties, where the
+dataset). Ranges with power-of-two scales put many requantizations exactly on ties, where the
 backends round differently. Every op output of every sample is compared, bit for bit.
 """
 
@@ -558,7 +558,7 @@ def test_int64_requantization_fallback_is_exact(model_set, backend, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------
-# The backend choice matters, exactly where the spec says (§5.2, §5.3)
+# The backend choice matters, exactly where the backends' rounding rules say (docs/numerics.md)
 
 
 @pytest.fixture(scope="module")
@@ -579,7 +579,7 @@ def pointwise_tie_model(builder):
 
 
 def _spec_requantize(acc: np.ndarray, backend: str) -> np.ndarray:
-    """acc * 2^-8 rounded by each backend's rule of §5.2/§5.3, in Python integers (independent of xqat)."""
+    """acc * 2^-8 rounded by each backend's rule, in Python integers (independent of xqat)."""
     m, right = 1 << 30, 7  # QuantizeMultiplier(2^-8) = (2^30, shift -7)
     if backend == "reference":  # gemmlowp: SRDHM then RDBP, both half away from zero
         return np.array([_rdbp_ref(_srdhm_ref(int(a), m), right) for a in acc.ravel()]).reshape(acc.shape)
@@ -673,7 +673,7 @@ def test_unsupported_op_is_named(builder):
 
 
 # ---------------------------------------------------------------------------------------------
-# Rounding primitives against the spec's scalar formulas (§5.1, §5.2)
+# Rounding primitives against their scalar formulas (docs/numerics.md)
 
 
 def _srdhm_ref(a: int, b: int) -> int:

@@ -81,7 +81,7 @@ def test_rectifiers(activation_models, backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# Binary elementwise: SUB, broadcast MUL (squeeze-excite gate), MAXIMUM/MINIMUM
+# Binary elementwise: SUB, broadcast MUL (squeeze-excite gate), broadcast ADD/SUB, MAXIMUM/MINIMUM
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def binary_models(builder):
         @tf.function(input_signature=builder.spec([1, 6, 6, 20], [1, 6, 6, 20], [1, 1, 1, 20]))
         def f(a, c, g, r1=r1, r2=r2, ro=ro):
             a, c, g = fq(a, r1), fq(c, r2), fq(g, (0.0, 1.0))
-            return {"sub": fq(a - c, ro), "se": fq(a * g, r1),
+            return {"sub": fq(a - c, ro), "se": fq(a * g, r1), "add_bc": fq(a + g, ro), "sub_bc": fq(g - c, ro),
                     "max": fq(tf.maximum(a, fq(c, r1)), r1), "min": fq(tf.minimum(a, fq(c, r1)), r1)}
         models.append(builder.convert(f))
     return models

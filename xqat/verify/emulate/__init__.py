@@ -1,4 +1,4 @@
-"""Bit-exact integer emulation of the TFLite int8 kernels in torch, batched, per backend (§5).
+"""Bit-exact integer emulation of the TFLite int8 kernels in torch, batched, per backend.
 
 `emulate(model, inputs)` runs a .tflite file on a batch of integer inputs and returns what the
 TFLite interpreter returns for each sample, bit for bit, on the chosen backend.

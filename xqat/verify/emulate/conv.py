@@ -108,7 +108,7 @@ def conv_like(o: Op, depthwise: bool) -> Kernel:
     conv = dict(stride=(sh, sw), padding=conv_pad, dilation=(dh, dw), groups=groups)
 
     def run(xs):
-        # out-of-image taps are real 0 (§5.3 notes): the code zp_in, padded while still integer
+        # out-of-image taps are real 0: the code zp_in, padded while still integer
         x = xs[0] if int8_pad is None else F.pad(xs[0], int8_pad, value=zp_in)
         x = x.to(dtype).permute(0, 3, 1, 2)  # NHWC -> channels-last NCHW view (no copy)
         with _exact_context(x.device):

@@ -35,7 +35,7 @@ def _add_sub(o: Op, sign: int) -> Kernel:
     lo, hi = activation_range(o, o.op.fused_activation)
     rule = o.rules["add"]
     negate = o.rules["sub"] if sign < 0 else None
-    if rule == "xnnpack":  # qs8 vadd: one fixed-point multiply-add, arithmetic shift (§5.3)
+    if rule == "xnnpack":  # qs8 vadd: one fixed-point multiply-add, arithmetic shift
         sa, sb = np.float32(s1 / so), np.float32(s2 / so)
         mx = max(sa, sb)
         shift = 20 - int(np.floor(np.log2(np.float64(mx))))
@@ -51,7 +51,7 @@ def _add_sub(o: Op, sign: int) -> Kernel:
     m2, sh2 = quantize_multiplier(float(s2) / twice_max)
     mo, sho = quantize_multiplier(twice_max / ((1 << left_shift) * float(so)))
     m1, sh1, m2, sh2, mo, sho = (int(v[0]) for v in (m1, sh1, m2, sh2, mo, sho))
-    simd = rule == "simd16_int16wrap"  # builtin: single-rounding input scaling (§5.3), int16 packing
+    simd = rule == "simd16_int16wrap"  # builtin: single-rounding input scaling, int16 packing
     in_scale = mbqm_single if simd else mbqm
 
     if negate == "multiplier":  # the optimized kernel runs ADD with the second input's multiplier negated

@@ -1,4 +1,4 @@
-"""Run a whole .tflite graph with the integer kernels of one backend, batched (tf-quant-semantics §5.3).
+"""Run a whole .tflite graph with the integer kernels of one backend, batched (docs/numerics.md).
 
 The model is parsed and every op compiled once (`Emulator`); `run` then walks the ops in file order
 (TFLite stores them topologically sorted) on N samples at a time, where the interpreter runs one.

@@ -1,4 +1,4 @@
-"""The op registry of the integer emulator: TFLite op name -> kernel builder, one table (tf-quant-semantics §5).
+"""The op registry of the integer emulator: TFLite op name -> kernel builder, in one table (docs/numerics.md).
 
 `build(op, model, backend, device)` turns one flatbuffer op into a function of its input tensors.
 Everything that depends only on the model (multipliers, tables, weights on the device) is computed

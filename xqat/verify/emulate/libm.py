@@ -1,6 +1,6 @@
 """float32 expf/tanhf from the C math library the TFLite runtime itself links (glibc libm on Linux).
 
-The lookup tables of LOGISTIC, TANH and SOFTMAX are built from expf/tanhf in float32 (§5.3 notes);
+The lookup tables of LOGISTIC, TANH and SOFTMAX are built from expf/tanhf in float32;
 a 1-ulp difference in expf can flip a table entry at a rounding tie, so the tables call the same
 libm functions through ctypes. Elsewhere numpy's float32 functions are the (documented) fallback.
 """

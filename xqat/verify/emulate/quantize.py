@@ -60,7 +60,7 @@ def quantize(o: Op) -> Kernel:
             raise o.fail(str(e)) from None
         return lambda xs: o.cast_out(fn(xs[0]))
     si, zi = o.qp(tin)
-    if rule == "xnnpack" and tin.dtype == tout.dtype:  # qs8/qu8 convert: 8 fractional bits (§5.3)
+    if rule == "xnnpack" and tin.dtype == tout.dtype:  # qs8/qu8 convert: 8 fractional bits
         mult = int(np.rint(np.float32(np.float32(256.0) * np.float32(si / so))))
         return table_kernel(o, lambda x: ((((x - zi) * mult + 128) >> 8) + zo).clamp(qmin, qmax))
     m, sh = quantize_multiplier(np.float64(si) / np.float64(so))

@@ -24,7 +24,7 @@ __all__ = ["activation_range", "fixed_point_stage", "output_stage"]
 
 
 def activation_range(o: Op, act: str) -> tuple[int, int]:
-    """Integer clamp of a fused activation (§4.4): TFLite rounds f/s half away, XNNPACK lrintf(f/s + zp)."""
+    """Integer clamp of a fused activation: TFLite rounds f/s half away, XNNPACK lrintf(f/s + zp)."""
     s, zp = o.qp(o.tout)
     qmin, qmax = o.qrange(o.tout)
     bounds = {"NONE": (None, None), "RELU": (0.0, None), "RELU6": (0.0, 6.0), "RELU_N1_TO_1": (-1.0, 1.0)}
@@ -43,7 +43,7 @@ def activation_range(o: Op, act: str) -> tuple[int, int]:
 
 def _multipliers(rule: str, s_in: np.float32, s_w: np.ndarray, s_out: np.float32,
                  fc_multiplier: str = "double") -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (int32 multiplier, shift) of a conv/FC output stage (§5.1): s_in * s_w / s_out in double,
+    """Per-channel (int32 multiplier, shift) of a conv/FC output stage: s_in * s_w / s_out in double,
     or for the optimized per-tensor FC float32(s_in * s_w) / s_out."""
     s_w = np.asarray(s_w, np.float32)
     if fc_multiplier == "float_product":
@@ -88,7 +88,7 @@ def fixed_point_stage(o: Op, mult: np.ndarray, shift: np.ndarray, ruy: np.ndarra
 def output_stage(o: Op, rule: str, s_in, s_w, s_out, act_lo: int, act_hi: int, acc_bound: np.ndarray,
                   fc_multiplier: str = "double") -> Callable[[torch.Tensor], torch.Tensor]:
     """Requantize accumulators (exact integers held in a float tensor, channels last, |acc| <= acc_bound
-    per channel) to the output tensor: scale, + zp, clamp (§5.3)."""
+    per channel) to the output tensor: scale, + zp, clamp."""
     _, zp = o.qp(o.tout)
     if rule == "fp32":  # XNNPACK: float32(acc) * f32(f32(s_in * s_w) / s_out), clamp, half even, + zp
         sc = (np.float32(s_in) * np.asarray(s_w, np.float32)).astype(np.float32) / np.float32(s_out)

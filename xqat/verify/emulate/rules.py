@@ -1,4 +1,4 @@
-"""Which arithmetic each TFLite backend uses, per op: the backend table of tf-quant-semantics §5.3 as data.
+"""Which arithmetic each TFLite backend uses, per op: the per-backend kernel rules of docs/numerics.md as data.
 
 Kernels look their rounding up here instead of branching on the backend name, so the differences
 between the backends live in one table. Each rule name is implemented once, in the kernel module of its op
@@ -14,7 +14,7 @@ __all__ = ["BACKENDS", "RULES", "XNNPACK_OPS", "rules_for"]
 BACKENDS = ("reference", "builtin", "xnnpack")
 
 _REFERENCE = {
-    "conv": "gemmlowp",            # MultiplyByQuantizedMultiplier, double rounding (§5.2)
+    "conv": "gemmlowp",            # MultiplyByQuantizedMultiplier, double rounding
     "depthwise": "gemmlowp",
     "grouped_conv": "gemmlowp",    # CONV_2D with filter channels < input channels
     "transpose_conv": "gemmlowp",  # reference_integer_ops::TransposeConv: per-channel MBQM
