@@ -40,14 +40,17 @@ _BUILTIN = {
     "conv": "ruy",                 # x86 ruy: two round-half-up steps
     "depthwise": "ruy8",           # AVX2 blocks of 8 channels like ruy, remainder channels gemmlowp
     "fully_connected": "ruy",
-    # optimized BatchMatMul of two int8 activations rounds like the reference (gemmlowp MBQM), unlike FC
     # TransposeConvV2 requantizes with optimized_ops::Quantize: 8-channel NEON_2_SSE blocks (vqrdmulh, then a
     # half-up rounding shift, like ruy), the remainder channels with the scalar gemmlowp MBQM
     "transpose_conv": "ruy8",
-    # grouped CONV_2D: the optimized kernel hands it to the reference per-channel conv (gemmlowp), see _REFERENCE
+    # Inherited from _REFERENCE, found by testing: grouped CONV_2D runs the reference per-channel conv
+    # (gemmlowp, not ruy); BatchMatMul of two int8 activations rounds like the reference (gemmlowp), unlike FC.
     "fc_multiplier": "float_product",  # GetQuantizedConvolutionMultipler: float(s_in * s_w) / s_out
     "add": "simd16_int16wrap",     # single-rounding input scalings; 16-lane blocks wrap results to int16
-    "sub": "multiplier",           # optimized SUB = optimized ADD with the second multiplier negated
+    # optimized SUB = optimized ADD with the second multiplier negated. The order (negate before or after the
+    # input scaling) only matters at an exact tie of that scaling, which 8-bit inputs with float32 scales
+    # practically never reach; no test input told the two apart.
+    "sub": "multiplier",
     # optimized_integer_ops::Mean (4-D, axes {1, 2}, keep_dims): raw sum, float32 bias and multiplier;
     # 16-channel SIMD blocks round like ruy (half up), remainder channels gemmlowp. Other means: reference.
     "mean": "simd16ch_ruy_tail_gemmlowp",
@@ -85,10 +88,16 @@ RULES = MappingProxyType({
 })
 
 # Int8 ops the XNNPACK delegate takes (seen with ai-edge-litert 2.3.0 on x86); any other op runs the
-# builtin optimized kernel even in the default (XNNPACK) interpreter.
-# Int8 ops it leaves (builtin kernels run them): RELU, RELU6, HARD_SWISH, MAXIMUM, MINIMUM, GATHER, SPLIT_V,
-# RESIZE_NEAREST_NEIGHBOR, PADV2 with a pad value other than the zero point. Pure copies (TRANSPOSE, slices,
-# SPLIT) give the same codes on every backend, delegated or not.
+# builtin optimized kernel even in the default (XNNPACK) interpreter (`base._xnnpack_accepts` adds the
+# delegate's per-node conditions, e.g. BATCH_MATMUL only with a zero-point-0 second operand).
+# Int8 ops it leaves (builtin kernels run them): RELU, RELU6, RELU_N1_TO_1, HARD_SWISH, GELU, MAXIMUM, MINIMUM,
+# GATHER, SPLIT_V, RESIZE_NEAREST_NEIGHBOR, PADV2 with a pad value other than the zero point.
+#
+# Ops with one formula on every backend (no rule here): the copies (TRANSPOSE, SLICE, STRIDED_SLICE, SPLIT,
+# SPLIT_V, GATHER, RESIZE_NEAREST_NEIGHBOR, MAXIMUM/MINIMUM on raw codes), RELU/RELU6/RELU_N1_TO_1 (ReluX:
+# MBQM of x - zp with float32(s_in / s_out), then the activation clamp), HARD_SWISH (the reference int16
+# fixed-point kernel; the optimized one matched it on every code) and GELU (TFLite's float32 table with
+# C tanhf, rounded half away: the "tflite" lut rule).
 XNNPACK_OPS = frozenset({
     "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL", "MAX_POOL_2D", "MEAN",
     "CONCATENATION", "RESHAPE", "PAD", "PADV2", "QUANTIZE", "DEQUANTIZE", "LOGISTIC", "TANH", "LEAKY_RELU",
