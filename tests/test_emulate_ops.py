@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.test_emulate import BACKENDS, Builder, compare_all, pow2_range
+from tests.test_emulate import BACKENDS, MODEL_SET_OPS, Builder, compare_all, pow2_range
 from xqat.tflite.model import read_tflite
+from xqat.verify.emulate import SUPPORTED_OPS
 
 N_RANDOM = 300
 
@@ -289,3 +290,14 @@ def batch_matmul_models(builder):
 def test_batch_matmul(batch_matmul_models, backend):
     for model in batch_matmul_models:
         check(model, backend, {"BATCH_MATMUL"})
+
+
+def test_every_emulated_op_is_checked_on_every_backend(activation_models, binary_models, layout_model,
+                                                       resize_nearest_models, conv_models,
+                                                       resize_bilinear_models, batch_matmul_models):
+    """No op in the emulator's registry without a model above (or in the model set of test_emulate.py) that
+    compares it with the interpreter on all three backends."""
+    models = [*activation_models, *binary_models, layout_model, *resize_nearest_models, *conv_models,
+              *resize_bilinear_models, *batch_matmul_models]
+    checked = set(MODEL_SET_OPS) | {op.name for m in models for op in read_tflite(m).ops}
+    assert set(SUPPORTED_OPS) <= checked, sorted(set(SUPPORTED_OPS) - checked)
