@@ -16,8 +16,6 @@ from .rounding import mbqm, quantize_multiplier, rdbp
 
 __all__ = ["relu", "leaky_relu", "hard_swish"]
 
-_RELU_BOUNDS = {"RELU": "RELU", "RELU6": "RELU6", "RELU_N1_TO_1": "RELU_N1_TO_1"}
-
 
 def _multiplier(real: np.float32) -> tuple[int, int]:
     m, sh = quantize_multiplier(np.float64(real))
@@ -27,7 +25,7 @@ def _multiplier(real: np.float32) -> tuple[int, int]:
 def relu(o: Op) -> Kernel:
     """ReluX: clamp(zo + MBQM(x - zi, f32(si / so)), act_lo, act_hi), the bounds as for a fused activation."""
     (si, zi), (so, zo) = o.qp(o.tin(0)), o.qp(o.tout)
-    lo, hi = activation_range(o, _RELU_BOUNDS[o.op.name])
+    lo, hi = activation_range(o, o.op.name)  # the op names are the fused-activation names
     m, sh = _multiplier(np.float32(si / so))
     return table_kernel(o, lambda x: (mbqm(x - zi, m, sh) + zo).clamp(lo, hi))
 
@@ -64,8 +62,8 @@ def _int16_multiplier(real: np.float32) -> tuple[int, int]:
 
 
 def _srdhm16(a: torch.Tensor, b: int) -> torch.Tensor:
-    """gemmlowp SaturatingRoundingDoublingHighMul on int16: (a*b + nudge) / 2^15, nudge 2^14 or 1 - 2^14,
-    truncated (ties away from zero... for the sign of a*b); only a == b == -2^15 saturates."""
+    """gemmlowp SaturatingRoundingDoublingHighMul on int16: (a*b + nudge) / 2^15 truncated, nudge 2^14 for
+    a*b >= 0 else 1 - 2^14, so ties round up for either sign; only a == b == -2^15 saturates."""
     ab = a * b
     nudge = torch.where(ab >= 0, 1 << 14, 1 - (1 << 14))
     out = torch.div(ab + nudge, 1 << 15, rounding_mode="trunc")
@@ -99,8 +97,8 @@ def hard_swish(o: Op) -> Kernel:
         elif rel_e < 0:
             r = rdbp(r, -rel_e)
         r = (r + (1 << 15)) >> 1
-        prod = r * pre_out
-        prod = torch.where((r == -32768) & (pre_out == -32768), 32767, torch.div(prod, 1 << 15, rounding_mode="trunc"))
+        prod = torch.div(r * pre_out, 1 << 15, rounding_mode="trunc")  # SaturatingDoublingHighMul: truncates
+        prod = torch.where((r == -32768) & (pre_out == -32768), 32767, prod)
         return (rdbp(prod, -out_e) + zo).clamp(qmin, qmax)
 
     return table_kernel(o, fn)
