@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.test_emulate import BACKENDS, MODEL_SET_OPS, Builder, compare_all, pow2_range
+from tests.test_emulate import BACKENDS, MODEL_SET_OPS, Builder, compare_all, pow2_range, run_interpreter
 from xqat.tflite.model import read_tflite
 from xqat.verify.emulate import SUPPORTED_OPS
 
@@ -145,6 +145,60 @@ def test_multi_output_ops_without_intermediates(layout_model):
     m = read_tflite(layout_model)
     assert len(outs) == len(m.outputs) >= 10
     assert all(torch.equal(o, every[t]) for o, t in zip(outs, m.outputs))
+
+
+@pytest.fixture(scope="module")
+def rearrange_model(builder):
+    """Pixel shuffles, tiling, stacking, and the reductions that compare codes (segmenter heads: argmax)."""
+    tf, fq = builder.tf, builder.fq
+    r = pow2_range(100, 5)
+
+    @tf.function(input_signature=builder.spec([1, 4, 6, 8], [1, 4, 6, 8]))
+    def f(x, y):
+        x, y = fq(x, r), fq(y, r)
+        u = tf.unstack(x, axis=2)
+        return {"s2d": fq(tf.nn.space_to_depth(x, 2), r),
+                "u0": fq(u[0], r), "u5": fq(u[5], r),
+                "stack": fq(tf.stack([x, y], axis=3), r),
+                "rmax": fq(tf.reduce_max(x, axis=[1, 2], keepdims=True), r), "rmin": fq(tf.reduce_min(x, axis=3), r),
+                "amax": tf.argmax(x, axis=3), "amin": tf.argmin(y, axis=1, output_type=tf.int32)}
+    return builder.convert(f)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rearrange_and_code_reductions(rearrange_model, backend):
+    check(rearrange_model, backend, {"SPACE_TO_DEPTH", "UNPACK", "PACK", "REDUCE_MAX",
+                                     "REDUCE_MIN", "ARG_MAX", "ARG_MIN"})
+
+
+@pytest.fixture(scope="module")
+def not_in_reference_model(builder):
+    """DEPTH_TO_SPACE and TILE: their int8 versions exist in the optimized kernels only."""
+    tf, fq = builder.tf, builder.fq
+    r = pow2_range(100, 5)
+
+    @tf.function(input_signature=builder.spec([1, 4, 6, 8]))
+    def f(x):
+        x = fq(x, r)
+        return {"d2s": fq(tf.nn.depth_to_space(x, 2), r), "tile": fq(tf.tile(x, [1, 2, 1, 3]), r)}
+    return builder.convert(f)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_the_reference_kernels_lack(not_in_reference_model, backend):
+    import xqat
+    from xqat.errors import EmulationError
+    from xqat.verify.emulate import REFERENCE_LACKS
+
+    if backend != "reference":
+        check(not_in_reference_model, backend, {"DEPTH_TO_SPACE", "TILE"})
+        return
+    assert {op.name for op in read_tflite(not_in_reference_model).ops} == set(REFERENCE_LACKS)
+    codes = sample_codes(not_in_reference_model, np.random.default_rng(0), 1)
+    with pytest.raises(ValueError, match="Didn't find op"):  # the interpreter refuses the model ...
+        run_interpreter(not_in_reference_model, "reference", codes)
+    with pytest.raises(EmulationError, match="reference kernels have no int8"):  # ... and so does the emulator
+        xqat.Emulator(not_in_reference_model, backend="reference")
 
 
 @pytest.fixture(scope="module")
@@ -293,11 +347,13 @@ def test_batch_matmul(batch_matmul_models, backend):
 
 
 def test_every_emulated_op_is_checked_on_every_backend(activation_models, binary_models, layout_model,
+                                                       rearrange_model, not_in_reference_model,
                                                        resize_nearest_models, conv_models,
                                                        resize_bilinear_models, batch_matmul_models):
     """No op in the emulator's registry without a model above (or in the model set of test_emulate.py) that
     compares it with the interpreter on all three backends."""
-    models = [*activation_models, *binary_models, layout_model, *resize_nearest_models, *conv_models,
+    models = [*activation_models, *binary_models, layout_model, rearrange_model, not_in_reference_model,
+              *resize_nearest_models, *conv_models,
               *resize_bilinear_models, *batch_matmul_models]
     checked = set(MODEL_SET_OPS) | {op.name for m in models for op in read_tflite(m).ops}
     assert set(SUPPORTED_OPS) <= checked, sorted(set(SUPPORTED_OPS) - checked)

@@ -15,9 +15,9 @@ from ...errors import EmulationError
 from ...tflite.model import TFLiteModel
 from .graph import Emulator, TensorLike
 from .kernels import SUPPORTED_OPS
-from .rules import BACKENDS, RULES, XNNPACK_OPS
+from .rules import BACKENDS, REFERENCE_LACKS, RULES, XNNPACK_OPS
 
-__all__ = ["emulate", "Emulator", "BACKENDS", "RULES", "SUPPORTED_OPS", "XNNPACK_OPS"]
+__all__ = ["emulate", "Emulator", "BACKENDS", "RULES", "SUPPORTED_OPS", "XNNPACK_OPS", "REFERENCE_LACKS"]
 
 
 def emulate(model: str | Path | bytes | TFLiteModel | Emulator, inputs: TensorLike | Sequence[TensorLike],

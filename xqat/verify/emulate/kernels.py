@@ -20,12 +20,27 @@ from .activations import lut_op, softmax
 from .base import TORCH_DTYPES, Kernel, Op, batched_shape
 from .conv import batch_matmul, conv_like, fully_connected, transpose_conv
 from .elementwise import add, mul, sub
-from .layout import gather, maximum_minimum, resize_nearest, slice_op, split, strided_slice, transpose
+from .layout import (
+    arg_extreme,
+    depth_space,
+    gather,
+    maximum_minimum,
+    pack,
+    reduce_extreme,
+    resize_nearest,
+    slice_op,
+    split,
+    strided_slice,
+    tile,
+    transpose,
+    unpack,
+)
 from .movement import concatenation, pad, reshape
 from .pooling import mean, pool
 from .quantize import dequantize, float_quantizer, quantize
 from .rectifiers import hard_swish, leaky_relu, relu
 from .resize import resize_bilinear
+from .rules import REFERENCE_LACKS
 
 __all__ = ["build", "SUPPORTED_OPS", "TORCH_DTYPES", "batched_shape", "float_quantizer"]
 
@@ -61,6 +76,15 @@ _BUILDERS: dict[str, Callable[[Op], Kernel]] = {
     "RESIZE_BILINEAR": resize_bilinear,
     "MAXIMUM": maximum_minimum,
     "MINIMUM": maximum_minimum,
+    "DEPTH_TO_SPACE": depth_space,
+    "SPACE_TO_DEPTH": depth_space,
+    "TILE": tile,
+    "PACK": pack,
+    "UNPACK": unpack,
+    "REDUCE_MAX": reduce_extreme,
+    "REDUCE_MIN": reduce_extreme,
+    "ARG_MAX": arg_extreme,
+    "ARG_MIN": arg_extreme,
     "RELU": relu,
     "RELU6": relu,
     "RELU_N1_TO_1": relu,
@@ -76,4 +100,9 @@ def build(op: TFLiteOp, model: TFLiteModel, backend: str, device: torch.device, 
         raise EmulationError(
             f"op #{op.index} {op.name} (output tensor '{model.tensor(op.outputs[0]).name}') is not supported "
             f"by the integer emulator; supported ops: {', '.join(sorted(SUPPORTED_OPS))}")
+    if backend == "reference" and op.name in REFERENCE_LACKS:
+        raise EmulationError(
+            f"op #{op.index} {op.name} (output tensor '{model.tensor(op.outputs[0]).name}'): the interpreter's "
+            f"reference kernels have no int8 {op.name}, so it refuses this model on backend 'reference'; "
+            "use 'builtin' or 'xnnpack'")
     return _BUILDERS[op.name](Op(op, model, backend, torch.device(device), threads))

@@ -1,6 +1,7 @@
 """Ops that only pick input codes: TRANSPOSE, SLICE, STRIDED_SLICE, SPLIT, SPLIT_V, GATHER,
-RESIZE_NEAREST_NEIGHBOR, and MAXIMUM/MINIMUM (which compare raw codes). (The converter turns squeeze and
-expand_dims into RESHAPE.)
+RESIZE_NEAREST_NEIGHBOR, DEPTH_TO_SPACE, SPACE_TO_DEPTH, TILE, PACK, UNPACK, and the ones that compare raw
+codes: MAXIMUM/MINIMUM, REDUCE_MAX/REDUCE_MIN, ARG_MAX/ARG_MIN. (The converter turns squeeze and expand_dims
+into RESHAPE.)
 
 Every output element of the index ops is one element of the input at a position fixed by the op and the
 shapes, so each is compiled once into an index map: the op applied (in numpy, with TFLite's own index
@@ -18,7 +19,7 @@ import torch
 from .base import TORCH_DTYPES, Kernel, Op
 
 __all__ = ["index_op", "transpose", "slice_op", "strided_slice", "split", "gather", "resize_nearest",
-           "maximum_minimum"]
+           "maximum_minimum", "depth_space", "tile", "unpack", "pack", "reduce_extreme", "arg_extreme"]
 
 
 def _positions(o: Op, i: int = 0) -> np.ndarray:
@@ -155,3 +156,69 @@ def maximum_minimum(o: Op) -> Kernel:
     fn = torch.maximum if o.op.name == "MAXIMUM" else torch.minimum
     dtype = TORCH_DTYPES[o.tout.dtype]
     return lambda xs: fn(xs[0].to(dtype), xs[1].to(dtype))
+
+
+def depth_space(o: Op) -> Kernel:
+    """DEPTH_TO_SPACE / SPACE_TO_DEPTH (NHWC, channel order (row in block, column in block, channel))."""
+    b = int(o.op.options.get("blockSize", 0))
+    if b < 1:
+        raise o.fail("block size must be >= 1")
+
+    def pick(pos):
+        _, h, w, c = pos.shape
+        if o.op.name == "DEPTH_TO_SPACE":
+            co = c // (b * b)
+            return pos.reshape(1, h, w, b, b, co).transpose(0, 1, 3, 2, 4, 5).reshape(1, h * b, w * b, co)
+        return pos.reshape(1, h // b, b, w // b, b, c).transpose(0, 1, 3, 2, 4, 5).reshape(1, h // b, w // b,
+                                                                                          b * b * c)
+
+    return index_op(o, pick)
+
+
+def tile(o: Op) -> Kernel:
+    multiples = _const_ints(o, 1)
+    return index_op(o, lambda pos: np.tile(pos, multiples))
+
+
+def unpack(o: Op) -> Kernel:
+    """UNPACK (tf.unstack): one output per index along `axis`."""
+    rank = len(o.tin(0).shape)
+    axis = int(o.op.options.get("axis", 0)) % rank
+    n = o.tin(0).shape[axis]
+    return index_op(o, lambda pos: [np.take(pos, i, axis=axis) for i in range(n)])
+
+
+def pack(o: Op) -> Kernel:
+    """PACK (tf.stack) along a non-batch axis: the codes of every input, unchanged."""
+    rank = len(o.tout.shape)
+    axis = int(o.op.options.get("axis", 0)) % rank
+    if axis == 0:
+        raise o.fail("PACK along the batch axis cannot be emulated batch-free")
+    dtype = TORCH_DTYPES[o.tout.dtype]
+    return lambda xs: torch.stack([x.to(dtype) for x in xs], dim=axis)
+
+
+def _axes(o: Op, rank: int) -> list[int]:
+    axes = sorted({a % rank for a in _const_ints(o, 1)})
+    if 0 in axes:
+        raise o.fail("reducing over the batch axis cannot be emulated batch-free")
+    return axes
+
+
+def reduce_extreme(o: Op) -> Kernel:
+    """REDUCE_MAX / REDUCE_MIN: the largest / smallest code (input and output share scale and zero point)."""
+    if o.qp(o.tin(0)) != o.qp(o.tout):
+        raise o.fail("input and output quantization differ; int8 REDUCE_MAX/MIN compare codes as they are")
+    axes = _axes(o, len(o.tin(0).shape))
+    keep = bool(o.op.options.get("keepDims", False))
+    fn = torch.amax if o.op.name == "REDUCE_MAX" else torch.amin
+    return lambda xs: fn(xs[0], dim=axes, keepdim=keep)
+
+
+def arg_extreme(o: Op) -> Kernel:
+    """ARG_MAX / ARG_MIN along one axis: index of the first largest / smallest code."""
+    (axis,) = _axes(o, len(o.tin(0).shape))
+    dtype = TORCH_DTYPES[o.tout.dtype]
+    if o.op.name == "ARG_MAX":
+        return lambda xs: torch.argmax(xs[0], dim=axis).to(dtype)
+    return lambda xs: torch.argmin(xs[0], dim=axis).to(dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-__all__ = ["BACKENDS", "RULES", "XNNPACK_OPS", "rules_for"]
+__all__ = ["BACKENDS", "RULES", "XNNPACK_OPS", "REFERENCE_LACKS", "rules_for"]
 
 BACKENDS = ("reference", "builtin", "xnnpack")
 
@@ -103,6 +103,11 @@ XNNPACK_OPS = frozenset({
     "CONCATENATION", "RESHAPE", "PAD", "PADV2", "QUANTIZE", "DEQUANTIZE", "LOGISTIC", "TANH", "LEAKY_RELU",
     "TRANSPOSE", "STRIDED_SLICE", "SPLIT", "RESIZE_BILINEAR", "TRANSPOSE_CONV", "BATCH_MATMUL",
 })
+
+
+# Int8 ops (their int8 op versions) that the reference resolver (BUILTIN_REF) does not register in
+# ai-edge-litert 2.3.0: the interpreter refuses such a model on "reference", and so does the emulator.
+REFERENCE_LACKS = frozenset({"DEPTH_TO_SPACE", "TILE"})
 
 
 def rules_for(backend: str, op_name: str) -> MappingProxyType:
