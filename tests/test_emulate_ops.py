@@ -247,9 +247,14 @@ def conv_models(builder):
                 "valid_bias": tf.nn.conv2d_transpose(x, w13, [1, 10, 8, 13], 2, "VALID") + b13,
                 "s3": tf.nn.relu(tf.nn.conv2d_transpose(x, w8, [1, 15, 12, 8], 3, "SAME"))}
 
+    wd = (rng.normal(size=(3, 3, 12, 5)) * 0.3).astype(np.float32)
+    dw = (rng.normal(size=(3, 3, 12, 1)) * 0.3).astype(np.float32)
+
     @tf.function(input_signature=builder.spec([1, 6, 6, 12]))
-    def grouped(x):
-        return {"g": tf.nn.conv2d(x, wg, 1, "SAME"), "g2": tf.nn.conv2d(x, wg, 2, "VALID") + 0.5}
+    def grouped(x):  # with the dilated (atrous) convolutions of segmentation heads
+        return {"g": tf.nn.conv2d(x, wg, 1, "SAME"), "g2": tf.nn.conv2d(x, wg, 2, "VALID") + 0.5,
+                "dil": tf.nn.conv2d(x, wd, 1, "SAME", dilations=2),
+                "dwdil": tf.nn.depthwise_conv2d(x, dw, [1, 1, 1, 1], "SAME", dilations=[2, 2])}
 
     return [builder.convert(tconv, representative=_calibration(rng, (1, 5, 4, 6))),
             builder.convert(grouped, representative=_calibration(rng, (1, 6, 6, 12)))]
@@ -260,9 +265,11 @@ def test_transpose_conv_and_grouped_conv(conv_models, backend):
     tconv, grouped = conv_models
     check(tconv, backend, {"TRANSPOSE_CONV"})
     m = read_tflite(grouped)
-    assert all(m.tensor(op.inputs[1]).shape[3] < m.tensor(op.inputs[0]).shape[3] for op in m.ops
-               if op.name == "CONV_2D")
-    check(grouped, backend, {"CONV_2D"})
+    assert any(m.tensor(op.inputs[1]).shape[3] < m.tensor(op.inputs[0]).shape[3] for op in m.ops
+               if op.name == "CONV_2D")  # grouped
+    check(grouped, backend, {"CONV_2D", "DEPTHWISE_CONV_2D"})
+    dilations = {(op.options.get("dilationHFactor"), op.options.get("dilationWFactor")) for op in m.ops}
+    assert (2, 2) in dilations
 
 
 @pytest.fixture(scope="module")
