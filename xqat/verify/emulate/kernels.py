@@ -3,9 +3,12 @@
 `build(op, model, backend, device)` turns one flatbuffer op into a function of its input tensors.
 Everything that depends only on the model (multipliers, tables, weights on the device) is computed
 once by the builders. Tensors are batched along dim 0: the interpreter runs batch 1, the kernels run N
-samples. The builders live by concern: `conv` (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED), `elementwise`,
-`pooling` (pools, MEAN), `movement` (data movement), `quantize`, `activations` (tables, SOFTMAX); shared
-pieces in `base` (the op context, lookup-table kernels) and `requant` (output stages, activation clamps).
+samples. The builders live by concern: `conv` (convolutions, FULLY_CONNECTED, TRANSPOSE_CONV, BATCH_MATMUL),
+`elementwise` (ADD, SUB, MUL), `rectifiers` (RELU family, LEAKY_RELU, HARD_SWISH), `activations` (tables:
+LOGISTIC, TANH, GELU; SOFTMAX), `pooling` (pools, MEAN), `movement` (CONCATENATION, RESHAPE, PAD), `layout`
+(index maps: transposes, slices, splits, gathers, nearest resize, pixel shuffles; code comparisons),
+`resize` (RESIZE_BILINEAR), `quantize`; shared pieces in `base` (the op context, lookup-table kernels) and
+`requant` (output stages, activation clamps). Backend differences are data in `rules`.
 """
 
 from __future__ import annotations
