@@ -1,9 +1,10 @@
 """The emulator's kernels for the ops real torchvision/timm models, detectors and segmenters produce, against
 the interpreter on its three backends: 0 mismatched elements on every tensor of every sample.
 
-Each model is a tiny TF fake-quant graph converted int8 by the real TFLiteConverter (the oracle helpers of
-test_emulate.py). Power-of-two scales put many requantizations exactly on ties; the inputs include
-saturated, zero-point and all-codes samples besides random codes.
+Each model is a tiny TF graph converted int8 by the real TFLiteConverter with the oracle helpers of
+test_emulate.py: fake-quant graphs (power-of-two scales put many requantizations exactly on ties), or float
+graphs calibrated with a representative dataset where fake-quant cannot express the op (per-channel
+transposed filters). The inputs: saturated, zero-point and all-codes samples, then 300 random ones.
 """
 
 from __future__ import annotations
