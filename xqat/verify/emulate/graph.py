@@ -1,4 +1,4 @@
-"""Run a whole .tflite graph with the integer kernels of one backend, batched (tf-quant-semantics §5.3).
+"""Run a whole .tflite graph with the integer kernels of one backend, batched (docs/numerics.md).
 
 The model is parsed and every op compiled once (`Emulator`); `run` then walks the ops in file order
 (TFLite stores them topologically sorted) on N samples at a time, where the interpreter runs one.
@@ -135,7 +135,8 @@ class Emulator:
                 else:
                     raise EmulationError(f"op #{op.index} {op.name} reads tensor {t} "
                                          f"('{self.model.tensor(t).name}') before any op writes it")
-            env[op.outputs[0]] = kernel(args)
+            out = kernel(args)  # a tuple for ops with several outputs (SPLIT)
+            env.update(zip(op.outputs, out) if isinstance(out, tuple) else [(op.outputs[0], out)])
             if not intermediates:
                 for t in self._free_after[pos]:
                     env.pop(t, None)
