@@ -14,8 +14,8 @@ import torch
 
 from ...errors import EmulationError
 from ...tflite.model import TFLiteModel, read_tflite
+from ..backends import check_backend
 from .kernels import TORCH_DTYPES, build
-from .rules import BACKENDS
 
 __all__ = ["Emulator"]
 
@@ -38,8 +38,7 @@ class Emulator:
 
     def __init__(self, model: str | Path | bytes | TFLiteModel, backend: str = "xnnpack",
                  device: str | torch.device = "cpu", samples_per_pass: int | None = None, num_threads: int = 1):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        check_backend(backend)
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 (the interpreter's thread count), got {num_threads}")
         self.num_threads = int(num_threads)
