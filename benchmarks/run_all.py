@@ -22,6 +22,7 @@ SUITE = [
     ("Export time, MobileNetV2 1.0 at 224x224", "benchmarks.export_time"),
     ("int8 vs float TFLite: size and latency", "benchmarks.tflite_latency"),
     ("Integer emulator throughput vs the TFLite interpreter", "benchmarks.emulate"),
+    ("EdgeTPU check vs the EdgeTPU compiler", "benchmarks.edgetpu_vs_compiler"),
 ]
 
 

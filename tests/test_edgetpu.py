@@ -8,6 +8,7 @@ overflow of a fused RELU6 bound...) are made by editing one field of a converted
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import flatbuffers
 import numpy as np
@@ -17,10 +18,13 @@ from ai_edge_litert import schema_py_generated as schema
 import xqat
 from xqat.cli import main
 from xqat.edgetpu.check import check_edgetpu, op_macs
+from xqat.edgetpu.compiled import compare_with_compiled
 from xqat.edgetpu.layers import edgetpu_layer_problems
 from xqat.edgetpu.rules import RUNTIME_VERSIONS, SUPPORTED_OPS
 from xqat.errors import TFLiteFileError
 from xqat.tflite.model import read_tflite
+
+CORAL = Path(__file__).parent / "data" / "coral"
 
 pytestmark = pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")
 
@@ -55,6 +59,13 @@ def _patch(raw: bytes, edit) -> bytes:
     b = flatbuffers.Builder(1024)
     b.Finish(m.Pack(b), file_identifier=b"TFL3")
     return bytes(b.Output())
+
+
+def _tile_v1(m) -> None:
+    """TILE as a uint8 TF1-era converter wrote it (version 1, which compiler 16 knows); int8 TILE is v3."""
+    for c in m.operatorCodes:
+        if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.TILE:
+            c.version = 1
 
 
 class _Models:
@@ -226,13 +237,71 @@ class _Models:
         return _convert(tf, self.fn([1, 8], lambda x: tf.while_loop(
             lambda i, y: i < 3, lambda i, y: (i + 1, y * 2.0), (0, x))[1]), "float")
 
+    def _cast_input(self):  # int32 input: CAST and a float QUANTIZE lead, as in a compiled MoveNet
+        tf, k = self.tf, self.w(3, 3, 3, 8)
+        fn = tf.function(lambda x: tf.nn.relu(tf.nn.conv2d(tf.cast(x, tf.float32) / 255.0, k, 1, "SAME")),
+                         input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.int32)])
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = lambda: ([self.rng.integers(0, 255, (1, 8, 8, 3)).astype(np.int32)]
+                                               for _ in range(4))
+        return bytes(conv.convert())
+
+    def _evidence_ops(self):  # ops a compiled pair (or the table) decided
+        tf = self.tf
+
+        fq = tf.quantization.fake_quant_with_min_max_args
+
+        def body(x):
+            x = fq(x, -4, 4)
+            tiled = fq(tf.tile(x, [1, 2, 2, 1]), -4, 4)  # TILE: maps
+            pooled = fq(tf.nn.avg_pool2d(x, 4, 4, "VALID"), -4, 4)  # (1, 1, 1, 8)
+            from_1x1 = fq(tf.compat.v1.image.resize_bilinear(pooled, [4, 4], align_corners=True), -4, 4)  # CPU
+            corners = fq(tf.compat.v1.image.resize_bilinear(x, [8, 8], align_corners=True), -4, 4)  # maps
+            padded = fq(tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], constant_values=-1.0), -4, 4)  # PADV2: CPU
+            return fq(tiled + corners, -8, 8), from_1x1, padded
+        return _convert(tf, self.fn([1, 4, 4, 8], body))
+
+    def _torch_ops(self):  # the ops xqat's exporter emits for SiLU, chunk, slicing, shuffles, upsampling, ...
+        tf, fq = self.tf, self.tf.quantization.fake_quant_with_min_max_args
+        kt, bt = self.w(3, 3, 8, 8), self.w(8)
+
+        def body(x):
+            x = fq(x, -4, 4)
+            s = fq(x * fq(tf.sigmoid(x), 0, 1), -4, 4)  # LOGISTIC, inner QUANTIZE, MUL
+            a, b = tf.split(s, 2, axis=-1)  # SPLIT
+            c = fq(a[:, 1:3, :, :], -4, 4)  # STRIDED_SLICE
+            t = fq(tf.transpose(b, [0, 2, 1, 3]), -4, 4)  # TRANSPOSE
+            up = fq(tf.compat.v1.image.resize_nearest_neighbor(t, [8, 8]), -4, 4)
+            cat = fq(tf.concat([up, up], -1), -4, 4)
+            y = fq(tf.nn.conv2d_transpose(cat, kt, [1, 16, 16, 8], 2, "SAME") + bt, -8, 8)  # TRANSPOSE_CONV v3
+            bmm = fq(tf.matmul(tf.reshape(c, [1, 8, 4]), tf.reshape(c, [1, 8, 4]), transpose_b=True), -8, 8)
+            return fq(y * tf.nn.relu6(y + 3.0) / 6.0, -4, 8), bmm, c  # HARD_SWISH
+        return _convert(tf, self.fn([1, 4, 4, 8], body))
+
+    def _deeplab_head(self):  # image pooling broadcast by TILE, concat, small and full-size resizes, argmax
+        tf, fq = self.tf, self.tf.quantization.fake_quant_with_min_max_args
+        k1, k2, k3 = self.w(3, 3, 3, 8), self.w(1, 1, 8, 8), self.w(1, 1, 16, 4)
+
+        def body(x):
+            x = fq(x, -1, 1)
+            f = fq(tf.nn.relu(tf.nn.conv2d(x, fq(k1, -1, 1), 2, "SAME")), 0, 6)  # (1, 8, 8, 8)
+            p = fq(tf.nn.avg_pool2d(f, 8, 8, "VALID"), 0, 6)  # (1, 1, 1, 8)
+            p = fq(tf.nn.relu(tf.nn.conv2d(p, fq(k2, -1, 1), 1, "SAME")), 0, 6)
+            c = fq(tf.concat([fq(tf.tile(p, [1, 8, 8, 1]), 0, 6), f], -1), 0, 6)
+            y = fq(tf.nn.conv2d(c, fq(k3, -1, 1), 1, "SAME"), -8, 8)
+            y = fq(tf.compat.v1.image.resize_bilinear(y, [16, 16], align_corners=True), -8, 8)
+            y = fq(tf.compat.v1.image.resize_bilinear(y, [300, 300], align_corners=True), -8, 8)
+            return tf.argmax(y, -1)
+        return _patch(_convert(tf, self.fn([1, 16, 16, 3], body)), _tile_v1)
+
     def _big(self):
         tf, k = self.tf, self.w(3000, 3000)
 
         def body(x, v):
-            up = tf.compat.v1.image.resize_nearest_neighbor(x, [384, 384])  # 2.25 MiB int8, side > 256
+            up = tf.compat.v1.image.resize_nearest_neighbor(x, [384, 384])  # 4.5 MiB int8, side > 256
             return up, tf.matmul(v, k)  # 9 MB of int8 weights
-        fn = tf.function(body, input_signature=[tf.TensorSpec([1, 192, 192, 16]), tf.TensorSpec([1, 3000])])
+        fn = tf.function(body, input_signature=[tf.TensorSpec([1, 192, 192, 32]), tf.TensorSpec([1, 3000])])
         return _convert(tf, fn, "ptq", per_tensor_dense=True)
 
 
@@ -262,14 +331,18 @@ def test_clean_int8_cnn_has_no_findings(models):
     assert r.total_macs == 8 * 8 * 8 * 27 + 8 * 8 * 8 * 9 + 4 * 4 * 8 * 8 + 10 * 16
 
 
-def test_int8_boundary_quantize_ops_stay_mapped(models):
-    """Float or uint8 I/O adds QUANTIZE/DEQUANTIZE at the boundaries: WARN O10, the TPU segment is intact."""
-    for name in ("float_io", "uint8_io"):
-        r = check_edgetpu(models[name])
-        assert r.codes() == {"O10"}, r.table()
-        assert r.fully_mapped and r.first_cpu_op is None
-    msg = _find(check_edgetpu(models["uint8_io"]), "O10")[0].message
-    assert "uint8" in msg and "runtime >= 13" in msg
+def test_io_conversions_float_on_the_cpu_uint8_mapped(models):
+    """Float I/O: the QUANTIZE in front and the DEQUANTIZE behind run on the CPU around the TPU segment (CPU O10);
+    uint8 I/O: the converting QUANTIZE ops map (WARN O10), the model is fully mapped."""
+    r = check_edgetpu(models["float_io"])
+    assert r.codes() == {"O10"} and r.ok and not r.fully_mapped, r.table()
+    assert {(f.op_name, f.level) for f in r.findings} == {("QUANTIZE", "CPU"), ("DEQUANTIZE", "CPU")}
+    assert r.segment_start == 1 and r.cpu_ops == (0, 2) and r.first_cpu_op == 2
+    assert "before the TPU segment" in r.findings[0].message and r.mapped_mac_share == 1.0
+    r = check_edgetpu(models["uint8_io"])
+    assert r.codes() == {"O10"} and r.fully_mapped and r.first_cpu_op is None and r.cpu_ops == ()
+    msg = _find(r, "O10")[0].message
+    assert "uint8" in msg and "runtime 13" in msg and _find(r, "O10")[0].level == "WARN"
 
 
 # ------------------------------------------------------------------------------------------ FAIL rules
@@ -279,17 +352,31 @@ def test_float_model_fails_t1(models):
     assert not r.ok
     t1 = _find(r, "T1", "FAIL")
     assert t1 and t1[0].op_name == "CONV_2D" and "FLOAT32" in t1[0].message and "Model not quantized" in t1[0].message
-    assert "input 'x' is FLOAT32" in _find(r, "O10", "WARN")[0].message
+    assert r.segment_start is None and r.first_cpu_op == 0 and "no op maps" in r.summary()
 
 
-def test_float_leftover_inside_int8_model(models):
+def test_float_leftover_inside_int8_model_runs_on_the_cpu(models):
+    """Float ops in an int8 model are CPU ops, not a failed compile (a compiled MoveNet kept its float ops on
+    the CPU); here DEQUANTIZE -> NEG -> QUANTIZE lead the graph, so the TPU segment starts after them."""
     raw = models["float_leftover"]
     r = check_edgetpu(raw)
-    neg = _op(raw, "NEG")
-    assert not r.ok
-    assert {f.op_name for f in _find(r, "T1", "FAIL")} == {"DEQUANTIZE", "NEG"}
-    assert any(f.op_index == neg for f in _find(r, "O1", "CPU"))
-    assert r.first_cpu_op == _op(raw, "DEQUANTIZE")
+    assert [op.name for op in read_tflite(raw).ops[:3]] == ["DEQUANTIZE", "NEG", "QUANTIZE"]
+    assert r.ok and not r.fully_mapped, r.table()
+    assert {(f.op_name, f.code) for f in r.findings} == {("DEQUANTIZE", "O1"), ("NEG", "O1"), ("QUANTIZE", "T1")}
+    assert r.segment_start == 3 and r.first_cpu_op is None and r.cpu_ops == (0, 1, 2)
+    assert r.mapped_op_share == pytest.approx(4 / 7) and "after 3 leading CPU op(s)" in r.summary()
+
+
+def test_leading_cast_and_quantize_stay_before_the_segment(models):
+    """The compiler's segment need not start at op 0: CAST and the float QUANTIZE run on the CPU first, the
+    conv maps, the DEQUANTIZE to the float output runs on the CPU after it."""
+    raw = models["cast_input"]
+    r = check_edgetpu(raw)
+    assert [op.name for op in read_tflite(raw).ops] == ["CAST", "QUANTIZE", "CONV_2D", "DEQUANTIZE"]
+    assert r.ok and r.segment_start == 2 and r.first_cpu_op == 3 and r.cpu_ops == (0, 1, 3)
+    assert r.mapped_op_share == 0.25 and r.mapped_mac_share == 1.0
+    assert "CAST" in _find(r, "O1", "CPU")[0].message and "FLOAT32" in _find(r, "T1", "CPU")[0].message
+    assert "after the TPU segment" in r.segment_end_reason and "ends at op 3 DEQUANTIZE" in r.summary()
 
 
 def test_grouped_conv_fails_on_version_and_layout(models):
@@ -315,7 +402,7 @@ def test_hardswish_leakyrelu_gelu(models):
     f4 = _find(r, "F4", "FAIL", "GELU")
     assert f4 and "150" in f4[0].message
     assert not _find(r, "F5", op_name="GELU")  # one FAIL per cause
-    assert r.first_cpu_op == _op(raw, "HARD_SWISH") == 0
+    assert r.first_cpu_op == _op(raw, "HARD_SWISH") == 0 and r.segment_start is None  # no op maps
 
 
 def test_transpose_conv_with_fused_relu(models):
@@ -339,7 +426,7 @@ def test_batch_axis_rules_and_io_batch(models):
     assert "6 channels" in o5["MEAN"] and "batch" in o5["PAD"] and "splits the batch" in o5["SPLIT"]
     assert "strides [1, 2, 1, 1]" in _find(r, "O7", "CPU", "STRIDED_SLICE")[0].message
     assert "batch > 1" in _find(r, "T5", "FAIL")[0].message
-    assert r.first_cpu_op == _op(raw, "MEAN")
+    assert _op(raw, "MEAN") == 0 and r.segment_start == 1 and r.first_cpu_op == _op(raw, "PAD")  # MEAN leads
 
 
 # ------------------------------------------------------------------------------------------- CPU rules
@@ -406,10 +493,90 @@ def test_tiny_scale_warns(models):
 
 def test_large_activation_resize_and_parameters(models):
     r = check_edgetpu(models["big"])
-    assert "2.2 MiB" in _find(r, "T9", "WARN", "RESIZE_NEAREST_NEIGHBOR")[0].message
-    assert "[1, 384, 384, 16]" in _find(r, "O8", "WARN")[0].message
+    assert "4.5 MiB" in _find(r, "T9", "WARN", "RESIZE_NEAREST_NEIGHBOR")[0].message
+    assert "[1, 384, 384, 32]" in _find(r, "O8", "CPU")[0].message  # past 256 a side: stays on the CPU
     assert "8.6 MiB" in _find(r, "P2", "WARN")[0].message
-    assert r.param_bytes >= 9_000_000 and r.fully_mapped
+    assert r.param_bytes >= 9_000_000 and r.ok and not r.fully_mapped
+
+
+# ------------------------------------------------------------------------- rules from compiled pairs
+
+def test_tile_resize_padv2(models):
+    raw = models["evidence_ops"]
+    r = check_edgetpu(raw)
+    m = read_tflite(raw)
+    tile = next(op for op in m.ops if op.name == "TILE")
+    assert not _find(r, "O1", op_name="TILE")  # maps (compiled pair), but int8 TILE is version 3, TF 2.8:
+    assert tile.version == 3 and "TF 2.8" in _find(r, "F5", "FAIL", "TILE")[0].message
+    resizes = {f.op_index: f.message for f in _find(r, "O8", "CPU")}
+    assert len(resizes) == 1 and "from a 1x1 map" in next(iter(resizes.values()))
+    assert sum(op.name == "RESIZE_BILINEAR" for op in m.ops) == 2  # the align-corners one has no finding
+    assert "only PAD" in _find(r, "O1", "CPU", "PADV2")[0].message
+
+    assert not _find(check_edgetpu(_patch(raw, _tile_v1)), "F5", op_name="TILE")
+
+
+def test_deeplab_head_maps_up_to_the_full_size_resize(models):
+    """As the compiler did with a MobileNet-EdgeTPU DeepLab: TILE, CONCATENATION and the small align-corners
+    resize map; only the full-size RESIZE_BILINEAR and ARG_MAX stay on the CPU."""
+    raw = models["deeplab_head"]
+    r = check_edgetpu(raw)
+    m = read_tflite(raw)
+    assert {"TILE", "CONCATENATION"} <= set(m.op_names()) and r.ok
+    assert [m.ops[i].name for i in r.cpu_ops] == ["RESIZE_BILINEAR", "ARG_MAX"], r.table()
+    assert "300, 300" in r.segment_end_reason and r.mapped_mac_share == 1.0
+
+
+def test_ops_of_torch_models(models):
+    """The ops xqat's exporter emits for torchvision/timm layers: what maps, what runs on the CPU."""
+    raw = models["torch_ops"]
+    r = check_edgetpu(raw)
+    names = read_tflite(raw).op_names()
+    assert names == ["LOGISTIC", "QUANTIZE", "MUL", "SPLIT", "STRIDED_SLICE", "RESHAPE", "BATCH_MATMUL", "TRANSPOSE",
+                     "RESIZE_NEAREST_NEIGHBOR", "CONCATENATION", "TRANSPOSE_CONV", "HARD_SWISH"]
+    assert r.ok and {(f.op_name, f.level) for f in r.findings} == {
+        ("BATCH_MATMUL", "CPU"), ("HARD_SWISH", "CPU"), ("TRANSPOSE", "WARN"), ("TRANSPOSE_CONV", "WARN")}
+    assert r.segment_start == 0 and r.first_cpu_op == names.index("BATCH_MATMUL")
+    assert "FULLY_CONNECTED" in r.segment_end_reason  # how to make it map
+    assert read_tflite(raw).ops[names.index("TRANSPOSE_CONV")].version == 3  # with bias, no fused act: known
+
+
+def _coral_pairs():
+    return sorted((p, p.with_name(p.name.replace("_edgetpu.tflite", ".tflite")))
+                  for p in CORAL.glob("*_edgetpu.tflite"))
+
+
+def test_checker_agrees_with_the_compiler_on_every_compiled_pair():
+    """Each pair is a model and what edgetpu_compiler 16 made of it (tests/data/coral/README.md): the checker
+    must say it compiles and name the same CPU ops in the same order."""
+    pairs = _coral_pairs()
+    assert len(pairs) == 4
+    for compiled, model in pairs:
+        c = compare_with_compiled(model, compiled)
+        assert c.agrees, f"{c.name}: predicted {c.predicted_cpu}, compiler {c.actual_cpu}\n{c.report.table()}"
+        assert c.predicted_share == pytest.approx(c.actual_share)
+    deeplab = compare_with_compiled(CORAL / "deeplabv3_mnv2_dm05_pascal_quant.tflite",
+                                    CORAL / "deeplabv3_mnv2_dm05_pascal_quant_edgetpu.tflite")
+    assert deeplab.report.first_cpu_op == 64 and "1x1" in deeplab.report.segment_end_reason
+    assert deeplab.actual_share == pytest.approx(64 / 72)
+    lstm = check_edgetpu(CORAL / "keras_lstm_mnist_ptq.tflite")
+    assert lstm.fully_mapped and "UNIDIRECTIONAL_SEQUENCE_LSTM" in read_tflite(lstm.source).op_names()
+
+
+def test_verdicts_do_not_depend_on_the_file_name(tmp_path):
+    src = CORAL / "deeplabv3_mnv2_dm05_pascal_quant.tflite"
+    renamed = tmp_path / "model.tflite"
+    renamed.write_bytes(src.read_bytes())
+    a, b = check_edgetpu(src), check_edgetpu(renamed)
+    assert a.findings == b.findings and a.cpu_ops == b.cpu_ops and a.first_cpu_op == b.first_cpu_op
+
+
+def test_benchmark_prints_agreement(capsys):
+    from benchmarks.edgetpu_vs_compiler import main as bench
+
+    assert bench([str(CORAL)]) == 0
+    out = capsys.readouterr().out
+    assert "agreement: 4 of 4 pairs" in out and "| deeplabv3_mnv2_dm05_pascal_quant | 72 | 88.9% | 88.9% |" in out
 
 
 # ------------------------------------------------------------------- rules the converter never breaks
@@ -494,9 +661,11 @@ def test_mapped_prefix_counts_macs_before_first_cpu_op(models):
 
 
 def test_runtime_table_matches_known_traps():
-    """§2: the versions that broke compiler 16 in practice are all past TF 2.5 in the table."""
+    """The versions that broke compiler 16 in practice are all past TF 2.5 in the table (docs/edgetpu.md,
+    "Compiler and op versions"); TILE v3 (int8) is TF 2.8."""
     assert RUNTIME_VERSIONS["CONV_2D"][5] == (2, 9) and len(RUNTIME_VERSIONS["TRANSPOSE_CONV"]) == 3
     assert RUNTIME_VERSIONS["QUANTIZE"][2] == (2, 7) and RUNTIME_VERSIONS["RESIZE_BILINEAR"][2] == (2, 2)
+    assert RUNTIME_VERSIONS["TILE"][2] == (2, 8) and RUNTIME_VERSIONS["GELU"][0] == (2, 9)
     for op in SUPPORTED_OPS:
         assert op in RUNTIME_VERSIONS, op
         assert RUNTIME_VERSIONS[op][0] <= (2, 5)
@@ -515,14 +684,22 @@ def test_report_table_and_json(models):
 
 
 def test_cli_exit_codes_and_json(models, tmp_path, capsys):
-    clean, grouped = tmp_path / "clean.tflite", tmp_path / "grouped.tflite"
-    clean.write_bytes(models["clean"])
-    grouped.write_bytes(models["grouped"])
-    assert main(["check-edgetpu", str(clean)]) == 0
+    """0 fully mapped; 1 FAIL or CPU ops (--allow-cpu: FAIL only); 2 unreadable (next test)."""
+    paths = {}
+    for name in ("clean", "grouped", "float_io"):
+        paths[name] = tmp_path / f"{name}.tflite"
+        paths[name].write_bytes(models[name])
+    assert main(["check-edgetpu", str(paths["clean"])]) == 0
     assert "FULLY MAPPED" in capsys.readouterr().out
-    assert main(["check-edgetpu", str(grouped), "--json"]) == 1
+    assert main(["check-edgetpu", str(paths["grouped"]), "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is False and any(f["code"] == "F5" for f in out["findings"])
+    assert main(["check-edgetpu", str(paths["grouped"]), "--allow-cpu"]) == 1
+    capsys.readouterr()
+    assert main(["check-edgetpu", str(paths["float_io"]), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is True and out["fully_mapped"] is False and out["cpu_ops"] == [0, 2]
+    assert main(["check-edgetpu", str(paths["float_io"]), "--allow-cpu"]) == 0
 
 
 def test_cli_bad_files_exit_2_without_traceback(tmp_path, capsys):

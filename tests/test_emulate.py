@@ -1,7 +1,7 @@
-"""xqat.emulate against the real TFLite interpreter on its three backends (tf-quant-semantics §4.4, §5).
+"""xqat.emulate against the real TFLite interpreter on its three backends (docs/numerics.md, per-backend kernel rules).
 
 Models are int8 TFLite files converted at test time from TF fake-quant graphs (no representative
-dataset, §4.1). Ranges with power-of-two scales put many requantizations exactly on ties, where the
+dataset). Ranges with power-of-two scales put many requantizations exactly on ties, where the
 backends round differently. Every op output of every sample is compared, bit for bit.
 """
 
@@ -17,7 +17,7 @@ import xqat
 import xqat.torch_side.qparams
 from xqat.errors import EmulationError
 from xqat.tflite.model import read_tflite
-from xqat.verify.emulate import kernels, rounding
+from xqat.verify.emulate import conv, requant, rounding
 
 BACKENDS = ("reference", "builtin", "xnnpack")
 _RESOLVER = {"reference": "BUILTIN_REF", "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "xnnpack": "AUTO"}
@@ -110,10 +110,15 @@ class Builder:
         m = float(np.abs(w).max())
         return self.fq(w, (-m, m), narrow=True)
 
-    def convert(self, fn, io="int8") -> bytes:
+    def convert(self, fn, io="int8", representative=None) -> bytes:
+        """int8 TFLite from a tf.function; fake-quant graphs need no data, float graphs calibrate on
+        `representative` (a list of input lists, as the converter's representative dataset)."""
         tf = self.tf
         conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        if representative is not None:
+            conv.representative_dataset = lambda: iter(representative)
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         if io is not None:
             conv.inference_input_type = conv.inference_output_type = getattr(tf, io)
         with warnings.catch_warnings():
@@ -230,11 +235,15 @@ def model_set(builder):
 # Whole models: every op output, every sample
 
 
+# The ops the model set below checks on every backend (the other emulated ops: test_emulate_ops.py)
+MODEL_SET_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "AVERAGE_POOL_2D",
+                           "MAX_POOL_2D", "MEAN", "CONCATENATION", "RESHAPE", "PAD", "QUANTIZE", "DEQUANTIZE",
+                           "LOGISTIC", "TANH", "SOFTMAX"})
+
+
 def test_model_set_covers_the_ops(model_set):
     ops = {op.name for model, _ in model_set.values() for op in read_tflite(model).ops}
-    assert ops >= {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "AVERAGE_POOL_2D",
-                   "MAX_POOL_2D", "MEAN", "CONCATENATION", "RESHAPE", "PAD", "QUANTIZE", "DEQUANTIZE",
-                   "LOGISTIC", "TANH", "SOFTMAX"}
+    assert ops >= MODEL_SET_OPS
     acts = {op.fused_activation for model, _ in model_set.values() for op in read_tflite(model).ops}
     assert {"RELU", "RELU6"} <= acts
     assert sum(x[0].shape[0] for _, x in model_set.values()) >= 1000
@@ -504,7 +513,7 @@ def test_long_reductions_are_sliced_and_exact(long_reduction_model, backend):
         if op.name in ("CONV_2D", "FULLY_CONNECTED"):
             t_in, t_w = m.tensor(op.inputs[0]), m.tensor(op.inputs[1])
             w = np.abs(t_w.data.reshape(t_w.shape[0], -1).astype(np.float64))
-            dtype, slices = kernels._chunks(w, np.zeros(len(w)), 128.0, abs(int(t_in.zero_points[0])),
+            dtype, slices = conv._chunks(w, np.zeros(len(w)), 128.0, abs(int(t_in.zero_points[0])),
                                             torch.device("cpu"))
             assert dtype == torch.float32 and slices is not None and len(slices) >= 2, op.name
     rng = np.random.default_rng(12)
@@ -545,7 +554,7 @@ def test_pools_with_uneven_padding(pool_models, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int64_requantization_fallback_is_exact(model_set, backend, monkeypatch):
     """Without the one-floor float64 requantizer the int64 chain runs; both equal the interpreter."""
-    monkeypatch.setattr(kernels, "one_floor_requantizer", lambda *args, **kwargs: None)
+    monkeypatch.setattr(requant, "one_floor_requantizer", lambda *args, **kwargs: None)
     for name in ("digits_cnn", "branchy"):
         model, inputs = model_set[name]
         bad, _ = compare_all(model, [x[:120] for x in inputs], backend)
@@ -553,7 +562,7 @@ def test_int64_requantization_fallback_is_exact(model_set, backend, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------
-# The backend choice matters, exactly where the spec says (§5.2, §5.3)
+# The backend choice matters, exactly where the backends' rounding rules say (docs/numerics.md)
 
 
 @pytest.fixture(scope="module")
@@ -574,7 +583,7 @@ def pointwise_tie_model(builder):
 
 
 def _spec_requantize(acc: np.ndarray, backend: str) -> np.ndarray:
-    """acc * 2^-8 rounded by each backend's rule of §5.2/§5.3, in Python integers (independent of xqat)."""
+    """acc * 2^-8 rounded by each backend's rule, in Python integers (independent of xqat)."""
     m, right = 1 << 30, 7  # QuantizeMultiplier(2^-8) = (2^30, shift -7)
     if backend == "reference":  # gemmlowp: SRDHM then RDBP, both half away from zero
         return np.array([_rdbp_ref(_srdhm_ref(int(a), m), right) for a in acc.ravel()]).reshape(acc.shape)
@@ -658,16 +667,17 @@ def test_unsupported_op_is_named(builder):
 
     @tf.function(input_signature=builder.spec([1, 8], [1, 8]))
     def f(a, c):
-        return builder.fq(tf.maximum(builder.fq(a, (-1.0, 1.0)), builder.fq(c, (-1.0, 1.0))), (-1.0, 1.0))
+        d = tf.math.squared_difference(builder.fq(a, (-1.0, 1.0)), builder.fq(c, (-1.0, 1.0)))
+        return builder.fq(d, (0.0, 4.0))
 
     model = builder.convert(f)
-    op = [o for o in read_tflite(model).ops if o.name == "MAXIMUM"][0]
-    with pytest.raises(EmulationError, match=rf"op #{op.index} MAXIMUM .* not supported"):
+    op = [o for o in read_tflite(model).ops if o.name == "SQUARED_DIFFERENCE"][0]
+    with pytest.raises(EmulationError, match=rf"op #{op.index} SQUARED_DIFFERENCE .* not supported"):
         xqat.Emulator(model)
 
 
 # ---------------------------------------------------------------------------------------------
-# Rounding primitives against the spec's scalar formulas (§5.1, §5.2)
+# Rounding primitives against their scalar formulas (docs/numerics.md)
 
 
 def _srdhm_ref(a: int, b: int) -> int:

@@ -1,5 +1,5 @@
 """The integer emulator on the exported model set: 0 mismatches against the interpreter on the same
-backend, at the output and on every intermediate tensor, over 1000 random and real inputs (issue 6)."""
+backend, at the output and on every intermediate tensor, over 1000 random and real inputs ."""
 
 import numpy as np
 import pytest

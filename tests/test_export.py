@@ -221,8 +221,35 @@ def test_export_layering():
         assert not [m for m in _imported_modules(f, "xqat.export") if m.startswith("xqat.verify")], f.name
     for f in (root / "torch_side").glob("*.py"):
         assert not [m for m in _imported_modules(f, "xqat.torch_side") if m.startswith("xqat.export")], f.name
-        assert "exporting" not in f.read_text() and "xqat_export" not in f.read_text(), f.name
+        text = f.read_text()
+        assert not [w for w in (".exporting", "xqat_export_", "_qdq_weight", "_export_mode") if w in text], f.name
     code = ("import sys, xqat.export.torch_to_onnx, xqat.export.qdq_plan, xqat.export.export_graph; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnx2tf', 'tensorflow', 'tf_keras')))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root.parent, timeout=300)
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["plain", "mobilenet_v2", "inception"])
+def test_export_graph_is_the_deployed_network(name):
+    """The export pass's copy holds only Q/DQ points and functional+Q/DQ weight ops, with the snapped grids,
+    and computes what the QAT simulation computes: the same output codes (models without average pools,
+    whose TFLite rounding only the simulation models)."""
+    from xqat.export.export_graph import ActivationQDQ, WeightQDQ, build_export_graph
+    from xqat.torch_side.modules import WeightQuantizedModule
+    from xqat.torch_side.quantizers import QuantPoint
+
+    qat = calibrate(xqat.prepare_qat(make_model(name), torch.randn(INPUT_SHAPE))).eval()
+    graph = build_export_graph(qat)
+    mods = list(graph.module.modules())
+    assert not [m for m in mods if isinstance(m, (QuantPoint, WeightQuantizedModule))]
+    assert sum(isinstance(m, ActivationQDQ) for m in mods) == len(xqat.quant_points(qat)) == len(graph.points)
+    assert sum(isinstance(m, WeightQDQ) for m in mods) == sum(isinstance(m, WeightQuantizedModule)
+                                                              for m in qat.modules())
+    for p in xqat.quant_points(qat):
+        r = qat.xqat_points[p.key].quantizer.snapped()
+        assert (graph.points[p.key].scale, graph.points[p.key].zero_point) == (r.scale, r.zero_point - 128)
+    x = torch.rand(8, *INPUT_SHAPE[1:], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y_sim, y_exp = qat(x), graph.module(x)
+    out = graph.points[xqat.quant_points(qat)[-1].key]
+    assert torch.equal(torch.round(y_exp / out.scale), torch.round(y_sim / out.scale))

@@ -1,4 +1,8 @@
-"""Torch layers that can never run on the EdgeTPU (edgetpu-readiness.md §4 "PyTorch-side rules").
+"""Torch layers that can never run on the EdgeTPU (docs/edgetpu.md, "PyTorch-side rules").
+
+What xqat rewrites itself is not refused: grouped convs (split per group), SiLU (LOGISTIC + MUL), a
+ReLU after a ConvTranspose2d (kept as its own RELU under edgetpu=True: a fused TRANSPOSE_CONV is op
+version 4, which compiler 16 rejects).
 
 `edgetpu_layer_problems` finds them in a float or prepared model before training, so users change the
 architecture before spending compute; `xqat.check_edgetpu` judges the exported file afterwards.
@@ -15,9 +19,9 @@ from torch import nn
 
 __all__ = ["edgetpu_layer_problems"]
 
-_ACT_FIX = "use nn.ReLU / nn.ReLU6 (or nn.PReLU); SiLU = Sigmoid*x also maps"
+_ACT_FIX = "use nn.ReLU / nn.ReLU6, or nn.SiLU (LOGISTIC + MUL, which the EdgeTPU maps)"
 _RESIZE_FIX = "use nn.Upsample(scale_factor=..., mode='nearest')"
-_GROUPED_FIX = "split it into per-group convs + torch.cat, or use depthwise (groups=in_channels) + 1x1 conv"
+_GROUPED_FIX = "use groups=1, or per-group ConvTranspose2d layers + torch.cat"
 
 
 @dataclass(frozen=True)
@@ -28,27 +32,29 @@ class _ModuleRule:
 
 
 def _grouped(m) -> str | None:
-    if m.groups > 1 and not (m.groups == m.in_channels and isinstance(m, nn.Conv2d)):
-        return (f"grouped conv (groups={m.groups}, in_channels={m.in_channels}) becomes CONV_2D v6, which "
-                "compiler 16 rejects (§2, edgetpu#631)")
+    """Grouped Conv1d/Conv2d are fine: prepare_qat splits them into per-group convs + CONCATENATION, the form
+    compiler 16 maps (a grouped CONV_2D, op version 6, it rejects). A grouped transposed conv has no split."""
+    if m.groups > 1:
+        return (f"grouped ConvTranspose2d (groups={m.groups}) has no int8 TRANSPOSE_CONV form the EdgeTPU runs "
+                "(see docs/edgetpu.md)")
     return None
 
 
 def _dilation(m) -> str | None:
     d = m.dilation if isinstance(m.dilation, tuple) else (m.dilation, m.dilation)
-    return f"dilation {d[0]}x{d[1]} differs between H and W (§1a Conv2d)" if d[0] != d[1] else None
+    return f"dilation {d[0]}x{d[1]} differs between H and W" if d[0] != d[1] else None
 
 
 def _upsample(m) -> str | None:
     mode = getattr(m, "mode", "nearest")
     if isinstance(m, nn.UpsamplingBilinear2d) or mode != "nearest":
         how = "align_corners=True" if getattr(m, "align_corners", False) else "half-pixel centers"
-        return f"mode '{mode}' resizes with {how}, which the EdgeTPU does not map (§1a Resize*)"
+        return f"mode '{mode}' resizes with {how}, which the EdgeTPU does not map"
     return None
 
 
 def _bidirectional(m) -> str | None:
-    return "bidirectional LSTM is not supported (unidirectional only, §1a)" if m.bidirectional else None
+    return "bidirectional LSTM is not supported (unidirectional only)" if m.bidirectional else None
 
 
 def _always(reason: str) -> Callable[[nn.Module], str]:
@@ -56,20 +62,20 @@ def _always(reason: str) -> Callable[[nn.Module], str]:
 
 
 _MODULE_RULES: tuple[_ModuleRule, ...] = (
-    _ModuleRule((nn.Conv2d, nn.ConvTranspose2d), _grouped, _GROUPED_FIX),
+    _ModuleRule((nn.ConvTranspose2d,), _grouped, _GROUPED_FIX),
     _ModuleRule((nn.Conv2d,), _dilation, "use the same dilation in H and W"),
     _ModuleRule((nn.Hardswish,), _always("HARD_SWISH is not in the EdgeTPU op table (edgetpu#272)"), _ACT_FIX),
     _ModuleRule((nn.LeakyReLU,), _always("LEAKY_RELU is not in the EdgeTPU op table (edgetpu#597)"), _ACT_FIX),
     _ModuleRule((nn.GELU,), _always("GELU (op code 150) is unknown to compiler 16 (edgetpu#818)"), _ACT_FIX),
     _ModuleRule((nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus),
-                _always("needs EXP/LOG, which stay on the CPU (§1a)"), _ACT_FIX),
+                _always("needs EXP/LOG, which stay on the CPU"), _ACT_FIX),
     _ModuleRule((nn.LogSoftmax,), _always("LOG_SOFTMAX is not in the EdgeTPU op table"),
                 "use nn.Softmax on a (1, N) tensor, or move it to postprocessing"),
     _ModuleRule((nn.Upsample, nn.UpsamplingBilinear2d), _upsample, _RESIZE_FIX),
     _ModuleRule((nn.PixelShuffle,), _always("DEPTH_TO_SPACE is not in the EdgeTPU op table"),
                 "use nn.ConvTranspose2d or nearest upsampling + conv"),
     _ModuleRule((nn.Conv3d, nn.ConvTranspose3d, nn.MaxPool3d, nn.AvgPool3d, nn.BatchNorm3d),
-                _always("works on 5-D tensors; the EdgeTPU maps at most 3 dims > 1 (§1 requirement 4)"),
+                _always("works on 5-D tensors; the EdgeTPU maps at most 3 dims > 1"),
                 "fold the extra dim into channels or batch-1 2-D layers"),
     _ModuleRule((nn.LSTM,), _bidirectional, "use a unidirectional LSTM"),
     _ModuleRule((nn.GRU, nn.RNN), _always("GRU/RNN ops are not in the EdgeTPU op table"), "use nn.LSTM"),
@@ -99,7 +105,7 @@ def _function_problem(node: torch.fx.Node) -> tuple[str, str] | None:
     if node.target is F.interpolate:
         mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
         if mode != "nearest":
-            return f"interpolate mode '{mode}' uses half-pixel centers or align_corners (§1a Resize*)", _RESIZE_FIX
+            return f"interpolate mode '{mode}' uses half-pixel centers or align_corners", _RESIZE_FIX
         return None
     return _FUNCTION_RULES.get(node.target)
 

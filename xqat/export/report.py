@@ -135,7 +135,9 @@ class ExportReport:
 def _torch_weight_codes(m: WeightQuantizedModule) -> tuple[np.ndarray, np.ndarray]:
     """(per-channel scales, int8 codes in TFLite layout) of a weight module, from the torch side."""
     wq, scales, _ = m.export_weights()
-    s = scales.reshape(-1, *([1] * (wq.dim() - 1))) if scales.dim() == 1 else scales
+    shape = [1] * wq.dim()
+    shape[m.weight_axis] = -1
+    s = scales.reshape(shape) if scales.dim() == 1 else scales
     codes = torch.round(wq / s).to(torch.int64)
     if isinstance(m, QConv2d):
         codes = codes.permute(1, 2, 3, 0) if m.is_depthwise else codes.permute(0, 2, 3, 1)  # 1HWC / OHWI

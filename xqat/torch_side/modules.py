@@ -8,6 +8,7 @@ BN folding in training follows tf.contrib.quantize / Jacob et al. (tf-quant-sema
 from __future__ import annotations
 
 import warnings
+from enum import StrEnum
 
 import torch
 import torch.distributed as dist
@@ -16,17 +17,30 @@ from torch import nn
 
 from .quantizers import WeightQuantizer
 
-__all__ = ["WeightQuantizedModule", "QConv2d", "QLinear", "QAdd", "ACTIVATIONS"]
+__all__ = ["WeightQuantizedModule", "QConv2d", "QLinear", "QAdd", "ACTIVATIONS", "Act"]
 
-ACTIVATIONS = (None, "relu", "relu6")
+
+class Act(StrEnum):
+    """Activations TFLite fuses into CONV_2D / FULLY_CONNECTED / ADD (equal to the strings "relu", "relu6")."""
+
+    RELU = "relu"
+    RELU6 = "relu6"
+
+
+ACTIVATIONS = (None, Act.RELU, Act.RELU6)
 
 
 def _activate(y: torch.Tensor, act: str | None) -> torch.Tensor:
-    if act == "relu":
+    if act == Act.RELU:
         return F.relu(y)
-    if act == "relu6":
+    if act == Act.RELU6:
         return F.hardtanh(y, 0.0, 6.0)
     return y
+
+
+def _per_channel_shape(w: torch.Tensor, axis: int) -> tuple[int, ...]:
+    """Shape that broadcasts a per-output-channel vector along `axis` of a weight like `w`."""
+    return tuple(-1 if i == axis else 1 for i in range(w.dim()))
 
 
 def _world_size() -> int:
@@ -101,7 +115,9 @@ class WeightQuantizedModule(nn.Module):
 
 
 class QConv2d(WeightQuantizedModule):
-    """Conv2d or depthwise Conv2d with optional BN folded during training and a fused ReLU/ReLU6.
+    """Conv2d, depthwise Conv2d, Conv1d or ConvTranspose2d (groups=1) with optional BN folded during
+    training and a fused ReLU/ReLU6. Weights are quantized per output channel (`weight_axis`: 0, or 1 for
+    the transposed conv, whose weight is (in, out, kh, kw)).
 
     Without BN: y = conv(x, FQ(w)) + b. With BN before the freeze (§3): the weight is fake-quantized as
     w·γ/σ_moving and the output corrected to the batch statistics,
@@ -113,17 +129,20 @@ class QConv2d(WeightQuantizedModule):
     The bias is never fake-quantized: TFLite derives the int32 bias from s_in·s_w.
     """
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: str | None = None,
-                 quant_delay: int = 0, freeze_bn_delay: int | None = None, bn_stats: str = "quantized",
-                 weight_bits: int = 8, sync_bn: bool = False) -> None:
+    def __init__(self, conv: nn.Conv2d | nn.Conv1d | nn.ConvTranspose2d, bn: nn.BatchNorm2d | None = None,
+                 act: str | None = None, *, quant_delay: int = 0, freeze_bn_delay: int | None = None,
+                 bn_stats: str = "quantized", weight_bits: int = 8, sync_bn: bool = False) -> None:
         super().__init__(quant_delay)
         if act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
         if bn_stats not in ("quantized", "float"):
             raise ValueError(f"bn_stats must be 'quantized' or 'float', got {bn_stats!r}")
-        self.conv, self.bn, self.act = conv, bn, act
+        if isinstance(conv, nn.ConvTranspose2d) and conv.groups != 1:
+            raise ValueError("ConvTranspose2d with groups > 1 has no int8 TFLite kernel")
+        self.conv, self.bn, self.act = conv, bn, (Act(act) if act is not None else None)
         self.freeze_bn_delay, self.bn_stats, self.sync_bn = freeze_bn_delay, bn_stats, sync_bn
-        self.weight_quant = WeightQuantizer(per_channel=True, num_bits=weight_bits)
+        self.weight_axis = 1 if isinstance(conv, nn.ConvTranspose2d) else 0
+        self.weight_quant = WeightQuantizer(per_channel=True, num_bits=weight_bits, axis=self.weight_axis)
         self.register_buffer("bn_frozen", torch.tensor(False))
 
     @property
@@ -147,8 +166,14 @@ class QConv2d(WeightQuantizedModule):
         return False
 
     def functional(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """conv2d with this layer's stride, padding (mode), dilation and groups."""
-        return self.conv._conv_forward(x, weight, bias)
+        """The float conv with this layer's stride, padding, dilation and groups (no activation)."""
+        c = self.conv
+        if isinstance(c, nn.ConvTranspose2d):
+            return F.conv_transpose2d(x, weight, bias, c.stride, c.padding, c.output_padding, c.groups, c.dilation)
+        return c._conv_forward(x, weight, bias)
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return self.functional(x, w, b)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Eval/export weight and bias: BN folded with the moving statistics (§3 eval graph)."""
@@ -158,7 +183,7 @@ class QConv2d(WeightQuantizedModule):
         bn = self.bn
         factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         b0 = b if b is not None else torch.zeros_like(bn.running_mean)
-        return w * factor.reshape(-1, 1, 1, 1), bn.bias + (b0 - bn.running_mean) * factor
+        return w * factor.reshape(_per_channel_shape(w, self.weight_axis)), bn.bias + (b0 - bn.running_mean) * factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quant = self._tick()
@@ -172,8 +197,9 @@ class QConv2d(WeightQuantizedModule):
         bn, w = self.bn, self.conv.weight
         sigma_mv = torch.sqrt(bn.running_var + bn.eps)
         gamma_over_mv = bn.weight / sigma_mv
-        y_q = self.functional(x, wq(w * gamma_over_mv.reshape(-1, 1, 1, 1)), None)
-        dims = (0, 2, 3)
+        y_q = self._conv(x, wq(w * gamma_over_mv.reshape(_per_channel_shape(w, self.weight_axis))), None)
+        dims = (0, *range(2, y_q.dim()))
+        bshape = _per_channel_shape(y_q, 1)
         if self.bn_stats == "float":
             var_b, mean_b = torch.var_mean(self.functional(x, w, None), dims, correction=0)
         else:  # stats of the quantized conv with the fold undone: y_q · σ_mv/γ ≈ conv(x, w)
@@ -185,8 +211,8 @@ class QConv2d(WeightQuantizedModule):
             var_b, mean_b, n = _sync_var_mean(var_b, mean_b, n)
         self._update_running_stats(mean_b, var_b, n)
         sigma_b = torch.sqrt(var_b + bn.eps)
-        scale = (sigma_mv / sigma_b).reshape(1, -1, 1, 1)
-        return torch.addcmul((bn.bias - mean_b * bn.weight / sigma_b).reshape(1, -1, 1, 1), y_q, scale)
+        scale = (sigma_mv / sigma_b).reshape(bshape)
+        return torch.addcmul((bn.bias - mean_b * bn.weight / sigma_b).reshape(bshape), y_q, scale)
 
     @torch.no_grad()
     def _update_running_stats(self, mean_b, var_b, n: int) -> None:
@@ -216,12 +242,13 @@ class QConv2d(WeightQuantizedModule):
 class QLinear(WeightQuantizedModule):
     """Linear with per-tensor symmetric weight fake quant and an optional fused ReLU."""
 
-    def __init__(self, linear: nn.Linear, act: str | None = None, quant_delay: int = 0,
+    def __init__(self, linear: nn.Linear, act: str | None = None, *, quant_delay: int = 0,
                  weight_bits: int = 8) -> None:
         super().__init__(quant_delay)
         if act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
-        self.linear, self.act = linear, act
+        self.linear, self.act = linear, (Act(act) if act is not None else None)
+        self.weight_axis = 0
         self.weight_quant = WeightQuantizer(per_channel=False, num_bits=weight_bits)
 
     def extra_repr(self) -> str:
@@ -230,13 +257,13 @@ class QLinear(WeightQuantizedModule):
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.linear.weight, self.linear.bias
 
+    def functional(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The float linear op (no activation)."""
+        return F.linear(x, weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_quant(self.linear.weight) if self._tick() else self.linear.weight
         return _activate(self.functional(x, w, self.linear.bias), self.act)
-
-    def functional(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """linear(x, weight, bias)."""
-        return F.linear(x, weight, bias)
 
 
 class QAdd(nn.Module):
@@ -244,7 +271,7 @@ class QAdd(nn.Module):
 
     def __init__(self, act: str | None = None) -> None:
         super().__init__()
-        self.act = act
+        self.act = Act(act) if act is not None else None
 
     def extra_repr(self) -> str:
         return f"act={self.act}"

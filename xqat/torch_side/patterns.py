@@ -1,13 +1,16 @@
-"""What each torch.fx node is, in quantization terms: the op vocabulary `prepare_qat` understands.
+"""What each torch.fx node computes, in quantization terms: the op vocabulary `prepare_qat` understands.
 
-Every node maps to one `OpKind`; the kind decides fusion and where the int8 TFLite graph has a tensor
-(export-route.md: TFLite keeps one tensor per op output, fused activations included in the op).
+Every node maps to one `OpKind`, recognised by what it computes (a module, its functional form or the
+Tensor method alike); the kind decides fusion and whether the int8 TFLite graph has a tensor after it
+(TFLite keeps one tensor per op output, fused activations included in the op; see docs/numerics.md).
+Shape-dependent decisions (an op that folds away at the example's shape) are taken here too.
 """
 
 from __future__ import annotations
 
 import operator
-from enum import Enum
+from collections.abc import Callable
+from enum import Enum, StrEnum
 
 import torch
 import torch.nn.functional as F
@@ -15,35 +18,38 @@ from torch import fx, nn
 
 
 class OpKind(Enum):
-    CONV = "conv"  # Conv2d / depthwise Conv2d, fuses a following BN and ReLU/ReLU6
-    LINEAR = "linear"  # Linear, fuses a following ReLU/ReLU6
-    ADD = "add"  # residual add, fuses a following ReLU/ReLU6
-    BN = "bn"  # BatchNorm2d: only valid right after a conv
+    CONV = "conv"  # Conv1d/Conv2d/depthwise/ConvTranspose2d: fuses a following BN and ReLU/ReLU6
+    GROUPED_CONV = "grouped_conv"  # split into per-group convs + concat before planning
+    LINEAR = "linear"  # Linear: fuses a following ReLU/ReLU6
+    ADD = "add"  # add of two tensors: fuses a following ReLU/ReLU6
+    MUL = "mul"  # mul of two tensors (SE gates, SiLU's x*sigmoid(x)): its own range
+    BN = "bn"  # BatchNorm: folded into the conv that feeds it, else a per-channel MUL+ADD of its own
     RELU = "relu"
     RELU6 = "relu6"
+    HARDSWISH = "hardswish"  # TFLite HARD_SWISH: its own range
+    HARDSIGMOID = "hardsigmoid"  # relu6(x + 3) / 6: its own range
+    SILU = "silu"  # x * sigmoid(x): LOGISTIC (fixed grid) + MUL (own range)
     CAT = "cat"  # same-scale: inputs and output share one range
     AVGPOOL = "avgpool"  # same-scale, re-rounds: output fake-quant with the input's range
+    RESIZE = "resize"  # bilinear resize: same scale as its input, re-rounds like AVGPOOL
     MEAN = "mean"  # global average pooling: its own range (TFLite MEAN requantizes)
-    SAME_SCALE = "same_scale"  # max pool, reshape/flatten/view, pad, dropout, identity: grid unchanged
+    SAME_SCALE = "same_scale"  # max pool, reshape/flatten/view, pad, slicing, transpose, nearest resize
+    PASS_THROUGH = "pass_through"  # identity in eval (Dropout, Identity, DropPath) or folded away: no tensor
     FIXED = "fixed"  # sigmoid / tanh / softmax: TFLite's fixed output ranges
-    NON_TENSOR = "non_tensor"  # size(), getattr, shape arithmetic
+    NON_TENSOR = "non_tensor"  # size(), getattr, shape arithmetic, tuples of tensors (chunk/split)
     UNSUPPORTED = "unsupported"
 
 
-_RELU_FNS = {F.relu, torch.relu, torch.relu_}
-_RELU6_FNS = {F.relu6}
-_ADD_FNS = {operator.add, operator.iadd, torch.add}
-_CAT_FNS = {torch.cat, torch.concat}
-_SAME_SCALE_FNS = {F.max_pool2d, torch.flatten, torch.reshape, F.dropout, torch.squeeze, torch.unsqueeze}
-_SAME_SCALE_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "view_as", "reshape_as"}
-_SAME_SCALE_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Dropout2d, nn.Identity)
-_FIXED = {
-    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh",
-    torch.softmax: "softmax", F.softmax: "softmax",
-}
-_FIXED_METHODS = {"sigmoid": "sigmoid", "tanh": "tanh", "softmax": "softmax"}
-_FIXED_MODULES = ((nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"), (nn.Softmax, "softmax"))
-_SPATIAL_DIMS = ({2, 3}, {-1, -2}, {2, -1}, {-2, 3})
+class FixedGrid(StrEnum):
+    """TFLite ops whose int8 output has a fixed grid (see `quantizers.FIXED_RANGES`)."""
+
+    SIGMOID = "sigmoid"
+    TANH = "tanh"
+    SOFTMAX = "softmax"
+
+
+Kind = tuple[OpKind, str]  # (kind, detail): the fixed grid's name, or why the op is unsupported
+_PASS_THROUGH_NAMES = ("DropPath", "DropBlock2d", "StochasticDepth")  # timm / torchvision regularisers
 
 
 def module_path(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -66,115 +72,253 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> str:
     return node.op
 
 
-def _is_tensor(node) -> bool:
+def is_tensor(node) -> bool:
     return isinstance(node, fx.Node) and "tensor_meta" in node.meta and hasattr(node.meta["tensor_meta"], "shape")
 
 
-def _arg(node: fx.Node, i: int, name: str, default=None):
+def shape(node: fx.Node) -> tuple[int, ...]:
+    return tuple(node.meta["tensor_meta"].shape)
+
+
+def arg(node: fx.Node, i: int, name: str, default=None):
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name, default)
 
 
-def _is_relu6_clamp(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target is F.hardtanh:
-        return _arg(node, 1, "min_val", -1.0) == 0 and _arg(node, 2, "max_val", 1.0) == 6
-    is_clamp = (node.op == "call_function" and node.target in (torch.clamp, torch.clip)) or (
-        node.op == "call_method" and node.target in ("clamp", "clamp_", "clip"))
-    return is_clamp and _arg(node, 1, "min") == 0 and _arg(node, 2, "max") == 6
-
-
-def _is_global_mean(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
-        return _arg(node, 1, "output_size") in (1, (1, 1), [1, 1])
-    is_mean = node.op == "call_function" and node.target is torch.mean
-    if is_mean or (node.op == "call_method" and node.target == "mean"):
-        dims = _arg(node, 1, "dim")
-        dims = {dims} if isinstance(dims, int) else set(dims or ())
-        return dims in _SPATIAL_DIMS
-    return False
-
-
-def classify(gm: fx.GraphModule, node: fx.Node) -> tuple[OpKind, str]:
-    """(kind, detail) of a call node; detail names the fixed-range function or why it is unsupported."""
-    if not _is_tensor(node):
-        return OpKind.NON_TENSOR, ""
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        if isinstance(m, nn.Conv2d):
-            if m.groups == 1 or (m.groups == m.in_channels and m.out_channels % m.in_channels == 0):
-                return OpKind.CONV, ""
-            return OpKind.UNSUPPORTED, (
-                f"grouped convolution (groups={m.groups}, in={m.in_channels}) has no TFLite/EdgeTPU int8 kernel; "
-                "use groups=1 or depthwise (groups == in_channels)")
-        if isinstance(m, nn.Linear):
-            return OpKind.LINEAR, ""
-        if isinstance(m, nn.BatchNorm2d):
-            return OpKind.BN, ""
-        if isinstance(m, nn.ReLU):
-            return OpKind.RELU, ""
-        if isinstance(m, nn.ReLU6) or (isinstance(m, nn.Hardtanh) and m.min_val == 0 and m.max_val == 6):
-            return OpKind.RELU6, ""
-        if isinstance(m, nn.AvgPool2d):
-            return OpKind.AVGPOOL, ""
-        if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
-            return OpKind.MEAN, ""
-        if isinstance(m, _SAME_SCALE_MODULES):
-            return OpKind.SAME_SCALE, ""
-        for cls, name in _FIXED_MODULES:
-            if isinstance(m, cls):
-                return OpKind.FIXED, name
-        return OpKind.UNSUPPORTED, f"{type(m).__name__} has no quantized form in xqat"
-    if node.op == "call_function":
-        t = node.target
-        if t in _RELU_FNS:
-            return OpKind.RELU, ""
-        if t in _RELU6_FNS or _is_relu6_clamp(node):
-            return OpKind.RELU6, ""
-        if t in _ADD_FNS:
-            if all(_is_tensor(a) for a in node.args[:2]) and "alpha" not in node.kwargs:
-                return OpKind.ADD, ""
-            return OpKind.UNSUPPORTED, "add of a tensor and a constant has no fake-quant placement in xqat yet"
-        if t in _CAT_FNS:
-            return OpKind.CAT, ""
-        if t is F.avg_pool2d:
-            return OpKind.AVGPOOL, ""
-        if _is_global_mean(node):
-            return OpKind.MEAN, ""
-        if t is F.pad:
-            mode, value = _arg(node, 2, "mode", "constant"), _arg(node, 3, "value", None)
-            if mode == "constant" and not value:
-                return OpKind.SAME_SCALE, ""
-            return OpKind.UNSUPPORTED, f"F.pad(mode={mode!r}, value={value!r}): only zero constant padding maps to PAD"
-        if t in _SAME_SCALE_FNS:
-            return OpKind.SAME_SCALE, ""
-        if t in _FIXED:
-            return OpKind.FIXED, _FIXED[t]
-        if t is operator.getitem:
-            return OpKind.UNSUPPORTED, "tensor indexing/slicing has no quantized form in xqat yet"
-        return OpKind.UNSUPPORTED, f"function {getattr(t, '__name__', t)} has no quantized form in xqat"
-    if node.op == "call_method":
-        t = node.target
-        if t in ("relu", "relu_"):
-            return OpKind.RELU, ""
-        if _is_relu6_clamp(node):
-            return OpKind.RELU6, ""
-        if t in ("add", "add_") and all(_is_tensor(a) for a in node.args[:2]) and "alpha" not in node.kwargs:
-            return OpKind.ADD, ""
-        if _is_global_mean(node):
-            return OpKind.MEAN, ""
-        if t in _SAME_SCALE_METHODS:
-            return OpKind.SAME_SCALE, ""
-        if t in _FIXED_METHODS:
-            return OpKind.FIXED, _FIXED_METHODS[t]
-        return OpKind.UNSUPPORTED, f"Tensor.{t} has no quantized form in xqat"
-    return OpKind.UNSUPPORTED, f"{node.op} nodes are not supported"
+def is_pass_through_module(m: nn.Module) -> bool:
+    """Regularisers that are identities in eval: captured as leaf modules so training keeps their behaviour."""
+    return isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)) or \
+        type(m).__name__ in _PASS_THROUGH_NAMES
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    """The tensor-valued input nodes of a node, flattening list arguments (torch.cat)."""
+    """The tensor-valued input nodes of a node, flattening list arguments (torch.cat); a getitem on a tuple
+    of tensors (chunk, split) reads the tensor that was split."""
     out: list[fx.Node] = []
     for a in node.args:
         items = a if isinstance(a, (list, tuple)) else [a]
-        out += [x for x in items if _is_tensor(x)]
+        for x in items:
+            if is_tensor(x):
+                out.append(x)
+            elif isinstance(x, fx.Node) and x.op != "get_attr" and x.op != "placeholder" and x is node.args[0]:
+                out += [y for y in tensor_inputs(x)[:1] if y not in out]  # chunk(x)[i] reads x
     return out
+
+
+def _same_shape(node: fx.Node) -> bool:
+    ins = tensor_inputs(node)
+    return bool(ins) and shape(ins[0]) == shape(node)
+
+
+def _spatial_one(node: fx.Node) -> bool:
+    ins = tensor_inputs(node)
+    return bool(ins) and len(shape(ins[0])) == 4 and shape(ins[0])[2:] == (1, 1)
+
+
+# -- shape rules (any input size): ops the converter folds away at the example's shape --------------------
+FOLDED = "folded"  # PASS_THROUGH detail of an op that is an identity only at this shape (not a regulariser)
+
+
+def _mean(node: fx.Node) -> Kind:
+    """Global average pooling (GlobalAveragePool in ONNX); over a 1x1 map the converter removes it."""
+    return (OpKind.PASS_THROUGH, FOLDED) if _spatial_one(node) else (OpKind.MEAN, "")
+
+
+def _reshape(node: fx.Node) -> Kind:
+    return (OpKind.PASS_THROUGH, FOLDED) if _same_shape(node) else (OpKind.SAME_SCALE, "")
+
+
+def _pool(kind: OpKind) -> Callable[[fx.Node], Kind]:
+    """A (max/avg) pool stays an op in TFLite at every shape, even a 1x1 window over a 1x1 map."""
+    return lambda node: (kind, "")
+
+
+def _adaptive_avg(node: fx.Node) -> Kind:
+    ins = tensor_inputs(node)
+    if not ins or len(shape(ins[0])) != 4:
+        return OpKind.UNSUPPORTED, "adaptive average pooling of a tensor that is not 4-D (N, C, H, W)"
+    (h, w), (oh, ow) = shape(ins[0])[2:], shape(node)[2:]
+    if (oh, ow) == (h, w):
+        return OpKind.PASS_THROUGH, FOLDED
+    if (oh, ow) == (1, 1):
+        return _mean(node)
+    if h % oh == 0 and w % ow == 0:
+        return OpKind.AVGPOOL, ""
+    return OpKind.UNSUPPORTED, (f"adaptive average pooling {h}x{w} -> {oh}x{ow} has unequal windows, which no "
+                                "TFLite op computes; use an input size whose map divides the output size")
+
+
+def _interpolate(node: fx.Node, mode: str, align_corners) -> Kind:
+    """A resize stays an op in TFLite, also to the same size."""
+    if mode == "nearest":
+        return OpKind.SAME_SCALE, ""
+    if mode == "bilinear":
+        return OpKind.RESIZE, ""
+    return OpKind.UNSUPPORTED, f"interpolate mode {mode!r}: TFLite resizes only 'nearest' and 'bilinear'"
+
+
+def _permute(node: fx.Node) -> Kind:
+    """A transpose/permute that keeps every dim in place is an identity; any other moves data."""
+    rank = len(shape(node))
+    if node.target in ("transpose", torch.transpose):
+        dims = [d % rank for d in (arg(node, 1, "dim0"), arg(node, 2, "dim1"))]
+        identity = dims[0] == dims[1]
+    else:
+        dims = node.args[1:] if node.op == "call_method" else arg(node, 1, "dims")
+        dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else list(dims)
+        identity = [d % rank for d in dims] == list(range(rank))
+        identity = identity or [d % rank for d in dims] == [0, 2, 3, 1]  # NCHW -> NHWC: TFLite's layout already
+    return (OpKind.PASS_THROUGH, FOLDED) if identity else (OpKind.SAME_SCALE, "")
+
+
+def _pad(node: fx.Node) -> Kind:
+    mode, value = arg(node, 2, "mode", "constant"), arg(node, 3, "value", None)
+    if mode != "constant" or value:
+        return OpKind.UNSUPPORTED, f"F.pad(mode={mode!r}, value={value!r}): only zero constant padding maps to PAD"
+    return _reshape(node)
+
+
+def _binary(kind: OpKind, name: str) -> Callable[[fx.Node], Kind]:
+    def rule(node: fx.Node) -> Kind:
+        if all(is_tensor(a) and a.op != "get_attr" for a in node.args[:2]) and "alpha" not in node.kwargs:
+            return kind, ""
+        return OpKind.UNSUPPORTED, (f"{name} of a tensor and a constant has no fake-quant placement in xqat yet; "
+                                    f"fold the constant into the neighbouring conv/linear weights")
+    return rule
+
+
+def _cat(node: fx.Node) -> Kind:
+    tensors = arg(node, 0, "tensors", ())
+    return (OpKind.PASS_THROUGH, FOLDED) if len(tensors) == 1 else (OpKind.CAT, "")
+
+
+def _getitem(node: fx.Node) -> Kind:
+    src = node.args[0]
+    if is_tensor(src):  # slicing: SLICE / STRIDED_SLICE / GATHER-free indexing
+        return _reshape(node)
+    return OpKind.SAME_SCALE, ""  # one tensor of chunk/split/unbind: SPLIT keeps the input's grid
+
+
+def _clamp(node: fx.Node) -> Kind:
+    lo, hi = arg(node, 1, "min"), arg(node, 2, "max")
+    if node.target is F.hardtanh:
+        lo, hi = arg(node, 1, "min_val", -1.0), arg(node, 2, "max_val", 1.0)
+    if (lo, hi) == (0, 6):
+        return OpKind.RELU6, ""
+    if lo == 0 and hi is None:
+        return OpKind.RELU, ""
+    return OpKind.UNSUPPORTED, f"clamp to [{lo}, {hi}]: only ReLU (min 0) and ReLU6 (0..6) have int8 kernels"
+
+
+def _const(kind: OpKind, detail: str = "") -> Callable[[fx.Node], Kind]:
+    return lambda node: (kind, detail)
+
+
+def _softmax(node: fx.Node) -> Kind:
+    return OpKind.FIXED, FixedGrid.SOFTMAX.value
+
+
+# Functions and Tensor methods, by what they compute.
+_FUNCTIONS: dict[object, Callable[[fx.Node], Kind]] = {
+    F.relu: _const(OpKind.RELU), torch.relu: _const(OpKind.RELU), torch.relu_: _const(OpKind.RELU),
+    F.relu6: _const(OpKind.RELU6), F.hardtanh: _clamp, torch.clamp: _clamp, torch.clip: _clamp,
+    F.hardswish: _const(OpKind.HARDSWISH), F.silu: _const(OpKind.SILU), F.hardsigmoid: _const(OpKind.HARDSIGMOID),
+    operator.add: _binary(OpKind.ADD, "add"), operator.iadd: _binary(OpKind.ADD, "add"),
+    torch.add: _binary(OpKind.ADD, "add"), operator.mul: _binary(OpKind.MUL, "mul"),
+    operator.imul: _binary(OpKind.MUL, "mul"), torch.mul: _binary(OpKind.MUL, "mul"),
+    torch.cat: _cat, torch.concat: _cat,
+    F.avg_pool2d: _pool(OpKind.AVGPOOL), F.max_pool2d: _pool(OpKind.SAME_SCALE),
+    F.adaptive_avg_pool2d: _adaptive_avg, torch.mean: lambda n: _mean_rule(n),
+    F.pad: _pad, F.interpolate: lambda n: _interpolate(n, arg(n, 3, "mode", "nearest"), arg(n, 4, "align_corners")),
+    torch.flatten: _reshape, torch.reshape: _reshape, torch.squeeze: _reshape, torch.unsqueeze: _reshape,
+    torch.transpose: _permute, torch.permute: _permute, torch.channel_shuffle: _reshape,
+    operator.getitem: _getitem,
+    F.dropout: _const(OpKind.PASS_THROUGH), F.dropout2d: _const(OpKind.PASS_THROUGH),
+    torch.sigmoid: _const(OpKind.FIXED, "sigmoid"), F.sigmoid: _const(OpKind.FIXED, "sigmoid"),
+    torch.tanh: _const(OpKind.FIXED, "tanh"), F.tanh: _const(OpKind.FIXED, "tanh"),
+    torch.softmax: _softmax, F.softmax: _softmax,
+}
+_METHODS: dict[str, Callable[[fx.Node], Kind]] = {
+    "relu": _const(OpKind.RELU), "relu_": _const(OpKind.RELU), "clamp": _clamp, "clamp_": _clamp, "clip": _clamp,
+    "add": _binary(OpKind.ADD, "add"), "add_": _binary(OpKind.ADD, "add"),
+    "mul": _binary(OpKind.MUL, "mul"), "mul_": _binary(OpKind.MUL, "mul"),
+    "mean": lambda n: _mean_rule(n), "sigmoid": _const(OpKind.FIXED, "sigmoid"),
+    "tanh": _const(OpKind.FIXED, "tanh"), "softmax": _softmax,
+    "permute": _permute, "transpose": _permute,
+    **{m: _reshape for m in ("view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "view_as",
+                             "reshape_as")},
+}
+
+
+def _mean_rule(node: fx.Node) -> Kind:
+    dims = arg(node, 1, "dim")
+    dims = {dims} if isinstance(dims, int) else set(dims or ())
+    rank = len(shape(tensor_inputs(node)[0])) if tensor_inputs(node) else 0
+    if rank == 4 and {d % 4 for d in dims} == {2, 3}:
+        return OpKind.MEAN, ""  # ReduceMean stays a MEAN in TFLite, also over a 1x1 map
+    return OpKind.UNSUPPORTED, "mean over dims other than the spatial ones (2, 3) has no placement in xqat yet"
+
+
+def _conv_module(m: nn.Module) -> Kind:
+    if m.groups == 1 or (isinstance(m, nn.Conv2d) and m.groups == m.in_channels
+                         and m.out_channels % m.in_channels == 0):
+        return OpKind.CONV, ""
+    if isinstance(m, (nn.Conv2d, nn.Conv1d)) and isinstance(m.padding, tuple):
+        return OpKind.GROUPED_CONV, ""
+    return OpKind.UNSUPPORTED, (
+        f"grouped {type(m).__name__} (groups={m.groups}, in={m.in_channels}) has no int8 TFLite form in xqat; "
+        "use groups=1, or per-group layers + torch.cat")
+
+
+def _adaptive_module(node: fx.Node) -> Kind:
+    return _adaptive_avg(node)
+
+
+# Module classes, in order (first match wins): what their forward computes.
+_MODULES: tuple[tuple[type | tuple[type, ...], Callable[[nn.Module, fx.Node], Kind]], ...] = (
+    ((nn.Conv2d, nn.Conv1d, nn.ConvTranspose2d), lambda m, n: _conv_module(m)),
+    (nn.Linear, lambda m, n: (OpKind.LINEAR, "")),
+    ((nn.BatchNorm2d, nn.BatchNorm1d), lambda m, n: (OpKind.BN, "")),
+    (nn.ReLU, lambda m, n: (OpKind.RELU, "")),
+    (nn.ReLU6, lambda m, n: (OpKind.RELU6, "")),
+    (nn.Hardtanh, lambda m, n: (OpKind.RELU6, "") if (m.min_val, m.max_val) == (0, 6) else
+     (OpKind.UNSUPPORTED, f"Hardtanh({m.min_val}, {m.max_val}): only ReLU6 (0..6) has an int8 kernel")),
+    (nn.Hardswish, lambda m, n: (OpKind.HARDSWISH, "")),
+    (nn.Hardsigmoid, lambda m, n: (OpKind.HARDSIGMOID, "")),
+    (nn.SiLU, lambda m, n: (OpKind.SILU, "")),
+    (nn.AvgPool2d, lambda m, n: _pool(OpKind.AVGPOOL)(n)),
+    (nn.AdaptiveAvgPool2d, lambda m, n: _adaptive_module(n)),
+    (nn.MaxPool2d, lambda m, n: _pool(OpKind.SAME_SCALE)(n)),
+    ((nn.Flatten, nn.Unflatten, nn.ChannelShuffle), lambda m, n: _reshape(n)),
+    (nn.Upsample, lambda m, n: _interpolate(n, m.mode, m.align_corners)),
+    (nn.Sigmoid, lambda m, n: (OpKind.FIXED, "sigmoid")),
+    (nn.Tanh, lambda m, n: (OpKind.FIXED, "tanh")),
+    (nn.Softmax, lambda m, n: _softmax(n)),
+)
+
+
+def classify(gm: fx.GraphModule, node: fx.Node) -> Kind:
+    """(kind, detail) of a call node; detail names the fixed-range function or why it is unsupported."""
+    if node.op == "call_module" and is_pass_through_module(gm.get_submodule(node.target)):
+        return OpKind.PASS_THROUGH, ""
+    if not is_tensor(node):
+        return OpKind.NON_TENSOR, ""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        for types, rule in _MODULES:
+            if isinstance(m, types):
+                return rule(m, node)
+        return OpKind.UNSUPPORTED, f"{type(m).__name__} has no quantized form in xqat"
+    if node.op == "call_function":
+        rule = _FUNCTIONS.get(node.target)
+        if rule is not None:
+            return rule(node)
+        return OpKind.UNSUPPORTED, f"function {getattr(node.target, '__name__', node.target)} has no quantized form " \
+                                   "in xqat"
+    if node.op == "call_method":
+        rule = _METHODS.get(str(node.target))
+        if rule is not None:
+            return rule(node)
+        return OpKind.UNSUPPORTED, f"Tensor.{node.target} has no quantized form in xqat"
+    return OpKind.UNSUPPORTED, f"{node.op} nodes are not supported"

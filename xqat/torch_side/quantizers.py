@@ -251,23 +251,23 @@ class WeightQuantizer(nn.Module):
     conv and depthwise conv, per tensor for Linear (the converter rejects per-channel FC, export-route.md).
     """
 
-    def __init__(self, per_channel: bool, num_bits: int = 8) -> None:
+    def __init__(self, per_channel: bool, num_bits: int = 8, axis: int = 0) -> None:
         super().__init__()
-        self.per_channel, self.num_bits = per_channel, num_bits
+        self.per_channel, self.num_bits, self.axis = per_channel, num_bits, axis
 
     def extra_repr(self) -> str:
-        return f"{'per-channel axis 0' if self.per_channel else 'per-tensor'}, bits={self.num_bits}, narrow"
+        return f"{f'per-channel axis {self.axis}' if self.per_channel else 'per-tensor'}, bits={self.num_bits}, narrow"
 
     def absmax(self, w: torch.Tensor) -> torch.Tensor:
         w = w.detach()
         if self.per_channel:
-            return w.abs().reshape(w.shape[0], -1).amax(dim=1).float()
+            return w.abs().transpose(0, self.axis).reshape(w.shape[self.axis], -1).amax(dim=1).float()
         return w.abs().max().float()
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         m = self.absmax(w)
         if self.per_channel:
-            return fake_quant_per_channel(w, -m, m, self.num_bits, narrow_range=True, axis=0)
+            return fake_quant_per_channel(w, -m, m, self.num_bits, narrow_range=True, axis=self.axis)
         return fake_quant(w, -m, m, self.num_bits, narrow_range=True)
 
     def scales(self, w: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Bit-exact integer emulation of the TFLite int8 kernels in torch, batched, per backend (§5).
+"""Bit-exact integer emulation of the TFLite int8 kernels in torch, batched, per backend.
 
 `emulate(model, inputs)` runs a .tflite file on a batch of integer inputs and returns what the
 TFLite interpreter returns for each sample, bit for bit, on the chosen backend.
@@ -15,9 +15,9 @@ from ...errors import EmulationError
 from ...tflite.model import TFLiteModel
 from .graph import Emulator, TensorLike
 from .kernels import SUPPORTED_OPS
-from .rules import BACKENDS, RULES, XNNPACK_OPS
+from .rules import BACKENDS, REFERENCE_LACKS, RULES, XNNPACK_OPS
 
-__all__ = ["emulate", "Emulator", "BACKENDS", "RULES", "SUPPORTED_OPS", "XNNPACK_OPS"]
+__all__ = ["emulate", "Emulator", "BACKENDS", "RULES", "SUPPORTED_OPS", "XNNPACK_OPS", "REFERENCE_LACKS"]
 
 
 def emulate(model: str | Path | bytes | TFLiteModel | Emulator, inputs: TensorLike | Sequence[TensorLike],

@@ -1,4 +1,4 @@
-"""Run a whole .tflite graph with the integer kernels of one backend, batched (tf-quant-semantics §5.3).
+"""Run a whole .tflite graph with the integer kernels of one backend, batched (docs/numerics.md).
 
 The model is parsed and every op compiled once (`Emulator`); `run` then walks the ops in file order
 (TFLite stores them topologically sorted) on N samples at a time, where the interpreter runs one.
@@ -15,8 +15,8 @@ import torch
 from ...errors import EmulationError, TFLiteFileError
 from ...tflite.model import TFLiteModel, read_tflite
 from ...tflite.validate import validate_model
+from ..backends import check_backend
 from .kernels import TORCH_DTYPES, build
-from .rules import BACKENDS
 
 __all__ = ["Emulator"]
 
@@ -39,8 +39,7 @@ class Emulator:
 
     def __init__(self, model: str | Path | bytes | TFLiteModel, backend: str = "xnnpack",
                  device: str | torch.device = "cpu", samples_per_pass: int | None = None, num_threads: int = 1):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        check_backend(backend)
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 (the interpreter's thread count), got {num_threads}")
         self.num_threads = int(num_threads)
@@ -140,7 +139,8 @@ class Emulator:
                 else:
                     raise EmulationError(f"op #{op.index} {op.name} reads tensor {t} "
                                          f"('{self.model.tensor(t).name}') before any op writes it")
-            env[op.outputs[0]] = kernel(args)
+            out = kernel(args)  # a tuple for ops with several outputs (SPLIT)
+            env.update(zip(op.outputs, out) if isinstance(out, tuple) else [(op.outputs[0], out)])
             if not intermediates:
                 for t in self._free_after[pos]:
                     env.pop(t, None)

@@ -1,6 +1,6 @@
 """float32 expf/tanhf from the C math library the TFLite runtime itself links (glibc libm on Linux).
 
-The lookup tables of LOGISTIC, TANH and SOFTMAX are built from expf/tanhf in float32 (§5.3 notes);
+The lookup tables of LOGISTIC, TANH and SOFTMAX are built from expf/tanhf in float32;
 a 1-ulp difference in expf can flip a table entry at a rounding tie, so the tables call the same
 libm functions through ctypes. Elsewhere numpy's float32 functions are the (documented) fallback.
 """
@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["expf", "tanhf", "libm_available"]
+__all__ = ["expf", "tanhf"]
 
 
 @lru_cache(maxsize=1)
@@ -29,11 +29,6 @@ def _libm():
         getattr(lib, fn).restype = ctypes.c_float
         getattr(lib, fn).argtypes = [ctypes.c_float]
     return lib
-
-
-def libm_available() -> bool:
-    """True when the tables are computed with the C library's expf/tanhf (bit-exact with TFLite)."""
-    return _libm() is not None
 
 
 def _apply(name: str, x: np.ndarray) -> np.ndarray:

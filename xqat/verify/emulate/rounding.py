@@ -1,4 +1,4 @@
-"""Integer rounding primitives of the TFLite int8 kernels, in torch int64 (tf-quant-semantics §5).
+"""Integer rounding primitives of the TFLite int8 kernels, in torch int64 (docs/numerics.md, per-backend kernel rules).
 
 Every function takes int64 tensors that hold the int32 values the C++ kernels hold, so the results
 are the kernels' results bit for bit. Multiplier encodings (`quantize_multiplier`) run once per op on
@@ -23,7 +23,7 @@ INT32_MAX = (1 << 31) - 1
 
 
 def quantize_multiplier(m) -> tuple[np.ndarray, np.ndarray]:
-    """TFLite QuantizeMultiplier (§5.1): m = q * 2^shift with q an int32 in [2^30, 2^31), elementwise.
+    """TFLite QuantizeMultiplier: m = q * 2^shift with q an int32 in [2^30, 2^31), elementwise.
 
     frexp, then round-half-away of q * 2^31; shifts below -31 flush to (0, 0). Exact in double.
     """
@@ -51,7 +51,7 @@ def wrap_int32(x: torch.Tensor) -> torch.Tensor:
 
 
 def srdhm(a: torch.Tensor, b) -> torch.Tensor:
-    """gemmlowp SaturatingRoundingDoublingHighMul (§5.2), i.e. (a*b + nudge) / 2^31 truncated.
+    """gemmlowp SaturatingRoundingDoublingHighMul, i.e. (a*b + nudge) / 2^31 truncated.
 
     For every sign of a*b this equals floor((a*b + 2^30) / 2^31): with the negative nudge 1 - 2^30
     and truncation, negative ties round toward +inf too. So it is one add and one arithmetic shift;
@@ -65,7 +65,7 @@ def srdhm(a: torch.Tensor, b) -> torch.Tensor:
 
 
 def rdbp(x: torch.Tensor, exponent) -> torch.Tensor:
-    """gemmlowp RoundingDivideByPOT (§5.2): arithmetic shift right, rounding half away from zero.
+    """gemmlowp RoundingDivideByPOT: arithmetic shift right, rounding half away from zero.
 
     Equals (x + 2^(e-1) - [x < 0]) >> e: the -1 for negative x turns the half-up shift into half-away;
     x >> 63 is that -[x < 0] for int64.
@@ -92,14 +92,14 @@ def _left(x: torch.Tensor, left) -> torch.Tensor:
 
 
 def mbqm(x: torch.Tensor, mult, shift) -> torch.Tensor:
-    """TFLite MultiplyByQuantizedMultiplier, double rounding (pip build, §5.2):
+    """TFLite MultiplyByQuantizedMultiplier, double rounding (pip build):
     RDBP(SRDHM(x * 2^left, M), right)."""
     left, right = _split_shift(shift)
     return rdbp(srdhm(_left(x, left), mult), right)
 
 
 def mbqm_ruy(x: torch.Tensor, mult, shift) -> torch.Tensor:
-    """ruy's x86 AVX requantization (§5.2): r = (x*2^left*M + 2^30) >> 31, then (r + 2^(e-1)) >> e.
+    """ruy's x86 AVX requantization: r = (x*2^left*M + 2^30) >> 31, then (r + 2^(e-1)) >> e.
 
     The first step is exactly SRDHM; the second rounds half up (toward +inf) where gemmlowp's RDBP
     rounds half away from zero, so the two differ only on negative ties of the final shift.
@@ -114,7 +114,7 @@ def mbqm_ruy(x: torch.Tensor, mult, shift) -> torch.Tensor:
 
 
 def mbqm_single(x: torch.Tensor, mult, shift) -> torch.Tensor:
-    """TFLITE_SINGLE_ROUNDING MultiplyByQuantizedMultiplier (§5.2): (x*M + 2^(30-shift)) >> (31-shift)."""
+    """TFLITE_SINGLE_ROUNDING MultiplyByQuantizedMultiplier: (x*M + 2^(30-shift)) >> (31-shift)."""
     total = 31 - shift
     return (x * mult + (torch.bitwise_left_shift(torch.ones_like(total), total - 1)
                         if isinstance(total, torch.Tensor) else (1 << (total - 1)))) >> total
@@ -129,7 +129,7 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
 
 def fp32_requantize(acc: torch.Tensor, scale: torch.Tensor, zero_point: int, qmin: int,
                     qmax: int) -> torch.Tensor:
-    """XNNPACK "fp32" requantization (§5.3): float32(acc) * scale, clamp to [qmin-zp, qmax-zp], round half
+    """XNNPACK "fp32" requantization: float32(acc) * scale, clamp to [qmin-zp, qmax-zp], round half
     even (lrintf / magic-bias), + zp. `scale` is a float32 tensor broadcast over the channel (last) dim."""
     v = acc.to(torch.float32) * scale
     v = v.clamp(float(qmin - zero_point), float(qmax - zero_point))
@@ -137,7 +137,7 @@ def fp32_requantize(acc: torch.Tensor, scale: torch.Tensor, zero_point: int, qmi
 
 
 def float64_requantize(acc: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
-    """TFLite reference FULLY_CONNECTED (§5.3): round_half_away(double(acc) * double multiplier)."""
+    """TFLite reference FULLY_CONNECTED: round_half_away(double(acc) * double multiplier)."""
     return round_half_away(acc.to(torch.float64) * multiplier).to(torch.int64)
 
 
@@ -170,7 +170,7 @@ def _first(pred, lo: int, hi: int) -> int:
 
 def one_floor_requantizer(mult, shift, ruy, zero_point: int, qmin: int, qmax: int, acc_bound,
                           device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """clamp(MBQM(acc) + zp, qmin, qmax) per channel (last dim), as x * R + c floored in float64 (§5.2).
+    """clamp(MBQM(acc) + zp, qmin, qmax) per channel (last dim), as x * R + c floored in float64.
 
     The two roundings of MBQM nest into one: with M' = M * 2^left and K = 31 + right,
     RDBP(SRDHM(x*2^left, M), right) + zp = floor((x*M' + 2^30 + (2^(right-1) - s)*2^31 + zp*2^K) / 2^K),

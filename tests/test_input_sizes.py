@@ -1,0 +1,155 @@
+"""Any input size: at the example's shape, ops the converter folds away (a global pool over a 1x1 map, a no-op
+reshape, a pad of 0, a concat of one, an adaptive pool to the same size, a flatten into a Linear) get no point
+of their own, so no point lacks a TFLite tensor and no two points on one tensor have different ranges; ops
+that stay (a max pool whose stride exceeds the map, a resize to the same size) keep theirs."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import xqat
+from tests.models import make_model
+from xqat.tflite.model import read_tflite
+from xqat.verify.interpreter import BACKENDS
+
+
+def _conv(cin, cout, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class SqueezeHead(nn.Module):
+    """torchvision SqueezeNet's classifier on a 1x1 map: Dropout, 1x1 conv, ReLU, AdaptiveAvgPool2d(1), flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(_conv(3, 8, 2), nn.MaxPool2d(3, 2, ceil_mode=True))
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(8, 10, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x):
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
+def _points(model, shape):
+    return [(p.label, p.role) for p in xqat.quant_points(xqat.prepare_qat(model.eval(), torch.rand(shape)))]
+
+
+@pytest.mark.parametrize("pool", ["module", "functional"])
+def test_global_pool_over_a_1x1_map_and_flatten_into_linear_get_no_point(pool):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.gap, self.fc = _conv(3, 8, 2), nn.AdaptiveAvgPool2d(1), nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = self.c(x)
+            y = self.gap(y) if pool == "module" else F.adaptive_avg_pool2d(y, 1)
+            return self.fc(torch.flatten(y, 1))
+
+    assert _points(Net(), (1, 3, 2, 2)) == [("input:x", "own"), ("c.0", "own"), ("fc", "own")]
+    # on a 2x2 map the pool is a MEAN with its own range, and its RESHAPE stays
+    assert [r for _, r in _points(Net(), (1, 3, 4, 4))] == ["own", "own", "own", "pass", "own"]
+
+
+def test_mean_over_a_1x1_map_stays_a_mean_with_its_own_range():
+    """ReduceMean (unlike GlobalAveragePool) stays a MEAN op in the .tflite at 1x1 (seen in MNASNet at 32x32)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = _conv(3, 8, 2), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.c(x).mean((2, 3)))
+
+    assert _points(Net(), (1, 3, 2, 2)) == [("input:x", "own"), ("c.0", "own"), ("mean", "own"), ("fc", "own")]
+
+
+def test_no_op_reshape_zero_pad_concat_of_one_and_same_size_adaptive_pool_get_no_point():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.same = _conv(3, 8), _conv(8, 8), nn.AdaptiveAvgPool2d((4, 4))
+
+        def forward(self, x):
+            y = F.pad(self.c1(x), [0, 0, 0, 0])
+            y = torch.cat([y], 1).reshape(y.shape[0], 8, 4, 4)
+            return self.c2(self.same(y))
+
+    assert _points(Net(), (1, 3, 4, 4)) == [("input:x", "own"), ("c1.0", "own"), ("c2.0", "own")]
+
+
+def test_max_pool_with_stride_beyond_the_map_and_same_size_resize_keep_a_point():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.pool = _conv(3, 8, 2), nn.MaxPool2d(1, 4)
+
+        def forward(self, x):
+            return F.interpolate(self.pool(self.c(x)), size=(1, 1), mode="nearest")
+
+    assert _points(Net(), (1, 3, 2, 2)) == [("input:x", "own"), ("c.0", "own"), ("pool", "pass"),
+                                            ("interpolate", "pass")]
+
+
+def test_squeezenet_head_on_a_1x1_map_has_one_range_for_conv_and_pool():
+    """The cause of SqueezeNet's 32x32 scale mismatch: the pool over the 1x1 map had a range of its own, but
+    the converter removes the pool, so the classifier conv's tensor got one of the two scales."""
+    pts = _points(SqueezeHead(), (1, 3, 4, 4))
+    assert pts == [("input:x", "own"), ("features.0.0", "own"), ("features.1", "pass"), ("classifier.1", "own"),
+                   ("flatten", "pass")]
+
+
+# -- exported at several sizes ---------------------------------------------------------------------------
+CASES = {  # name -> (model factory, input shape)
+    "squeeze_head_1x1": (SqueezeHead, (1, 3, 4, 4)),
+    "mobilenet_v2_1x1": (lambda: make_model("mobilenet_v2"), (1, 3, 2, 2)),
+    "pool_head_1x1": (lambda: make_model("pool_head"), (1, 3, 2, 2)),
+    "inception_nonsquare": (lambda: make_model("inception"), (1, 3, 12, 20)),
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder, out = tmp_path_factory.mktemp("sizes"), {}
+    for name, (factory, shape) in CASES.items():
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qat = xqat.prepare_qat(factory().eval(), torch.rand(shape)).train()
+            with torch.no_grad():
+                for _ in range(4):
+                    qat(torch.rand(8, *shape[1:], generator=g))
+            qat.eval()
+            try:
+                report = xqat.export_tflite(qat, torch.rand(shape), folder / f"{name}.tflite")
+            except Exception as e:  # noqa: BLE001 -- reported by the test of that case
+                report = e
+        out[name] = (qat, folder / f"{name}.tflite", report, shape)
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_exports_strictly_with_a_tensor_for_every_point(exported, name):
+    qat, path, report, _ = exported[name]
+    if isinstance(report, Exception):
+        raise report
+    assert report.ok and report.all_qparams_equal, report.problems()
+    m = read_tflite(path)
+    activations = {t.index for t in m.tensors if t.data is None and t.dtype == "INT8"}
+    pads = {op.outputs[0] for op in m.ops if op.name in ("PAD", "PADV2")}  # conv / ceil-mode pool padding
+    assert set(report.point_tensors.values()) | pads == activations
+    assert not [t.name for t in m.tensors if t.dtype == "FLOAT32"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_parity_within_one_lsb_at_every_size(exported, name, backend):
+    qat, path, report, shape = exported[name]
+    if isinstance(report, Exception):
+        raise report
+    x = torch.rand(16, *shape[1:], generator=torch.Generator().manual_seed(5))
+    r = xqat.parity(qat, path, x, backend=backend)
+    assert all(o.max_abs <= 1 for o in r.outputs), r.table()

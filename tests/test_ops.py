@@ -1,0 +1,185 @@
+"""Classes of layers real architectures use: each tiny model prepares, trains a few steps, exports strictly
+(every qparam and weight code equal, full-integer) and matches the TFLite interpreter within 1 LSB on the
+three backends. Conversions are shared by a module-scoped fixture."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import xqat
+from tests.op_models import OP_MODELS, make_op_model
+from xqat.tflite.model import read_tflite
+from xqat.verify.interpreter import BACKENDS
+
+
+def _train(qat: nn.Module, shape: tuple[int, ...], steps: int = 4, seed: int = 0) -> nn.Module:
+    """A few SGD steps on random data (ranges observed, BN statistics and biases moved), then eval."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(qat.parameters(), lr=1e-3)
+    qat.train()
+    for _ in range(steps):
+        out = qat(torch.rand(8, *shape[1:], generator=g))
+        outs = out if isinstance(out, tuple) else (out,)
+        loss = sum(o.float().square().mean() for o in outs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return qat.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name -> (qat, path, report, input shape), or the exception the export raised."""
+    folder, out = tmp_path_factory.mktemp("ops"), {}
+    for name in OP_MODELS:
+        model, shape = make_op_model(name)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                qat = _train(xqat.prepare_qat(model, torch.rand(shape)), shape)
+                report = xqat.export_tflite(qat, torch.rand(shape), folder / f"{name}.tflite")
+            out[name] = (qat, folder / f"{name}.tflite", report, shape)
+        except Exception as e:  # noqa: BLE001 -- reported by the test of that model
+            out[name] = e
+    return out
+
+
+def _get(exported, name):
+    got = exported[name]
+    if isinstance(got, Exception):
+        raise got
+    return got
+
+
+# Export-side gaps (xqat/export, onnx2tf), not placement: these start passing when the exporter learns them.
+_EXPORT_GAPS = {
+    "shuffle": "onnx2tf mis-converts a channel split (chunk/slice) that feeds a conv (NCHW axis taken as H)",
+    "conv1d": "the exporter accepts only 2-D convolution weights",
+}
+_PARITY_GAPS = {**_EXPORT_GAPS, "two_heads": "xqat.parity compares a single model output"}
+# RESIZE_BILINEAR interpolates in integers; the simulation rounds the float interpolation once (a tied fake
+# quant), so a value on a rounding tie can land 1 LSB apart and grow to 2 through the next conv.
+_TOLERANCE = {"unet": 2}
+
+
+def _cases(gaps: dict[str, str]) -> list:
+    return [pytest.param(n, marks=pytest.mark.xfail(reason=gaps[n], strict=True)) if n in gaps else n
+            for n in OP_MODELS]
+
+
+@pytest.mark.parametrize("name", _cases(_EXPORT_GAPS))
+def test_exports_strictly_full_integer(exported, name):
+    qat, path, report, _ = _get(exported, name)
+    assert report.ok and report.all_qparams_equal, report.problems()
+    m = read_tflite(path)
+    assert not [t.name for t in m.tensors if t.dtype == "FLOAT32"]
+    assert "QUANTIZE" not in [op.name for op in m.ops] and "DEQUANTIZE" not in [op.name for op in m.ops]
+    assert sum(r.kind == "activation" for r in report.tensors) == len(xqat.quant_points(qat))
+    activations = {t.index for t in m.tensors if t.data is None and t.dtype == "INT8"}
+    pads = {op.outputs[0] for op in m.ops if op.name in ("PAD", "PADV2")}  # padding: its input's grid
+    assert set(report.point_tensors.values()) | pads == activations  # every tensor has its point, and back
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", _cases(_PARITY_GAPS))
+def test_parity_within_one_lsb(exported, name, backend):
+    qat, path, _, shape = _get(exported, name)
+    x = torch.rand(16, *shape[1:], generator=torch.Generator().manual_seed(3))
+    r = xqat.parity(qat, path, x, backend=backend)
+    tol = _TOLERANCE.get(name, 1)
+    assert r.outputs and all(o.max_abs <= tol and not o.diverges(1) for o in r.outputs), r.table()
+
+
+def test_pass_through_ops_get_no_point_and_fusion_looks_through_them():
+    model, shape = make_op_model("pass_through")
+    qat = xqat.prepare_qat(model, torch.rand(shape))
+    labels = [p.label for p in xqat.quant_points(qat)]
+    assert labels == ["input:x", "stem.0", "block.0", "add", "head.0", "head.1", "head.3"]
+    assert not any(isinstance(m, nn.BatchNorm2d | nn.ReLU) for m in qat.modules() if not isinstance(m, nn.Sequential)
+                   and type(m).__name__ in ("BatchNorm2d", "ReLU") and m not in
+                   [q.bn for q in qat.modules() if hasattr(q, "bn")])
+    torch.manual_seed(0)  # training keeps DropPath / Dropout behaviour: two passes differ
+    qat.train()
+    x = torch.rand(4, *shape[1:])
+    assert not torch.equal(qat(x), qat(x))
+
+
+def test_functional_layers_are_recognised_like_modules_and_same_padding_is_captured():
+    model, shape = make_op_model("timm_style")
+    qat = xqat.prepare_qat(model, torch.rand(shape))
+    kinds = {name: type(m).__name__ for name, m in qat.named_modules()}
+    assert kinds["conv_stem.conv"] == "QConv2d" and kinds["dw.conv"] == "QConv2d" and kinds["classifier.linear"] == \
+        "QLinear"
+    assert all(q.bn is not None and q.act == "relu6" for n, q in qat.named_modules() if type(q).__name__ == "QConv2d")
+    x = torch.rand(3, *shape[1:])
+    torch.testing.assert_close(qat.eval()(x), model(x), atol=0.3, rtol=0)  # same function, quantized
+
+
+def test_silu_is_logistic_then_mul_and_hardswish_gets_its_own_range():
+    model, shape = make_op_model("squeeze_excitation")
+    qat = xqat.prepare_qat(model, torch.rand(shape))
+    roles = [(p.label, p.role) for p in xqat.quant_points(qat)]
+    assert ("stem.2.sigmoid", "fixed") in roles and ("stem.2", "own") in roles and ("mul", "own") in roles
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardswish(), nn.Conv2d(4, 4, 1), nn.Hardsigmoid())
+    roles = [(p.label, p.role) for p in xqat.quant_points(xqat.prepare_qat(net, torch.rand(1, 3, 8, 8)))]
+    assert roles == [("input:input_1", "own"), ("0", "own"), ("1", "own"), ("2", "own"), ("3", "own")]
+
+
+def test_every_unsupported_node_is_reported_at_once_with_a_fix():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.GELU(), nn.LeakyReLU()
+
+        def forward(self, x):
+            return self.b(self.a(x)) * 2.0
+
+    with pytest.raises(xqat.UnsupportedLayerError) as e:
+        xqat.prepare_qat(Net(), torch.rand(1, 3, 4, 4))
+    msg = str(e.value)
+    assert "3 nodes" in msg and "GELU" in msg and "LeakyReLU" in msg and "mul of a tensor and a constant" in msg
+    assert "skip=['a']" in msg and "skip=['b']" in msg
+
+
+def test_skip_keeps_an_op_float_and_the_rest_quantized():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Conv2d(4, 4, 1))
+    with pytest.warns(UserWarning, match="stays float"):
+        qat = xqat.prepare_qat(net, torch.rand(1, 3, 8, 8), xqat.QATConfig(skip=["1"]))
+    assert [p.label for p in xqat.quant_points(qat)] == ["input:input_1", "0", "1", "2"]
+
+
+def test_another_spatial_size_than_prepare_warns():
+    model, shape = make_op_model("timm_style")
+    qat = xqat.prepare_qat(model, torch.rand(shape)).eval()
+    with pytest.warns(UserWarning, match="spatial size"):
+        qat(torch.rand(1, 3, 32, 32))
+
+
+def test_any_batch_size_after_capture_with_concrete_shapes():
+    model, shape = make_op_model("shuffle")
+    qat = xqat.prepare_qat(model, torch.rand(shape)).eval()
+    assert qat(torch.rand(5, *shape[1:])).shape == (5, 10)
+
+
+def test_grouped_conv_is_split_per_group_and_lonely_bn_becomes_depthwise():
+    model, shape = make_op_model("shuffle")
+    qat = xqat.prepare_qat(model, torch.rand(shape))
+    convs = {n: m for n, m in qat.named_modules() if type(m).__name__ == "QConv2d"}
+    assert {"group.0_g0", "group.0_g1", "bn_dwconv"} <= set(convs)
+    assert convs["group.0_g0"].conv.groups == 1 and convs["group.0_g0"].act == "relu"
+    assert convs["bn_dwconv"].is_depthwise
+    x = torch.rand(3, *shape[1:])
+    torch.testing.assert_close(qat.eval()(x), model(x), atol=0.3, rtol=0)
+
+
+def test_conv_transpose_weights_are_quantized_per_output_channel_on_axis_1():
+    net = nn.Sequential(nn.ConvTranspose2d(4, 6, 2, stride=2), nn.BatchNorm2d(6), nn.ReLU()).eval()
+    qat = xqat.prepare_qat(net, torch.rand(1, 4, 4, 4))
+    q = qat.get_submodule("0")
+    assert q.weight_axis == 1 and q.weight_quant.axis == 1 and q.act == "relu"
+    w, scales, _ = q.export_weights()
+    assert scales.shape == (6,) and w.shape == (4, 6, 2, 2)
+    x = torch.rand(2, 4, 4, 4)
+    torch.testing.assert_close(qat.eval()(x), net(x), atol=0.3, rtol=0)
