@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ from .torch_side.prepare import is_qat_model, prepare_qat, qat_config
 __all__ = ["save_qat", "load_qat", "load_factory", "state_hash"]
 
 FORMAT = "xqat-qat-v1"
+MAX_EXAMPLE_ELEMENTS = 1 << 26  # an input shape with more elements (256 MiB of float32) is a typo, not a model
 
 
 def state_hash(state: Mapping[str, torch.Tensor]) -> str:
@@ -145,21 +147,10 @@ def _input_shape(path: Path, shape) -> tuple[int, ...]:
         shape = tuple(int(d) for d in shape)
     except (TypeError, ValueError):
         raise XQATError(f"checkpoint {path} records an invalid input shape {shape!r}") from None
-    if not shape or any(d < 1 for d in shape) or _numel(shape) > MAX_EXAMPLE_ELEMENTS:
+    if not shape or any(d < 1 for d in shape) or math.prod(shape) > MAX_EXAMPLE_ELEMENTS:
         raise XQATError(f"input shape {list(shape)} must have positive dimensions and at most "
                         f"{MAX_EXAMPLE_ELEMENTS:,} elements")
     return shape
-
-
-# an example input larger than this (256 MiB of float32) is a typo, not a model
-MAX_EXAMPLE_ELEMENTS = 1 << 26
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def load_qat(factory: str, checkpoint: str | os.PathLike, input_shape: tuple[int, ...] | None = None) -> tuple[

@@ -10,9 +10,7 @@ from pathlib import Path
 
 from ..errors import InputError
 
-__all__ = ["parse_shape", "positive_int", "non_negative_int", "check_output", "load_inputs", "MAX_ELEMENTS"]
-
-MAX_ELEMENTS = 1 << 26  # elements of one example input (256 MiB of float32): anything larger is a typo
+__all__ = ["parse_shape", "positive_int", "non_negative_int", "check_output", "load_inputs"]
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -22,9 +20,11 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"shape {text!r} must be comma-separated ints, e.g. 1,3,224,224") from None
     if not shape or any(d < 1 for d in shape):
         raise argparse.ArgumentTypeError(f"shape {text!r} must have positive dimensions")
-    if math.prod(shape) > MAX_ELEMENTS:
+    from ..checkpoint import MAX_EXAMPLE_ELEMENTS
+
+    if math.prod(shape) > MAX_EXAMPLE_ELEMENTS:
         raise argparse.ArgumentTypeError(f"shape {text!r} has {math.prod(shape):,} elements (at most "
-                                         f"{MAX_ELEMENTS:,}); is there a typo?")
+                                         f"{MAX_EXAMPLE_ELEMENTS:,}); is there a typo?")
     return shape
 
 

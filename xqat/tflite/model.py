@@ -8,6 +8,7 @@ ai-edge-litert, so reading a model does not import TensorFlow.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -44,6 +45,7 @@ class TFLiteTensor:
     zero_points: np.ndarray
     quantized_dimension: int
     data: np.ndarray | None  # constant contents, shaped; None for activations
+    is_variable: bool = False  # state the runtime keeps between invocations (LSTM/RNN), readable before written
 
     @property
     def np_dtype(self):
@@ -145,19 +147,12 @@ def _tensor(i: int, t, buffers) -> TFLiteTensor:
     if buf is not None and buf.data is not None and len(buf.data) and dtype in _NP_DTYPES:
         raw = np.asarray(buf.data, np.uint8).tobytes()
         item = np.dtype(_NP_DTYPES[dtype]).itemsize
-        if any(d < 0 for d in shape) or len(raw) != item * _numel(shape):
+        if any(d < 0 for d in shape) or len(raw) != item * math.prod(shape):
             raise TFLiteFileError(f"constant tensor {i} '{name}' declares shape {list(shape)} ({dtype}) but its "
                                   f"buffer holds {len(raw)} bytes")
         data = np.frombuffer(raw, _NP_DTYPES[dtype]).reshape(shape)
     return TFLiteTensor(i, name, dtype, shape, sig, scales, zps,
-                        int(q.quantizedDimension) if q is not None else 0, data)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+                        int(q.quantizedDimension) if q is not None else 0, data, bool(t.isVariable))
 
 
 def _metadata(m) -> dict[str, bytes]:

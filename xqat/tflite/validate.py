@@ -4,7 +4,7 @@ judges or runs the file.
 One validator serves `check_edgetpu`, the integer emulator and parity, so a corrupt or crafted file gets the
 same one-line TFLiteFileError everywhere instead of a verdict about nonsense (a "fully mapped" model the
 interpreter cannot load) or an IndexError deep inside a kernel. Checked: tensor indices in range, known
-enums, positive and bounded shapes, legal options (strides, padding, axes), quantization arrays that fit
+enums, non-negative and bounded shapes, legal options (strides, padding, axes), quantization arrays that fit
 their tensors, model inputs/outputs present, every activation written before it is read, and, for the ops
 the emulator runs, declared output shapes equal to the ones the runtime computes.
 """
@@ -94,8 +94,8 @@ def _check_tensor(t: TFLiteTensor) -> None:
         raise _Invalid(f"{what} has unknown type code {t.dtype}")
     if len(t.shape) > MAX_RANK:
         raise _Invalid(f"{what} has rank {len(t.shape)} (> {MAX_RANK})")
-    if any(d < 1 for d in t.shape):
-        raise _Invalid(f"{what} has shape {list(t.shape)}: every dimension must be >= 1")
+    if any(d < 0 for d in t.shape):  # 0 is legal (empty tensors, e.g. unused LSTM intermediates)
+        raise _Invalid(f"{what} has shape {list(t.shape)}: a dimension is negative")
     item = np.dtype(_NP_DTYPES[t.dtype]).itemsize if t.dtype in _NP_DTYPES else 1
     if math.prod(t.shape) * item > MAX_TENSOR_BYTES:
         raise _Invalid(f"{what} has shape {list(t.shape)}: {math.prod(t.shape) * item:,} bytes is beyond any model")
@@ -133,7 +133,7 @@ def _check_indices(m: TFLiteModel, op: TFLiteOp, written: set[int]) -> None:
     for i in op.inputs:
         if not -1 <= i < n:
             raise _Invalid(f"input tensor index {i} is out of range (the file has {n} tensors)")
-        if i >= 0 and i not in written and not m.tensors[i].is_constant:
+        if i >= 0 and i not in written and not (m.tensors[i].is_constant or m.tensors[i].is_variable):
             raise _Invalid(f"reads tensor {i} ('{m.tensors[i].name[:60]}') before any op writes it")
     for i in op.outputs:
         if not 0 <= i < n:
