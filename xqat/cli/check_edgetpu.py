@@ -2,7 +2,7 @@
 
 Exit codes (docs/edgetpu.md, "Levels"): 0 = every op maps to the EdgeTPU; 1 = the check found a problem:
 the compiler would refuse the model (FAIL), or some ops would run on the CPU (with --allow-cpu, only FAIL
-counts); 2 = the file cannot be read.
+counts); 2 = the file cannot be read or is structurally invalid (the TFLite runtime would refuse it).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Reads the flatbuffer and reports what edgetpu_compiler 16 would refuse (FAIL), leave on "
         "the CPU (CPU) or is worth knowing (WARN), with a fix for each, and where the one TPU segment starts "
         "and ends. Exit code 0 when every op maps, 1 when the model would fail to compile or run partly on "
-        "the CPU (--allow-cpu: only a failed compile), 2 when the file cannot be read.",
+        "the CPU (--allow-cpu: only a failed compile), 2 when the file cannot be read or is invalid (a file the "
+        "TFLite runtime would refuse).",
     )
     p.add_argument("model", help="path to the .tflite file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
