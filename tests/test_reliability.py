@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import xqat
-from tests.models import INPUT_SHAPE, make_model
+from tests.models import INPUT_SHAPE, calibrate, make_model
 from xqat.torch_side.quantizers import ActivationQuantizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -367,6 +367,9 @@ def test_one_absurd_batch_is_left_out_counted_and_warned():
 
 def test_outlier_policy_is_a_checked_config_field():
     assert xqat.QATConfig().range_outliers == "skip"
+    qat = xqat.prepare_qat(make_model("plain"), torch.zeros(INPUT_SHAPE),
+                           xqat.QATConfig(range_outliers="warn", range_outlier_factor=50.0))
+    assert {(q.outliers, q.outlier_factor) for q in qat.xqat_quantizers.values()} == {("warn", 50.0)}
     with pytest.raises(xqat.QATConfigError, match="range_outliers"):
         xqat.QATConfig(range_outliers="ignore")
     with pytest.raises(xqat.QATConfigError, match="range_outlier_factor"):
@@ -388,3 +391,15 @@ def test_export_report_flags_a_degenerate_grid(tmp_path):
     report = xqat.export_tflite(qat.eval(), torch.zeros(INPUT_SHAPE), tmp_path / "dead.tflite", strict=False)
     problems = [p for p in report.problems() if "degenerate grid" in p]
     assert not report.ok and len(problems) == 1 and "'input:x'" in problems[0], report.problems()
+
+
+def test_a_1e30_batch_does_not_ruin_the_model():
+    """The issue's case: one batch of 1e30 used to move the input range to 1e28 (a dead model)."""
+    qat = calibrate(xqat.prepare_qat(make_model("plain"), torch.zeros(INPUT_SHAPE))).train()
+    x = qat.xqat_quantizers["x"]
+    before = (float(x.min), float(x.max))
+    with pytest.warns(RuntimeWarning, match="left out of the range statistics"):
+        qat(torch.full((4, *INPUT_SHAPE[1:]), 1e30))
+    assert (float(x.min), float(x.max)) == before and int(x.outlier_count) == 1
+    # the input fake quant clamps the batch onto the kept grid: nothing absurd reaches the later ranges
+    assert all(abs(float(q.min)) < 1e3 and abs(float(q.max)) < 1e3 for q in qat.xqat_quantizers.values())

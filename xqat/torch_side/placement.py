@@ -167,7 +167,7 @@ def install_points(plan: Plan) -> None:
         quantizers[key] = ActivationQuantizer(
             num_bits=cfg.activation_bits, ema=cfg.ema, decay=cfg.ema_decay, quant_delay=cfg.quant_delay,
             learn=cfg.learn_ranges, warmup=cfg.range_warmup_steps, fixed_range=FIXED_RANGES[fixed] if fixed else None,
-            sync=cfg.sync_ranges)
+            sync=cfg.sync_ranges, outliers=cfg.range_outliers, outlier_factor=cfg.range_outlier_factor)
         for p in members:
             observe = p is owner and not fixed
             passthrough = p.passthrough and p is not owner
