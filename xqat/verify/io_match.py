@@ -10,11 +10,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..errors import InputError, ParityError
+from ..errors import InputError, ParityError, TFLiteFileError
 from ..tflite.mapping import TFLiteMapping
 from ..tflite.model import TFLiteModel
 
-__all__ = ["as_input_list", "io_tensor", "to_tflite_layout", "to_torch_layout"]
+__all__ = ["as_input_list", "io_tensor", "read_model_bytes", "to_tflite_layout", "to_torch_layout"]
 
 _IO_CASTS = ("QUANTIZE", "DEQUANTIZE")  # float/uint8 I/O: one cast between the I/O tensor and the point tensor
 
@@ -80,3 +80,12 @@ def to_torch_layout(a: np.ndarray, torch_shape: Sequence[int]) -> np.ndarray:
     if a.shape != torch_shape and a.size == int(np.prod(torch_shape)):
         a = a.reshape(torch_shape)
     return np.ascontiguousarray(a)
+
+
+def read_model_bytes(path) -> bytes:
+    """The bytes of a .tflite file; TFLiteFileError naming it if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TFLiteFileError(f"cannot read {path}: {e.strerror}") from e

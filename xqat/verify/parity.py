@@ -26,7 +26,7 @@ from ..tflite.qtypes import UINT8_ZERO_POINT_SHIFT, int8_zero_point
 from ..torch_side.prepare import POINTS, point_module, require_qat_model
 from .backends import check_backend
 from .interpreter import QUANTIZE_RULES, make_interpreter, quantize_input
-from .io_match import as_input_list, io_tensor, to_tflite_layout, to_torch_layout
+from .io_match import as_input_list, io_tensor, read_model_bytes, to_tflite_layout, to_torch_layout
 from .teacher_forced import run_recording
 
 __all__ = ["parity", "ParityReport", "TensorParity", "LAYER_MODES"]
@@ -210,7 +210,7 @@ def parity(model: nn.Module, tflite: str | os.PathLike | bytes, inputs, backend:
     model input, for models with several inputs. local=True (implies layerwise): teacher-forced, every torch
     layer gets the interpreter's own tensors as inputs, so each layer row is that layer's own mismatch.
     """
-    raw = tflite if isinstance(tflite, bytes) else _read(tflite)
+    raw = tflite if isinstance(tflite, bytes) else read_model_bytes(tflite)
     path = "<bytes>" if isinstance(tflite, bytes) else str(tflite)
     require_qat_model(model, "compare it with a .tflite")
     check_backend(backend)
@@ -264,13 +264,3 @@ def _teacher(tfl: TFLiteModel, tensors: dict[str, int], codes: dict[int, np.ndar
         return torch.from_numpy(((to_torch_layout(codes[tensors[key]], own.shape) - zp) * s).astype(np.float32))
 
     return forced
-
-
-def _read(path) -> bytes:
-    from ..errors import TFLiteFileError
-
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise TFLiteFileError(f"cannot read {path}: {e.strerror}") from e
