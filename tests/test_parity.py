@@ -149,6 +149,11 @@ def test_cli_parity_layerwise_with_plot(exported, tmp_path, capsys, monkeypatch)
                str(tmp_path / "x.npy"), "--layerwise", "--backend", "reference", "--plot", str(plot)])
     out = capsys.readouterr().out
     assert rc == 0 and "layerwise" in out and "stem.0" in out and plot.stat().st_size > 1000
+    assert "accumulate" in out and "teacher-forced" not in out
+    rc = main(["parity", str(path), "--model", "tests.models:plain", "--weights", str(ckpt), "--random", "4",
+               "--local"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "teacher-forced" in out and "stem.0" in out
     rc = main(["parity", str(tmp_path / "nope.tflite"), "--model", "tests.models:plain", "--weights", str(ckpt)])
     err = capsys.readouterr().err
     assert rc == 2 and "nope.tflite" in err and "Traceback" not in err
