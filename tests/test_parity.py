@@ -225,6 +225,21 @@ def test_several_inputs_and_outputs_each_get_a_row(two_io, backend):
     assert [t.identical for t in as_list.outputs] == [t.identical for t in r.outputs]
 
 
+def test_evaluate_scores_each_output(two_io):
+    """xqat.evaluate on a two-input two-output model: inputs by tensor index, one score per labelled output."""
+    qat, path, _ = two_io
+    x = _two_inputs(32, 5)
+    with torch.no_grad():
+        _, logits = qat.eval()(*x)
+    batches = [((x[0][i:i + 8], x[1][i:i + 8]), (None, logits[i:i + 8].argmax(1))) for i in range(0, 32, 8)]
+    sim = xqat.evaluate(qat, batches)
+    device = xqat.evaluate(path, batches, backend="reference")
+    assert sim.count == device.count == 32 and list(sim.per_output) == list(device.per_output) == ["fc"]
+    assert sim.value == 1.0 and device.value >= 0.9, device  # the device agrees with the simulation's top-1
+    with pytest.raises(xqat.InputError, match=r"2 outputs \(seg, fc\)"):
+        xqat.evaluate(path, [(x, logits.argmax(1))])
+
+
 def test_several_inputs_are_checked(two_io):
     qat, path, _ = two_io
     x, m = _two_inputs(4, 1)

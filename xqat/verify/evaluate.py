@@ -29,8 +29,8 @@ METRICS = ("top1",)
 
 @dataclass
 class EvaluationResult:
-    """A metric over a data set. `value`: the model's only output, or the mean over its outputs; `per_output`:
-    output label -> value (model output order)."""
+    """A metric over a data set. `value`: the model's only scored output, or the mean over its scored outputs;
+    `per_output`: output label -> value, in model output order, for the outputs that got labels."""
 
     metric: str
     value: float
@@ -60,6 +60,7 @@ def evaluate(model_or_tflite: nn.Module | str | os.PathLike | bytes, loader: Ite
     else:
         raise InputError(f"evaluate takes a QAT model or a .tflite (path or bytes); got {type(model_or_tflite)}")
     correct = np.zeros(len(labels), np.int64)
+    scored = np.zeros(len(labels), bool)  # outputs that got labels (None skips one)
     count = 0
     for batch in loader:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -73,11 +74,14 @@ def evaluate(model_or_tflite: nn.Module | str | os.PathLike | bytes, loader: Ite
         outs = run(xs)
         for k, (out, yk) in enumerate(zip(outs, ys)):
             if yk is not None:
+                scored[k] = True
                 correct[k] += int((out.reshape(len(out), -1).argmax(1).cpu() == torch.as_tensor(yk).cpu()).sum())
         count += len(xs[0])
     if count == 0:
         raise InputError("the loader yielded no samples")
-    per = {name: float(c) / count for name, c in zip(labels, correct)}
+    if not scored.any():
+        raise InputError("every label batch was None: give class indices for at least one output")
+    per = {name: float(c) / count for name, c, on in zip(labels, correct, scored) if on}
     return EvaluationResult(metric, float(np.mean(list(per.values()))), count, source, per)
 
 

@@ -41,9 +41,10 @@ def run_recording(model: nn.Module, xs: Sequence[torch.Tensor], keys: set[str],
     With `teacher`, each recorded point passes on what `teacher` returns (teacher-forced run)."""
     was_training = model.training
     model.eval()
+    param = next(iter(model.parameters()), None)
     try:
         rec = _Recorder(model, keys, teacher)
-        rec.run(*xs)
+        rec.run(*[x.to(param.device) if param is not None else x for x in xs])
         return rec.own
     finally:
         model.train(was_training)
