@@ -262,6 +262,15 @@ def test_layouts_follow_the_tflite_shape():
     assert (to_tflite_layout(nct, (1, 3, 7)) == nct).all()  # a tensor TFLite keeps as is
     assert (to_torch_layout(nct.transpose(0, 2, 1), nct.shape) == nct).all()
     assert to_tflite_layout(np.zeros((2, 6)), (1, 6)).shape == (2, 6)
+    nct3 = np.arange(2 * 3 * 3).reshape(2, 3, 3)  # C == T: channels-last, as onnx2tf converts Conv1d
+    assert (to_tflite_layout(nct3, (1, 3, 3)) == nct3.transpose(0, 2, 1)).all()
+    assert (to_torch_layout(to_tflite_layout(nct3, (1, 3, 3)), nct3.shape) == nct3).all()
+    # a Conv1d tensor kept 4-D by the converter (N, 1, T, C), and a pooled map flattened to (N, C)
+    assert (to_tflite_layout(nct, (1, 1, 7, 3)) == nct.transpose(0, 2, 1)[:, None]).all()
+    assert (to_torch_layout(nct.transpose(0, 2, 1)[:, None], nct.shape) == nct).all()
+    pooled = np.arange(2 * 5).reshape(2, 5, 1, 1)
+    assert (to_tflite_layout(pooled, (1, 5)) == pooled[:, :, 0, 0]).all()
+    assert (to_torch_layout(pooled[:, :, 0, 0], pooled.shape) == pooled).all()
 
 
 def _cbr(cin, cout, stride=1, act=True):
@@ -353,3 +362,35 @@ def test_local_parity_removes_accumulated_differences(deep):
     assert all(t.identical >= 0.995 and t.max_abs <= 1 for t in local.layers), local.table()
     assert sum(t.identical for t in local.layers) > sum(t.identical for t in e2e.layers), e2e.table()
     assert [t.identical for t in local.outputs] == [t.identical for t in e2e.outputs]  # outputs: end to end
+
+
+class Sequence1d(torch.nn.Module):
+    """Conv1d over (N, C, T) sequences: onnx2tf keeps them channels-last, (N, T, C), in the .tflite."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Sequential(torch.nn.Conv1d(3, 8, 3, padding=1), torch.nn.ReLU())
+        self.c2 = torch.nn.Conv1d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c2(self.c1(x))
+
+
+def test_sequence_tensors_compare_across_layouts(tmp_path):
+    from xqat.errors import UnsupportedLayerError
+
+    g = torch.Generator().manual_seed(0)
+    try:
+        qat = xqat.prepare_qat(Sequence1d(), torch.rand(1, 3, 12))
+    except UnsupportedLayerError as e:
+        pytest.skip(f"prepare_qat does not take Conv1d yet: {e}")
+    qat.train()
+    with torch.no_grad():
+        for _ in range(4):
+            qat(torch.rand(8, 3, 12, generator=g))
+    qat.eval()
+    path = tmp_path / "seq.tflite"
+    xqat.export_tflite(qat, torch.rand(1, 3, 12), path)
+    r = xqat.parity(qat, path, torch.rand(8, 3, 12, generator=g), layerwise=True)
+    assert r.outputs[0].elements == 8 * 4 * 12
+    assert all(t.identical > 0.95 and t.max_abs <= 1 for t in r.layers + r.outputs), r.table()

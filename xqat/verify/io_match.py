@@ -55,16 +55,20 @@ def io_tensor(tfl: TFLiteModel, point_tensor: int, io: Sequence[int], where: str
                       f"('{tfl.tensor(point_tensor).name}'); re-export the model with xqat")
 
 
+def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(d) for d in shape if d != 1)
+
+
 def to_tflite_layout(a: np.ndarray, tfl_shape: Sequence[int]) -> np.ndarray:
-    """A torch-layout batch in the layout of a TFLite tensor of shape `tfl_shape` (batch may differ):
-    4-D NCHW -> NHWC (always, as onnx2tf converts); 3-D (N, C, T) -> (N, T, C) when the TFLite tensor is
-    channels-last (equal C and T count as channels-last, as onnx2tf converts Conv1d); otherwise unchanged,
-    or reshaped when only the element count agrees."""
-    want = tuple(tfl_shape[1:])
-    if a.ndim == 4:
-        a = a.transpose(0, 2, 3, 1)
-    elif a.ndim == 3 and (a.shape[2], a.shape[1]) == want:
-        a = a.transpose(0, 2, 1)
+    """A torch-layout batch in the layout of a TFLite tensor of shape `tfl_shape` (batch may differ): channels
+    last ((N, C, H, W) -> NHWC, (N, C, T) -> (N, T, C), as onnx2tf converts convolutions) whenever that fits the
+    TFLite shape up to unit dimensions (so equal C and T count as channels-last); otherwise torch's element
+    order, reshaped to the TFLite shape when only the element count agrees. 2-D and 1-D tensors are unchanged."""
+    want = tuple(int(d) for d in tfl_shape[1:])
+    if a.ndim in (3, 4):
+        last = np.moveaxis(a, 1, -1)
+        if _squeezed(last.shape[1:]) == _squeezed(want):
+            a = last
     if a.shape[1:] != want and int(np.prod(a.shape[1:])) == int(np.prod(want)):
         a = a.reshape(len(a), *want)
     return np.ascontiguousarray(a)
@@ -72,11 +76,11 @@ def to_tflite_layout(a: np.ndarray, tfl_shape: Sequence[int]) -> np.ndarray:
 
 def to_torch_layout(a: np.ndarray, torch_shape: Sequence[int]) -> np.ndarray:
     """The inverse of `to_tflite_layout`: a TFLite-layout batch in the layout of a torch tensor `torch_shape`."""
-    torch_shape = tuple(torch_shape)
-    if a.ndim == 4 and len(torch_shape) == 4:
-        a = a.transpose(0, 3, 1, 2)
-    elif a.ndim == 3 and len(torch_shape) == 3 and (a.shape[0], a.shape[2], a.shape[1]) == torch_shape:
-        a = a.transpose(0, 2, 1)
+    torch_shape = tuple(int(d) for d in torch_shape)
+    if len(torch_shape) in (3, 4):
+        last = (torch_shape[0], *torch_shape[2:], torch_shape[1])  # the channels-last form of torch_shape
+        if _squeezed(a.shape[1:]) == _squeezed(last[1:]):
+            a = np.moveaxis(a.reshape(last), -1, 1)
     if a.shape != torch_shape and a.size == int(np.prod(torch_shape)):
         a = a.reshape(torch_shape)
     return np.ascontiguousarray(a)
