@@ -238,6 +238,13 @@ def test_evaluate_scores_each_output(two_io):
     assert sim.value == 1.0 and device.value >= 0.9, device  # the device agrees with the simulation's top-1
     with pytest.raises(xqat.InputError, match=r"2 outputs \(seg, fc\)"):
         xqat.evaluate(path, [(x, logits.argmax(1))])
+    with torch.no_grad():
+        seg_classes = qat(*x)[0].argmax(1)  # (N, H, W): per-pixel top-1 of the segmentation output
+    pixels = [(x, (seg_classes, None))]
+    seg_sim, seg_device = xqat.evaluate(qat, pixels), xqat.evaluate(path, pixels)
+    assert seg_sim.value == 1.0 and seg_device.value > 0.9 and list(seg_device.per_output) == ["seg"], seg_device
+    with pytest.raises(xqat.InputError, match="output 'seg' predicts"):
+        xqat.evaluate(path, [(x, (logits.argmax(1), None))])
 
 
 def test_several_inputs_are_checked(two_io):

@@ -49,7 +49,8 @@ def evaluate(model_or_tflite: nn.Module | str | os.PathLike | bytes, loader: Ite
     """`metric` of a QAT model (eval forward, on its own device) or of a .tflite (the integer emulator of
     `backend`, bit-exact with the interpreter, on `device`, default CPU) over `loader`: a DataLoader or any
     iterable of (x, y) batches. x: float, torch layout (NCHW), or a tuple with one batch per model input;
-    y: class indices, or a tuple with one per model output (None skips an output)."""
+    y: class indices, or a tuple with one per model output (None skips an output); top1 compares the argmax
+    over the class (channel) dimension, so a segmentation output scores per pixel with (N, H, W) labels."""
     if metric not in METRICS:
         raise InputError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
     check_backend(backend)
@@ -60,7 +61,7 @@ def evaluate(model_or_tflite: nn.Module | str | os.PathLike | bytes, loader: Ite
     else:
         raise InputError(f"evaluate takes a QAT model or a .tflite (path or bytes); got {type(model_or_tflite)}")
     correct = np.zeros(len(labels), np.int64)
-    scored = np.zeros(len(labels), bool)  # outputs that got labels (None skips one)
+    scored = np.zeros(len(labels), np.int64)  # labels seen per output (None skips one)
     count = 0
     for batch in loader:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -71,17 +72,21 @@ def evaluate(model_or_tflite: nn.Module | str | os.PathLike | bytes, loader: Ite
         if len(ys) != len(labels):
             raise InputError(f"the model has {len(labels)} outputs ({', '.join(labels)}); give y as a tuple with "
                              f"one label batch per output (None to skip one), got {len(ys)}")
-        outs = run(xs)
+        outs, class_dim = run(xs)
         for k, (out, yk) in enumerate(zip(outs, ys)):
             if yk is not None:
-                scored[k] = True
-                correct[k] += int((out.reshape(len(out), -1).argmax(1).cpu() == torch.as_tensor(yk).cpu()).sum())
+                pred, yk = out.argmax(class_dim).cpu(), torch.as_tensor(yk).cpu()
+                if pred.shape != yk.shape:
+                    raise InputError(f"output '{labels[k]}' predicts {tuple(pred.shape)} classes per batch, but its "
+                                     f"labels have shape {tuple(yk.shape)}")
+                scored[k] += yk.numel()
+                correct[k] += int((pred == yk).sum())
         count += len(xs[0])
     if count == 0:
         raise InputError("the loader yielded no samples")
     if not scored.any():
         raise InputError("every label batch was None: give class indices for at least one output")
-    per = {name: float(c) / count for name, c, on in zip(labels, correct, scored) if on}
+    per = {name: float(c) / n for name, c, n in zip(labels, correct, scored) if n}
     return EvaluationResult(metric, float(np.mean(list(per.values()))), count, source, per)
 
 
@@ -101,7 +106,7 @@ def _torch_runner(model: nn.Module):
             y = model(*[torch.as_tensor(x).float().to(dev) for x in xs])
         finally:
             model.train(was_training)
-        return list(y) if isinstance(y, (tuple, list)) else [y]
+        return (list(y) if isinstance(y, (tuple, list)) else [y]), 1  # torch layout: classes along dim 1
 
     return run, labels, "QAT model (eval forward)"
 
@@ -142,6 +147,6 @@ def _emulator_runner(tflite, backend: str, device):
                 a = quantize_input(a, float(t.scales[0]), int(t.zero_points[0]), t.np_dtype, backend)
             feeds.append(torch.from_numpy(a))
         got = emu.run(feeds)
-        return [got[i] for i in order_out]
+        return [got[i] for i in order_out], -1  # TFLite layout: classes (channels) last
 
     return run, labels, f"integer emulator ({backend}, bit-exact with the interpreter)"
