@@ -13,6 +13,7 @@ def test_demo_end_to_end(tmp_path):
     assert acc["qat_simulation"] >= acc["float_torch"] - 0.01
     assert abs(acc["int8_tflite"] - acc["qat_simulation"]) <= 0.01  # the device computes what training simulated
     assert "ptq_tflite" in acc
+    assert acc["int8_emulated"] == acc["int8_tflite"]  # xqat.evaluate (batched emulator) = the interpreter
     assert res.parity["top1_agreement"] >= 0.99 and res.parity["max_abs"] <= 1
     assert res.edgetpu["fully_mapped"]
     assert res.size_bytes["float_tflite"] > 2 * res.size_bytes["int8_tflite"]

@@ -40,6 +40,8 @@ _LAZY = {
     "snap_ranges": ("xqat.export.snapping", "snap_ranges"),
     "parity": ("xqat.verify.parity", "parity"),
     "ParityReport": ("xqat.verify.parity", "ParityReport"),
+    "evaluate": ("xqat.verify.evaluate", "evaluate"),
+    "EvaluationResult": ("xqat.verify.evaluate", "EvaluationResult"),
     "emulate": ("xqat.verify.emulate", "emulate"),
     "Emulator": ("xqat.verify.emulate", "Emulator"),
 }
@@ -66,7 +68,7 @@ __all__ = [
     "QATConfig", "prepare_qat", "freeze_ranges", "freeze_bn", "is_qat_model", "quant_points", "qat_config",
     "XQATError", "UnsupportedLayerError", "QATConfigError", "ExportError", "TFLiteFileError", "ParityError",
     "check_edgetpu", "EdgeTPUReport", "save_qat", "load_qat",
-    "export_tflite", "ExportReport", "snap_ranges", "parity", "ParityReport",
+    "export_tflite", "ExportReport", "snap_ranges", "parity", "ParityReport", "evaluate", "EvaluationResult",
     "emulate", "Emulator", "EmulationError",
     "InputError", "NotQATModelError",
 ]

@@ -13,7 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Run the same inputs through the QAT model (eval) and the TFLite interpreter and compare "
         "integer codes: identical share, |Δ| histogram, max |Δ|, mean Δ (bias), top-1 agreement. With "
         "--layerwise, every fake-quant point is matched to its TFLite tensor through the mapping stored at "
-        "export, and the first diverging layer is named. Exit code 2 on a user error or an invalid file.")
+        "export, and the first diverging layer is named; --local feeds each layer the interpreter's own inputs. "
+        "Exit code 1 when an output or layer diverges beyond --tolerance, 2 on a user error or an invalid file.")
     p.add_argument("tflite", metavar="MODEL.tflite", help="a .tflite written by `xqat export`")
     p.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="callable that builds the float model")
     p.add_argument("--weights", required=True, metavar="CKPT", help="QAT checkpoint (.pt)")
@@ -24,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--random", type=positive_int, metavar="N", default=32,
                      help="N uniform [0, 1) random inputs (default 32)")
     p.add_argument("--layerwise", action="store_true", help="compare every layer, name the first diverging one")
+    p.add_argument("--local", action="store_true",
+                   help="layerwise, teacher-forced: every torch layer gets the interpreter's own int8 inputs, so "
+                        "each row is that layer's own mismatch (end to end, differences accumulate)")
     p.add_argument("--backend", choices=["xnnpack", "builtin", "reference"], default="xnnpack",
                    help="interpreter kernels (default xnnpack: what the interpreter uses by default)")
     p.add_argument("--tolerance", type=non_negative_int, default=1,
@@ -53,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     qat, shape = load_qat(args.model, args.weights, args.input_shape)
     if x is None:
         x = torch.rand(args.random, *shape[1:], generator=torch.Generator().manual_seed(0))
-    report = parity(qat, args.tflite, x, backend=args.backend, layerwise=args.layerwise, tolerance=args.tolerance)
+    report = parity(qat, args.tflite, x, backend=args.backend, layerwise=args.layerwise, tolerance=args.tolerance,
+                    local=args.local)
     print(report.table())
     if args.plot:
         report.plot(args.plot)

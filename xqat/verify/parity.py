@@ -3,7 +3,9 @@ quantization step (LSB): per output, and per layer (every activation fake-quant 
 TFLite tensor through the mapping the exporter stored in the .tflite).
 
 The float simulation reproduces TF's fake quant exactly, but the integer kernels requantize with their
-own rounding (tf-quant-semantics.md §5): expect identical codes on most elements and ±1 LSB elsewhere.
+own rounding (docs/numerics.md, per-backend kernel rules): expect identical codes on most elements and ±1 LSB
+elsewhere. End to end, those differences accumulate through the layers; local (teacher-forced) parity feeds
+every torch layer the interpreter's own tensors, so each layer row is that layer's own mismatch.
 """
 
 from __future__ import annotations
@@ -18,15 +20,17 @@ from torch import nn
 
 from ..errors import ParityError, TFLiteFileError
 from ..table import format_table
-from ..tflite.mapping import read_mapping
-from ..tflite.model import read_tflite
+from ..tflite.mapping import TFLiteMapping, read_mapping
+from ..tflite.model import TFLiteModel, read_tflite
 from ..tflite.qtypes import UINT8_ZERO_POINT_SHIFT, int8_zero_point
 from ..tflite.validate import validate_model
 from ..torch_side.prepare import POINTS, point_module, require_qat_model
 from .backends import check_backend
 from .interpreter import QUANTIZE_RULES, make_interpreter, quantize_input
+from .io_match import as_input_list, io_tensor, read_model_bytes, to_tflite_layout, to_torch_layout
+from .teacher_forced import run_recording
 
-__all__ = ["parity", "ParityReport", "TensorParity"]
+__all__ = ["parity", "ParityReport", "TensorParity", "LAYER_MODES"]
 
 
 @dataclass
@@ -46,6 +50,14 @@ class TensorParity:
         """More than 1% of elements differ by more than `tolerance` LSB."""
         far = sum(v for k, v in self.histogram.items() if _bucket_min(k) > tolerance)
         return far > 0.01 * self.elements
+
+
+LAYER_MODES = {
+    "end-to-end": "end to end: each layer gets torch's own inputs, so differences accumulate through the layers "
+                  "and the first diverging layer may lie after the one at fault; local=True isolates each layer",
+    "local": "local, teacher-forced: each layer gets the interpreter's own int8 inputs, so each row is that "
+             "layer's own mismatch and the first diverging layer is one at fault",
+}
 
 
 def _bucket_min(k: str) -> int:
@@ -75,6 +87,7 @@ class ParityReport:
     layers: list[TensorParity] = field(default_factory=list)
     tolerance: int = 1
     first_divergent: str | None = None
+    mode: str = "output"  # "output" (no layers), "end-to-end" or "local" (teacher-forced) layerwise rows
 
     def table(self) -> str:
         head = ["tensor", "identical", "|Δ|=1", "|Δ|=2", "|Δ|>=3", "max|Δ|", "mean Δ", "top-1"]
@@ -87,9 +100,11 @@ class ParityReport:
 
         parts = [format_table(head, [row(t) for t in self.outputs],
                               title=f"parity: torch simulation vs {self.model_path} on backend '{self.backend}', "
-                                    f"{self.inputs} inputs (Δ = tflite - torch, in output LSB)")]
+                                    f"{self.inputs} inputs, one row per model output "
+                                    "(Δ = tflite - torch, in output LSB)")]
         if self.layers:
-            parts.append(format_table(head, [row(t) for t in self.layers], title="layerwise, graph order:"))
+            parts.append(format_table(head, [row(t) for t in self.layers],
+                                      title=f"layerwise ({LAYER_MODES[self.mode]}), graph order:"))
             parts.append(f"first layer diverging beyond {self.tolerance} LSB on >1% of elements: "
                          f"{self.first_divergent or 'none'}")
         parts.append(f"input quantization rule: {self.input_rule}")
@@ -126,38 +141,98 @@ class ParityReport:
         plt.close(fig)
 
 
-def _to_tflite_layout(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)) if a.ndim == 4 else a
-
-
 def _point_grid(model: nn.Module, key: str) -> tuple[float, int]:
     s, zp = point_module(model, key).quantizer.scale_zero_point()
     return s, int8_zero_point(zp)
 
 
 def _codes(x: torch.Tensor, scale: float, zp: int) -> np.ndarray:
-    return (torch.round(x.detach().float() / scale).to(torch.int64) + zp).numpy()
+    return (torch.round(x.detach().float().cpu() / scale).to(torch.int64) + zp).numpy()
+
+
+def _file_grid(tfl: TFLiteModel, tensor: int) -> tuple[float, int]:
+    t = tfl.tensor(tensor)
+    return float(t.scales[0]), int(t.zero_points[0])
+
+
+def _run_interpreter(raw: bytes, tfl: TFLiteModel, mapping: TFLiteMapping, xs: list[torch.Tensor], backend: str,
+                     layer_tensors: list[int], where: str) -> tuple[dict[str, np.ndarray], dict[int, np.ndarray], bool]:
+    """The interpreter one sample at a time: int8 codes (TFLite layout) of every model output by output point
+    key, of every tensor in `layer_tensors`, and whether the model has float I/O. Inputs and outputs are
+    matched to the mapping's points by tensor index, not by the interpreter's order."""
+    try:
+        it = make_interpreter(raw, backend, preserve_all_tensors=bool(layer_tensors))
+    except (ValueError, RuntimeError) as e:
+        raise TFLiteFileError(f"{where}: the TFLite interpreter refuses the model ({_first_line(e)})") from e
+    ins = {d["index"]: d for d in it.get_input_details()}
+    outs = {d["index"]: d for d in it.get_output_details()}
+    feeds = []
+    for key, x in zip(mapping.input_points, xs):
+        d = ins[io_tensor(tfl, mapping.point(key).tensor, list(ins), where)]
+        a = to_tflite_layout(x.numpy(), d["shape"])
+        feeds.append((d, a if d["dtype"] == np.float32 else
+                      quantize_input(a, *d["quantization"], d["dtype"], backend)))
+    fetch = [(key, outs[io_tensor(tfl, mapping.point(key).tensor, list(outs), where)])
+             for key in mapping.output_points]
+    got: dict[str, list] = {key: [] for key in mapping.output_points}
+    layer_tensors = sorted(set(layer_tensors))  # points sharing a tensor (same-scale ops) read it once
+    layers: dict[int, list] = {t: [] for t in layer_tensors}
+    for i in range(len(xs[0])):
+        try:
+            for d, a in feeds:
+                it.set_tensor(d["index"], a[i:i + 1].astype(d["dtype"]))
+            it.invoke()
+        except (ValueError, RuntimeError) as e:
+            raise TFLiteFileError(f"{where}: the interpreter fails to run the model ({_first_line(e)})") from e
+        for key, d in fetch:
+            got[key].append(it.get_tensor(d["index"]).copy())
+        for t in layer_tensors:
+            layers[t].append(it.get_tensor(t).copy())
+    codes = {}
+    for key, d in fetch:
+        a = np.concatenate(got[key])
+        if d["dtype"] == np.float32:
+            s, zp = _file_grid(tfl, mapping.point(key).tensor)
+            codes[key] = np.round(a / s).astype(np.int64) + zp
+        else:
+            codes[key] = a.astype(np.int64) - (UINT8_ZERO_POINT_SHIFT if d["dtype"] == np.uint8 else 0)
+    io_float = any(d["dtype"] == np.float32 for d, _ in feeds)
+    return codes, {t: np.concatenate(v).astype(np.int64) for t, v in layers.items()}, io_float
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def _compare(label: str, index: int, torch_out: torch.Tensor, scale: float, zp: int, tfl_codes: np.ndarray,
+             classifier: bool) -> TensorParity:
+    tc = to_tflite_layout(_codes(torch_out, scale, zp), tfl_codes.shape)
+    if tc.shape != tfl_codes.shape:
+        raise ParityError(f"'{label}': torch shape {tuple(torch_out.shape)} vs tflite {tfl_codes.shape}")
+    return _stats(label, index, tc, tfl_codes, classifier)
 
 
 def parity(model: nn.Module, tflite: str | os.PathLike | bytes, inputs, backend: str = "xnnpack",
-           layerwise: bool = False, tolerance: int = 1) -> ParityReport:
-    """Run `inputs` (float, NCHW for images, a batch along dim 0) through the QAT model in eval mode and
-    through the .tflite interpreter one by one; compare integer codes at the output (and every layer)."""
-    raw = tflite if isinstance(tflite, bytes) else _read(tflite)
+           layerwise: bool = False, tolerance: int = 1, local: bool = False) -> ParityReport:
+    """Run `inputs` through the QAT model in eval mode and through the .tflite interpreter one by one; compare
+    integer codes at every model output (and, layerwise, at every fake-quant point).
+
+    inputs: float, torch layout (NCHW for images), batch along dim 0; a tuple/list of such batches, one per
+    model input, for models with several inputs. local=True (implies layerwise): teacher-forced, every torch
+    layer gets the interpreter's own tensors as inputs, so each layer row is that layer's own mismatch.
+    """
+    raw = tflite if isinstance(tflite, bytes) else read_model_bytes(tflite)
     path = "<bytes>" if isinstance(tflite, bytes) else str(tflite)
     require_qat_model(model, "compare it with a .tflite")
     check_backend(backend)
+    layerwise = layerwise or local
     tfl = validate_model(read_tflite(raw if isinstance(tflite, bytes) else tflite), runnable=True)
     mapping = read_mapping(raw, path)
-    x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
-    x = x.float()
-    if x.numel() == 0 or not bool(torch.isfinite(x).all()):
-        raise ParityError(f"the parity inputs must be a non-empty batch of finite numbers; got shape "
-                          f"{tuple(x.shape)}{'' if x.numel() == 0 else ' with NaN or Inf values'}")
-    expected = mapping.input_shapes[0]
-    if x.dim() != len(expected) or tuple(x.shape[1:]) != expected[1:]:
-        raise ParityError(f"inputs of shape {tuple(x.shape)} do not fit {path}, exported for {list(expected)} "
-                          "(batch may differ)")
+    xs = as_input_list(inputs, mapping, path)
+    if any(x.numel() == 0 or not bool(torch.isfinite(x).all()) for x in xs):
+        raise ParityError(f"the parity inputs must be non-empty batches of finite numbers; got shapes "
+                          f"{[tuple(x.shape) for x in xs]}, some empty or with NaN or Inf values")
     model_points = getattr(model, POINTS)
     missing = [p.key for p in mapping.points if p.key not in model_points]
     if missing or len(mapping.points) != len(model_points):
@@ -168,91 +243,39 @@ def parity(model: nn.Module, tflite: str | os.PathLike | bytes, inputs, backend:
     n_tensors = len(tfl.tensors)
     if any(not 0 <= p.tensor < n_tensors for p in points):
         raise ParityError(f"{path}: the stored mapping points past the file's {n_tensors} tensors; re-export")
+    unmapped = [k for k in mapping.input_points + mapping.output_points if mapping.point(k).tensor is None]
+    if unmapped:
+        raise ParityError(f"{path}: the model inputs/outputs {unmapped} have no TFLite tensor in the mapping "
+                          "(non-strict export); export with strict=True")
 
-    # torch side: eval simulation, capturing every point
-    captured: dict[str, torch.Tensor] = {}
-    hooks = []
-    if layerwise:
-        for p in points:
-            mod = point_module(model, p.key)
-            hooks.append(mod.register_forward_hook(lambda m, a, out, k=p.key: captured.__setitem__(k, out)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            y = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-
-    # TFLite side
-    it = _interpreter(raw, path, backend, layerwise)
-    inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    io_float = inp["dtype"] == np.float32
-    in_point = mapping.input_points[0]
-    s_in, zp_in = _point_grid(model, in_point)
-    xs = _to_tflite_layout(x.numpy())
-    tfl_out, tfl_layers = [], {p.key: [] for p in points} if layerwise else {}
-    for i in range(len(xs)):
-        xi = xs[i:i + 1]
-        if io_float:
-            feed = xi.astype(np.float32)
-        else:
-            s, zp = inp["quantization"]
-            feed = quantize_input(xi, s, zp, inp["dtype"], backend)
-        try:
-            it.set_tensor(inp["index"], feed)
-            it.invoke()
-        except (ValueError, RuntimeError) as e:
-            raise TFLiteFileError(f"{path}: the interpreter fails to run the model ({_first_line(e)})") from e
-        tfl_out.append(it.get_tensor(out["index"]).copy())
-        for p in points if layerwise else ():
-            tfl_layers[p.key].append(it.get_tensor(p.tensor).copy())
-    out_key = mapping.output_points[0]
-    s_out, zp_out = _point_grid(model, out_key)
-    t_out = np.concatenate(tfl_out)
-    if out["dtype"] == np.float32:
-        t_codes = np.round(t_out / s_out).astype(np.int64) + zp_out
-    else:
-        t_codes = t_out.astype(np.int64) - (UINT8_ZERO_POINT_SHIFT if out["dtype"] == np.uint8 else 0)
-    y_codes = _to_tflite_layout(_codes(y, s_out, zp_out))
-    if y_codes.shape != t_codes.shape:
-        raise ParityError(f"output shapes differ: torch {y_codes.shape} vs tflite {t_codes.shape}")
-    outputs = [_stats(mapping.point(out_key).label, out["index"], y_codes, t_codes, classifier=True)]
-    report = ParityReport(backend, path, len(xs), "float I/O: the model's own QUANTIZE op" if io_float
-                          else QUANTIZE_RULES[backend], outputs, tolerance=tolerance)
+    t_out, t_layers, io_float = _run_interpreter(raw, tfl, mapping, xs, backend,
+                                                 [p.tensor for p in points] if layerwise else [], path)
+    keys = {p.key for p in points} if layerwise else set(mapping.output_points)
+    own = run_recording(model, xs, keys | set(mapping.output_points))
+    report = ParityReport(backend, path, len(xs[0]), "float I/O: the model's own QUANTIZE op" if io_float
+                          else QUANTIZE_RULES[backend], [], tolerance=tolerance,
+                          mode=("local" if local else "end-to-end") if layerwise else "output")
+    for key in mapping.output_points:
+        p = mapping.point(key)
+        report.outputs.append(_compare(p.label, p.tensor, own[key], *_point_grid(model, key), t_out[key], True))
     if not io_float:
-        report.input_rule += f" (input scale {s_in:.6g}, zero point {zp_in})"
+        descr = [f"{k}: scale {s:.6g}, zero point {zp}" for k in mapping.input_points
+                 for s, zp in [_point_grid(model, k)]]
+        report.input_rule += f" (input {'; '.join(descr)})"
+    if local:
+        own = run_recording(model, xs, keys, _teacher(tfl, {p.key: p.tensor for p in points}, t_layers))
     for p in points if layerwise else ():
-        s, zp = _point_grid(model, p.key)
-        tc = _to_tflite_layout(_codes(captured[p.key], s, zp))
-        lc = np.concatenate(tfl_layers[p.key]).astype(np.int64)
-        if lc.shape != tc.shape:
-            lc = lc.reshape(tc.shape) if lc.size == tc.size else lc
-        if lc.shape != tc.shape:
-            raise ParityError(f"layer '{p.label}': torch shape {tc.shape} vs tflite {lc.shape}")
-        report.layers.append(_stats(p.label, p.tensor, tc, lc, classifier=False))
+        report.layers.append(_compare(p.label, p.tensor, own[p.key], *_point_grid(model, p.key),
+                                      t_layers[p.tensor], False))
     report.first_divergent = next((t.name for t in report.layers if t.diverges(tolerance)), None)
     return report
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+def _teacher(tfl: TFLiteModel, tensors: dict[str, int], codes: dict[int, np.ndarray]):
+    """Teacher for `run_recording`: the interpreter's tensor at each point, dequantized with the file's grid."""
 
+    def forced(key: str, own: torch.Tensor) -> torch.Tensor:
+        s, zp = _file_grid(tfl, tensors[key])
+        return torch.from_numpy(((to_torch_layout(codes[tensors[key]], own.shape) - zp) * s).astype(np.float32))
 
-def _interpreter(raw: bytes, path: str, backend: str, layerwise: bool):
-    """The interpreter on `raw`; one it refuses is a TFLiteFileError naming the file."""
-    try:
-        return make_interpreter(raw, backend, preserve_all_tensors=layerwise)
-    except (ValueError, RuntimeError) as e:
-        raise TFLiteFileError(f"{path}: the TFLite interpreter refuses the model ({_first_line(e)})") from e
-
-
-def _read(path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise TFLiteFileError(f"cannot read {path}: {e.strerror}") from e
+    return forced
