@@ -698,7 +698,8 @@ def test_torch_layers_that_never_map():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.grouped = nn.Conv2d(8, 8, 3, groups=2)
+            self.grouped = nn.Conv2d(8, 8, 3, groups=2)  # fine: prepare_qat splits it per group
+            self.grouped_t = nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2)  # no split: never maps
             self.depthwise = nn.Conv2d(8, 8, 3, groups=8)  # fine
             self.dilated = nn.Conv2d(8, 8, 3, dilation=(1, 2))
             self.acts = nn.Sequential(nn.Hardswish(), nn.GELU(), nn.LeakyReLU(), nn.ReLU6(), nn.SiLU())
@@ -711,8 +712,8 @@ def test_torch_layers_that_never_map():
 
     problems = edgetpu_layer_problems(Net())
     by_path = {p.split(" ")[0]: p for p in problems}
-    assert set(by_path) == {"grouped", "dilated", "acts.0", "acts.1", "acts.2", "up_bilinear", "conv3d"}
-    assert "groups=2" in by_path["grouped"] and "fix:" in by_path["grouped"]
+    assert set(by_path) == {"grouped_t", "dilated", "acts.0", "acts.1", "acts.2", "up_bilinear", "conv3d"}
+    assert "groups=2" in by_path["grouped_t"] and "fix:" in by_path["grouped_t"]
     assert "half-pixel" in by_path["up_bilinear"]
     assert "GELU" in by_path["acts.1"]
 
