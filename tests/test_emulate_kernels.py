@@ -17,6 +17,7 @@ from tests.tflite_oracle import BACKENDS, FakeQuantBuilder, compare_all, mismatc
 from xqat.errors import EmulationError
 from xqat.tflite.model import read_tflite
 from xqat.verify.emulate import conv, requant, rounding
+from xqat.verify.interpreter import quantize_input
 
 # ---------------------------------------------------------------------------------------------
 # Model builders (TF fake-quant graphs -> TFLite converter)
@@ -97,18 +98,12 @@ def heads(b: FakeQuantBuilder) -> bytes:
     return b.convert(f)
 
 
-def quantize_input(model: bytes, x: np.ndarray) -> np.ndarray:
-    """Float samples -> the model input's integer codes (float32 x / scale, half away, as TFLite's
-    reference QUANTIZE does)."""
-    t = read_tflite(model).tensor(read_tflite(model).inputs[0])
-    lo, hi = (-128, 127) if t.dtype == "INT8" else (0, 255)
-    q = np.round((x / np.float32(t.scales[0])).astype(np.float32)) + int(t.zero_points[0])
-    return np.clip(q, lo, hi).astype(np.int8 if t.dtype == "INT8" else np.uint8)
-
-
-@pytest.fixture(scope="module")
-def builder(tf):
-    return FakeQuantBuilder(tf)
+def input_codes(model: bytes, x: np.ndarray) -> np.ndarray:
+    """Float samples -> the model input's integer codes, by the reference kernel's QUANTIZE rule."""
+    m = read_tflite(model)
+    t = m.tensor(m.inputs[0])
+    dtype = np.int8 if t.dtype == "INT8" else np.uint8
+    return quantize_input(x, float(t.scales[0]), int(t.zero_points[0]), dtype, "reference")
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +117,9 @@ def model_set(builder):
     m_branchy, m_float = branchy(builder), branchy(builder, io=None)
     m_heads = heads(builder)
     return {
-        "digits_cnn": (m_digits, [np.concatenate([quantize_input(m_digits, digits[:400]),
+        "digits_cnn": (m_digits, [np.concatenate([input_codes(m_digits, digits[:400]),
                                                   rng.integers(-128, 128, (100, 8, 8, 1)).astype(np.int8)])]),
-        "digits_cnn_uint8_io": (m_digits_u8, [quantize_input(m_digits_u8, digits[400:550])]),
+        "digits_cnn_uint8_io": (m_digits_u8, [input_codes(m_digits_u8, digits[400:550])]),
         "branchy": (m_branchy, [rng.integers(-128, 128, (300, 9, 9, 4)).astype(np.int8)]),
         "branchy_float_io": (m_float, [rng.uniform(-4.5, 4.5, (150, 9, 9, 4)).astype(np.float32)]),
         "heads": (m_heads, [rng.integers(-128, 128, (300, 16)).astype(np.int8)]),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.test_emulate_kernels import MODEL_SET_OPS
-from tests.tflite_oracle import BACKENDS, FakeQuantBuilder, compare_all, pow2_range, run_interpreter
+from tests.tflite_oracle import BACKENDS, compare_all, pow2_range, run_interpreter
 from xqat.tflite.model import read_tflite
 from xqat.verify.emulate import SUPPORTED_OPS
 
@@ -42,11 +42,6 @@ def check(model: bytes, backend: str, ops: set[str], seed: int = 0) -> None:
     bad, total = compare_all(model, sample_codes(model, np.random.default_rng(seed)), backend)
     assert bad == 0, f"{bad} of {total} elements differ ({backend}, ops {[op.name for op in m.ops]})"
     assert total > 0
-
-
-@pytest.fixture(scope="module")
-def builder(tf):
-    return FakeQuantBuilder(tf)
 
 
 # ---------------------------------------------------------------------------------------------
