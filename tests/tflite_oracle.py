@@ -50,9 +50,13 @@ def tf_to_tflite(tf, fn, quant: str = "fakequant", io: str | tuple[str | None, s
         if representative is None:
             representative = _random_samples(fn)
         conv.representative_dataset = lambda: iter(representative)
-    if int8_ops_only if int8_ops_only is not None else quant == "ptq":
+    if int8_ops_only is None:
+        int8_ops_only = quant == "ptq"
+    if int8_ops_only:
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    io_in, io_out = (None, None) if quant == "float" else io if isinstance(io, tuple) else (io, io)
+    if quant == "float":
+        io = None
+    io_in, io_out = io if isinstance(io, tuple) else (io, io)
     if io_in is not None:
         conv.inference_input_type = getattr(tf, io_in)
     if io_out is not None:
