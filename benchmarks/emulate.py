@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -20,6 +19,7 @@ import torch  # noqa: E402
 
 import xqat  # noqa: E402
 from benchmarks._timing import compare, machine  # noqa: E402
+from tests.tflite_oracle import interpreter, tf_to_tflite  # noqa: E402
 
 
 def small_cnn(size: int) -> bytes:
@@ -51,12 +51,7 @@ def small_cnn(size: int) -> bytes:
         x = fq(tf.matmul(x, fq(tf.constant(fc), -1.0, 1.0, narrow_range=True)), -6.0, 6.0)
         return fq(tf.nn.softmax(x), 0.0, 1.0)
 
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()])
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.inference_input_type = conv.inference_output_type = tf.int8
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return conv.convert()
+    return tf_to_tflite(tf, f)
 
 
 def _with_threads(n: int, fn):
@@ -77,21 +72,13 @@ def main() -> dict[str, float]:
     ap.add_argument("--loop", type=int, default=64, help="images per timed interpreter loop")
     ap.add_argument("--size", type=int, default=32, help="input height = width")
     args, _ = ap.parse_known_args()
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
     model = small_cnn(args.size)
     x = np.random.default_rng(1).integers(-128, 128, (args.batch, args.size, args.size, 3)).astype(np.int8)
     xt = torch.as_tensor(x)
-    backends = {"xnnpack": OpResolverType.AUTO, "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-                "reference": OpResolverType.BUILTIN_REF}
-    emulators = {b: xqat.Emulator(model, backend=b) for b in backends}
+    emulators = {b: xqat.Emulator(model, backend=b) for b in ("xnnpack", "builtin", "reference")}
     threads = torch.get_num_threads()
-    interps = {}
-    for name, n, resolver in (("xnnpack", 1, backends["xnnpack"]), ("xnnpack", threads, backends["xnnpack"]),
-                              ("builtin", 1, backends["builtin"]), ("reference", 1, backends["reference"])):
-        it = Interpreter(model_content=model, num_threads=n, experimental_op_resolver_type=resolver)
-        it.allocate_tensors()
-        interps[(name, n)] = it
+    interps = {(name, n): interpreter(model, name, num_threads=n)
+               for name, n in (("xnnpack", 1), ("xnnpack", threads), ("builtin", 1), ("reference", 1))}
     first = interps[("xnnpack", 1)]
     inp, out = first.get_input_details()[0], first.get_output_details()[0]
 

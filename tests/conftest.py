@@ -25,6 +25,14 @@ def tf():
 
 
 @pytest.fixture(scope="session")
+def builder(tf):
+    """FakeQuant graphs of the real TF, converted by the real TFLite converter (tests/tflite_oracle.py)."""
+    from tests.tflite_oracle import FakeQuantBuilder
+
+    return FakeQuantBuilder(tf)
+
+
+@pytest.fixture(scope="session")
 def exported(tmp_path_factory):
     """Every model of the set, calibrated and exported once (int8 I/O): name -> (qat model, path, report)."""
     import xqat

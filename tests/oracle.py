@@ -47,21 +47,3 @@ def bit_mismatches(a: np.ndarray, b: np.ndarray) -> int:
     a = np.ascontiguousarray(a, np.float32)
     b = np.ascontiguousarray(b, np.float32)
     return int((a.view(np.int32) != b.view(np.int32)).sum())
-
-
-def converter_qparams(tf, ranges, num_bits: int = 8, narrow_range: bool = False) -> list[tuple[float, int]]:
-    """(scale, int8 zero point) the real TFLite converter stores for FakeQuant(min, max) of each range."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32)])
-    def graph(t):
-        return {f"r{i:03d}": tf.quantization.fake_quant_with_min_max_vars(
-            t, float(a), float(b), num_bits=num_bits, narrow_range=narrow_range, name=f"r{i:03d}")
-            for i, (a, b) in enumerate(ranges)}
-
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([graph.get_concrete_function()])
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.inference_output_type = tf.int8
-    outs = {d["name"].split(";")[0]: d["quantization"] for d in Interpreter(model_content=conv.convert())
-            .get_output_details()}
-    return [outs[f"r{i:03d}"] for i in range(len(ranges))]

@@ -7,8 +7,9 @@ import torch
 
 import xqat
 from tests.models import MODELS
+from tests.tflite_oracle import BACKENDS, interpreter
 from xqat.demo.data import digits
-from xqat.verify.interpreter import make_interpreter, quantize_input
+from xqat.verify.interpreter import quantize_input
 
 N_INPUTS = 1000
 
@@ -21,12 +22,12 @@ def images():
     return torch.cat([rand, real]).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-@pytest.mark.parametrize("backend", ["xnnpack", "builtin", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_emulator_is_bit_exact_on_every_tensor(exported, images, name, backend):
     _, path, _ = exported[name]
     raw = path.read_bytes()
-    it = make_interpreter(raw, backend, preserve_all_tensors=True)
+    it = interpreter(raw, backend, preserve=True, num_threads=1)
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
     codes = quantize_input(images, *inp["quantization"], inp["dtype"], backend)
     emu_out, emu_all = xqat.emulate(raw, [torch.from_numpy(codes)], backend=backend, intermediates=True)

@@ -2,7 +2,7 @@
 the interpreter on its three backends: 0 mismatched elements on every tensor of every sample.
 
 Each model is a tiny TF graph converted int8 by the real TFLiteConverter with the oracle helpers of
-test_emulate.py: fake-quant graphs (power-of-two scales put many requantizations exactly on ties), or float
+tests/tflite_oracle.py: fake-quant graphs (power-of-two scales put many requantizations exactly on ties), or float
 graphs calibrated with a representative dataset where fake-quant cannot express the op (per-channel
 transposed filters). The inputs: saturated, zero-point and all-codes samples, then 300 random ones.
 """
@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.test_emulate import BACKENDS, MODEL_SET_OPS, Builder, compare_all, pow2_range, run_interpreter
+from tests.test_emulate_kernels import MODEL_SET_OPS
+from tests.tflite_oracle import BACKENDS, compare_all, pow2_range, run_interpreter
 from xqat.tflite.model import read_tflite
 from xqat.verify.emulate import SUPPORTED_OPS
 
@@ -41,11 +42,6 @@ def check(model: bytes, backend: str, ops: set[str], seed: int = 0) -> None:
     bad, total = compare_all(model, sample_codes(model, np.random.default_rng(seed)), backend)
     assert bad == 0, f"{bad} of {total} elements differ ({backend}, ops {[op.name for op in m.ops]})"
     assert total > 0
-
-
-@pytest.fixture(scope="module")
-def builder(tf):
-    return Builder(tf)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +354,7 @@ def test_every_emulated_op_is_checked_on_every_backend(activation_models, binary
                                                        rearrange_model, not_in_reference_model,
                                                        resize_nearest_models, conv_models,
                                                        resize_bilinear_models, batch_matmul_models):
-    """No op in the emulator's registry without a model above (or in the model set of test_emulate.py) that
+    """No op in the emulator's registry without a model above (or in the model set of test_emulate_kernels.py) that
     compares it with the interpreter on all three backends."""
     models = [*activation_models, *binary_models, layout_model, rearrange_model, not_in_reference_model,
               *resize_nearest_models, *conv_models,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
+from tests.tflite_oracle import interpreter
 from xqat.errors import ExportError, OnnxToTfVersionError
 from xqat.export.torch_to_onnx import OPSET
 from xqat.torch_side.qparams import snap_range
@@ -397,15 +398,6 @@ def ort_run(model: onnx.ModelProto, x: np.ndarray, extra_outputs=()) -> dict[str
     return dict(zip(names, sess.run(names, {sess.get_inputs()[0].name: x})))
 
 
-def interpreter(tflite: bytes, preserve: bool = False):
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    it = Interpreter(model_content=tflite, experimental_preserve_all_tensors=preserve,
-                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    it.allocate_tensors()
-    return it
-
-
 def nhwc(a: np.ndarray) -> np.ndarray:
     return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
 
@@ -568,7 +560,7 @@ def test_outputs_within_one_lsb_of_onnxruntime(convert, name, io_dtype):
     """Over a batch of inputs: >= 99% of output elements within 1 LSB, identical argmax of class scores."""
     _, model, c = convert(name, io_dtype)
     acts, _ = onnx_qdq(model)
-    it = interpreter(c.tflite)
+    it = interpreter(c.tflite, "builtin")
     outs = [o.name for o in model.graph.output]
     within, total, argmax_same, argmax_total = 0, 0, 0, 0
     for seed in range(8):
@@ -592,7 +584,7 @@ def test_tensor_map_verified_on_every_activation(convert, name):
     within 1 LSB of onnxruntime's DQ outputs on a probe input (all tensors preserved)."""
     _, model, c = convert(name)
     acts, _ = onnx_qdq(model)
-    it = interpreter(c.tflite, preserve=True)
+    it = interpreter(c.tflite, "builtin", preserve=True)
     x = on_input_grid(sample(name, 11), *input_grid(model))
     ref = ort_run(model, x, extra_outputs=list(acts))
     run_tflite(it, nhwc(x))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import xqat
-from tests.oracle import converter_qparams
+from tests.tflite_oracle import converter_qparams
 
 
 def _near_tie_ranges(rng, n):

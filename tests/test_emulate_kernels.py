@@ -7,83 +7,20 @@ backends round differently. Every op output of every sample is compared, bit for
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
 
 import xqat
 import xqat.torch_side.qparams
+from tests.tflite_oracle import BACKENDS, FakeQuantBuilder, compare_all, mismatches, pow2_range, run_interpreter
 from xqat.errors import EmulationError
 from xqat.tflite.model import read_tflite
 from xqat.verify.emulate import conv, requant, rounding
-
-BACKENDS = ("reference", "builtin", "xnnpack")
-_RESOLVER = {"reference": "BUILTIN_REF", "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "xnnpack": "AUTO"}
-
-
-# ---------------------------------------------------------------------------------------------
-# The oracle: the interpreter, one sample at a time, every op output preserved
-
-
-def interpreter(model: bytes, backend: str, preserve: bool = True, num_threads: int | None = None):
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        it = Interpreter(model_content=model, experimental_preserve_all_tensors=preserve, num_threads=num_threads,
-                         experimental_op_resolver_type=getattr(OpResolverType, _RESOLVER[backend]))
-    it.allocate_tensors()
-    return it
-
-
-def run_interpreter(model: bytes, backend: str, inputs: list[np.ndarray], preserve: bool = True,
-                    num_threads: int | None = None):
-    """{tensor index: stacked values over the batch} for every op output (model outputs only if not
-    preserve). With preserve, the XNNPACK delegate runs each node as its own partition."""
-    m = read_tflite(model)
-    it = interpreter(model, backend, preserve, num_threads)
-    wanted = [t for op in m.ops for t in op.outputs] if preserve else list(m.outputs)
-    out = {t: [] for t in wanted}
-    for n in range(inputs[0].shape[0]):
-        for idx, x in zip(m.inputs, inputs):
-            it.set_tensor(idx, x[n:n + 1])
-        it.invoke()
-        for t in wanted:
-            out[t].append(it.get_tensor(t).copy())
-    return {t: np.concatenate(v) for t, v in out.items()}
-
-
-def mismatches(got: torch.Tensor, want: np.ndarray) -> int:
-    """Elements that differ; float32 tensors are compared bit for bit."""
-    got = got.cpu().numpy().reshape(want.shape)
-    if got.dtype == np.float32:
-        return int((got.view(np.int32) != want.view(np.int32)).sum())
-    return int((got.astype(np.int64) != want.astype(np.int64)).sum())
-
-
-def compare_all(model: bytes, inputs: list[np.ndarray], backend: str) -> tuple[int, int]:
-    """(mismatched elements, compared elements) over every op output of every sample."""
-    m = read_tflite(model)
-    want = run_interpreter(model, backend, inputs)
-    _, got = xqat.emulate(model, [torch.as_tensor(x) for x in inputs], backend=backend, intermediates=True)
-    bad = total = 0
-    for op in m.ops:
-        t = op.outputs[0]
-        bad += mismatches(got[t], want[t])
-        total += want[t].size
-    return bad, total
-
+from xqat.verify.interpreter import quantize_input
 
 # ---------------------------------------------------------------------------------------------
 # Model builders (TF fake-quant graphs -> TFLite converter)
-
-
-def pow2_range(zp_unsigned: int, k: int) -> tuple[float, float]:
-    """FakeQuant range with scale exactly 2^-k and the given (uint8) zero point."""
-    s = 2.0 ** -k
-    return -zp_unsigned * s, (255 - zp_unsigned) * s
 
 
 def tie_weights(rng, shape, ks) -> np.ndarray:
@@ -93,43 +30,7 @@ def tie_weights(rng, shape, ks) -> np.ndarray:
     return (w * 2.0 ** -np.asarray(ks, np.float64)).reshape(shape).astype(np.float32)
 
 
-class Builder:
-    """Small helpers around the real TF ops and converter."""
-
-    def __init__(self, tf):
-        self.tf = tf
-
-    def fq(self, x, r, narrow=False):
-        return self.tf.quantization.fake_quant_with_min_max_vars(x, r[0], r[1], narrow_range=narrow)
-
-    def wfq(self, w, per_channel=True):
-        tf = self.tf
-        if per_channel:
-            m = np.abs(w).reshape(-1, w.shape[-1]).max(0).astype(np.float32)
-            return tf.quantization.fake_quant_with_min_max_vars_per_channel(w, -m, m, narrow_range=True)
-        m = float(np.abs(w).max())
-        return self.fq(w, (-m, m), narrow=True)
-
-    def convert(self, fn, io="int8", representative=None) -> bytes:
-        """int8 TFLite from a tf.function; fake-quant graphs need no data, float graphs calibrate on
-        `representative` (a list of input lists, as the converter's representative dataset)."""
-        tf = self.tf
-        conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        if representative is not None:
-            conv.representative_dataset = lambda: iter(representative)
-            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        if io is not None:
-            conv.inference_input_type = conv.inference_output_type = getattr(tf, io)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return conv.convert()
-
-    def spec(self, *shapes):
-        return [self.tf.TensorSpec(s, self.tf.float32) for s in shapes]
-
-
-def digits_cnn(b: Builder, io="int8") -> bytes:
+def digits_cnn(b: FakeQuantBuilder, io="int8") -> bytes:
     """CONV+RELU, DEPTHWISE (M=2, 12 channels, linear, ties), 1x1 CONV+RELU6, AVG_POOL, RESHAPE, FC,
     SOFTMAX."""
     tf, rng = b.tf, np.random.default_rng(1)
@@ -153,7 +54,7 @@ def digits_cnn(b: Builder, io="int8") -> bytes:
     return b.convert(f, io)
 
 
-def branchy(b: Builder, io="int8") -> bytes:
+def branchy(b: FakeQuantBuilder, io="int8") -> bytes:
     """CONV, AVG/MAX_POOL (SAME, stride 2), ADD, MUL, CONCATENATION (+requantize), PAD, MEAN, RESHAPE, FC."""
     tf, rng = b.tf, np.random.default_rng(2)
     w1 = tie_weights(rng, (3, 3, 4, 6), rng.integers(6, 9, 6))
@@ -178,7 +79,7 @@ def branchy(b: Builder, io="int8") -> bytes:
     return b.convert(f, io)
 
 
-def heads(b: Builder) -> bytes:
+def heads(b: FakeQuantBuilder) -> bytes:
     """FC, FC+RELU, LOGISTIC, TANH, two SOFTMAX (each followed by the converter's requantize)."""
     tf, rng = b.tf, np.random.default_rng(3)
     w1 = rng.normal(size=(16, 12)).astype(np.float32) * 0.5
@@ -197,18 +98,12 @@ def heads(b: Builder) -> bytes:
     return b.convert(f)
 
 
-def quantize_input(model: bytes, x: np.ndarray) -> np.ndarray:
-    """Float samples -> the model input's integer codes (float32 x / scale, half away, as TFLite's
-    reference QUANTIZE does)."""
-    t = read_tflite(model).tensor(read_tflite(model).inputs[0])
-    lo, hi = (-128, 127) if t.dtype == "INT8" else (0, 255)
-    q = np.round((x / np.float32(t.scales[0])).astype(np.float32)) + int(t.zero_points[0])
-    return np.clip(q, lo, hi).astype(np.int8 if t.dtype == "INT8" else np.uint8)
-
-
-@pytest.fixture(scope="module")
-def builder(tf):
-    return Builder(tf)
+def input_codes(model: bytes, x: np.ndarray) -> np.ndarray:
+    """Float samples -> the model input's integer codes, by the reference kernel's QUANTIZE rule."""
+    m = read_tflite(model)
+    t = m.tensor(m.inputs[0])
+    dtype = np.int8 if t.dtype == "INT8" else np.uint8
+    return quantize_input(x, float(t.scales[0]), int(t.zero_points[0]), dtype, "reference")
 
 
 @pytest.fixture(scope="module")
@@ -222,9 +117,9 @@ def model_set(builder):
     m_branchy, m_float = branchy(builder), branchy(builder, io=None)
     m_heads = heads(builder)
     return {
-        "digits_cnn": (m_digits, [np.concatenate([quantize_input(m_digits, digits[:400]),
+        "digits_cnn": (m_digits, [np.concatenate([input_codes(m_digits, digits[:400]),
                                                   rng.integers(-128, 128, (100, 8, 8, 1)).astype(np.int8)])]),
-        "digits_cnn_uint8_io": (m_digits_u8, [quantize_input(m_digits_u8, digits[400:550])]),
+        "digits_cnn_uint8_io": (m_digits_u8, [input_codes(m_digits_u8, digits[400:550])]),
         "branchy": (m_branchy, [rng.integers(-128, 128, (300, 9, 9, 4)).astype(np.int8)]),
         "branchy_float_io": (m_float, [rng.uniform(-4.5, 4.5, (150, 9, 9, 4)).astype(np.float32)]),
         "heads": (m_heads, [rng.integers(-128, 128, (300, 16)).astype(np.int8)]),

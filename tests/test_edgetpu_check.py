@@ -16,6 +16,7 @@ import pytest
 from ai_edge_litert import schema_py_generated as schema
 
 import xqat
+from tests.tflite_oracle import tf_to_tflite
 from xqat.cli import main
 from xqat.edgetpu.check import check_edgetpu, op_macs
 from xqat.edgetpu.compiled import compare_with_compiled
@@ -29,27 +30,6 @@ CORAL = Path(__file__).parent / "data" / "coral"
 pytestmark = pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")
 
 # ------------------------------------------------------------------------------------------ model builders
-
-
-def _convert(tf, fn, mode: str = "fq", io=None, per_tensor_dense: bool = False, select_tf_ops: bool = False):
-    """Convert a tf.function: "fq" FakeQuant graph without dataset (xqat's route), "ptq" calibrated
-    full-int8, "float" no quantization."""
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
-    if mode in ("fq", "ptq"):
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        io = tf.int8 if io is None else io
-        conv.inference_input_type = conv.inference_output_type = io
-    if mode == "ptq":
-        shapes = [[1 if d is None else d for d in s.shape] for s in fn.input_signature]
-        rng = np.random.default_rng(0)
-        conv.representative_dataset = lambda: ([rng.standard_normal(s).astype(np.float32) for s in shapes]
-                                               for _ in range(4))
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    if per_tensor_dense:
-        conv._experimental_disable_per_channel_quantization_for_dense_layers = True
-    if select_tf_ops:
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
-    return bytes(conv.convert())
 
 
 def _patch(raw: bytes, edit) -> bytes:
@@ -114,35 +94,35 @@ class _Models:
             x = fq(tf.reduce_mean(x, [1, 2]), -6, 8)
             x = fq(tf.matmul(x, per_tensor(wf)) + bf, -10, 10)
             return fq(tf.nn.softmax(x), 0, 1)
-        return _convert(tf, self.fn([1, 8, 8, 3], body))
+        return tf_to_tflite(tf, self.fn([1, 8, 8, 3], body))
 
     def _float_io(self):
         tf, k = self.tf, self.w(3, 3, 4, 4)
-        return _convert(tf, self.fn([1, 8, 8, 4], lambda x: tf.nn.relu(tf.nn.conv2d(x, k, 1, "SAME"))),
-                        "ptq", io=tf.float32)
+        return tf_to_tflite(tf, self.fn([1, 8, 8, 4], lambda x: tf.nn.relu(tf.nn.conv2d(x, k, 1, "SAME"))),
+                        "ptq", io="float32")
 
     def _uint8_io(self):
         tf, k = self.tf, self.w(3, 3, 4, 4)
-        return _convert(tf, self.fn([1, 8, 8, 4], lambda x: tf.nn.relu(tf.nn.conv2d(x, k, 1, "SAME"))),
-                        "ptq", io=tf.uint8)
+        return tf_to_tflite(tf, self.fn([1, 8, 8, 4], lambda x: tf.nn.relu(tf.nn.conv2d(x, k, 1, "SAME"))),
+                        "ptq", io="uint8")
 
     # ---- violations
     def _float(self):
         tf, k = self.tf, self.w(3, 3, 4, 4)
-        return _convert(tf, self.fn([1, 8, 8, 4], lambda x: tf.nn.relu(tf.nn.conv2d(x, k, 1, "SAME"))), "float")
+        return tf_to_tflite(tf, self.fn([1, 8, 8, 4], lambda x: tf.nn.relu(tf.nn.conv2d(x, k, 1, "SAME"))), "float")
 
     def _float_leftover(self):
         # Keras-style PReLU relu(x) - a*relu(-x): TF 2.21 leaves the NEG in float inside an int8 model
         tf, alpha = self.tf, self.w(1, 1, 8)
-        return _convert(tf, self.fn([1, 8, 8, 8], lambda x: tf.nn.relu(x) - alpha * tf.nn.relu(-x)), "ptq")
+        return tf_to_tflite(tf, self.fn([1, 8, 8, 8], lambda x: tf.nn.relu(x) - alpha * tf.nn.relu(-x)), "ptq")
 
     def _grouped(self):
         tf, k = self.tf, self.w(3, 3, 2, 8)
-        return _convert(tf, self.fn([1, 8, 8, 8], lambda x: tf.nn.conv2d(x, k, 1, "SAME")), "ptq")
+        return tf_to_tflite(tf, self.fn([1, 8, 8, 8], lambda x: tf.nn.conv2d(x, k, 1, "SAME")), "ptq")
 
     def _dynamic(self):
         tf, k = self.tf, self.w(3, 3, 8, 4)
-        return _convert(tf, self.fn([None, 8, 8, 8], lambda x: tf.nn.relu(tf.nn.conv2d(x, k, 1, "SAME"))), "ptq")
+        return tf_to_tflite(tf, self.fn([None, 8, 8, 8], lambda x: tf.nn.relu(tf.nn.conv2d(x, k, 1, "SAME"))), "ptq")
 
     def _activations(self):
         tf = self.tf
@@ -150,11 +130,11 @@ class _Models:
         def body(x):
             x = x * tf.nn.relu6(x + 3.0) / 6.0  # HARD_SWISH
             return tf.nn.gelu(tf.nn.leaky_relu(x, 0.1))
-        return _convert(tf, self.fn([1, 8, 8, 8], body), "ptq")
+        return tf_to_tflite(tf, self.fn([1, 8, 8, 8], body), "ptq")
 
     def _mac_split(self):
         tf, k1, k2 = self.tf, self.w(3, 3, 8, 8), self.w(1, 1, 8, 8)
-        return _convert(tf, self.fn([1, 8, 8, 8], lambda x: tf.nn.conv2d(
+        return tf_to_tflite(tf, self.fn([1, 8, 8, 8], lambda x: tf.nn.conv2d(
             tf.nn.leaky_relu(tf.nn.conv2d(x, k1, 1, "SAME"), 0.1), k2, 1, "SAME")), "ptq")
 
     def _layout(self):
@@ -168,25 +148,25 @@ class _Models:
             a = tf.compat.v1.image.resize_bilinear(c, [8, 8], half_pixel_centers=True)
             b = tf.compat.v1.image.resize_nearest_neighbor(c, [8, 8], align_corners=True)
             return a + b
-        return _convert(tf, self.fn([1, 8, 8, 8], body), "ptq")
+        return tf_to_tflite(tf, self.fn([1, 8, 8, 8], body), "ptq")
 
     def _rank5(self):
         tf = self.tf
-        return _convert(tf, self.fn([1, 4, 4, 8], lambda x: tf.reshape(
+        return tf_to_tflite(tf, self.fn([1, 4, 4, 8], lambda x: tf.reshape(
             tf.transpose(tf.reshape(x, [1, 2, 2, 4, 8]), [0, 2, 1, 3, 4]), [1, 4, 4, 8])), "ptq")
 
     def _nchw(self):
         tf, k = self.tf, self.w(3, 3, 3, 8)
-        return _convert(tf, self.fn([1, 3, 8, 8], lambda x: tf.nn.relu(
+        return tf_to_tflite(tf, self.fn([1, 3, 8, 8], lambda x: tf.nn.relu(
             tf.nn.conv2d(tf.transpose(x, [0, 2, 3, 1]), k, 1, "SAME"))), "ptq")
 
     def _reshape(self):  # relu on (1, 8, 1, 4), reshape to (1, 8, 4): the converter's form of a squeeze
         tf = self.tf
-        return _convert(tf, self.fn([1, 8, 1, 4], lambda x: tf.reshape(tf.nn.relu(x), [1, 8, 4])), "ptq")
+        return tf_to_tflite(tf, self.fn([1, 8, 1, 4], lambda x: tf.reshape(tf.nn.relu(x), [1, 8, 4])), "ptq")
 
     def _big_softmax(self):
         tf = self.tf
-        return _convert(tf, self.fn([1, 200, 100], lambda x: tf.nn.softmax(tf.reshape(x, [1, 20000]))), "ptq")
+        return tf_to_tflite(tf, self.fn([1, 200, 100], lambda x: tf.nn.softmax(tf.reshape(x, [1, 20000]))), "ptq")
 
     def _convs(self):
         tf, w = self.tf, self.w
@@ -195,11 +175,11 @@ class _Models:
         def body(x):
             a = tf.nn.conv2d(x, k1, 1, "SAME", dilations=[1, 2])  # unequal dilation
             return tf.nn.depthwise_conv2d(a, k2, [1, 1, 1, 1], "SAME")  # depth multiplier 2
-        return _convert(tf, self.fn([1, 8, 8, 8], body), "ptq")
+        return tf_to_tflite(tf, self.fn([1, 8, 8, 8], body), "ptq")
 
     def _tconv_relu(self):
         tf, k, b = self.tf, self.w(3, 3, 4, 16), self.w(4)
-        return _convert(tf, self.fn([1, 8, 8, 16], lambda x: tf.nn.relu(
+        return tf_to_tflite(tf, self.fn([1, 8, 8, 16], lambda x: tf.nn.relu(
             tf.nn.conv2d_transpose(x, k, [1, 16, 16, 4], 2, "SAME") + b)), "ptq")
 
     def _axes(self):
@@ -210,42 +190,39 @@ class _Models:
             y = tf.pad(x * m, [[1, 1], [0, 0], [0, 0], [0, 0]])  # pads the batch dim -> batch 3 output
             parts = tf.split(y, 3, axis=0)  # splits the batch dim
             return y[:, ::2], parts[0] + parts[2]  # strided slice with stride 2
-        return _convert(tf, self.fn([1, 8, 8, 6], body), "ptq")
+        return tf_to_tflite(tf, self.fn([1, 8, 8, 6], body), "ptq")
 
     def _fc(self):
         tf, k, b = self.tf, self.w(8, 10), self.w(10)
-        return _convert(tf, self.fn([1, 4, 8], lambda x: tf.matmul(x, k) + b), "ptq")  # per-channel, 2-D out
+        return tf_to_tflite(tf, self.fn([1, 4, 8], lambda x: tf.matmul(x, k) + b), "ptq")  # per-channel, 2-D out
 
     def _prelu_float(self):
         import tf_keras
 
         inp = tf_keras.Input((8, 8, 4), batch_size=1)
         model = tf_keras.Model(inp, tf_keras.layers.PReLU()(inp))  # alpha (8, 8, 4): unshared
-        return bytes(self.tf.lite.TFLiteConverter.from_keras_model(model).convert())
+        return tf_to_tflite(self.tf, model, "float")
 
     def _tiny_scale(self):
         tf = self.tf
         k = self.w(3, 3, 8, 8) * 1e-9  # outputs ~1e-9: a dead layer
-        return _convert(tf, self.fn([1, 8, 8, 8], lambda x: tf.nn.relu6(tf.nn.conv2d(x, k, 1, "SAME"))), "ptq")
+        return tf_to_tflite(tf, self.fn([1, 8, 8, 8], lambda x: tf.nn.relu6(tf.nn.conv2d(x, k, 1, "SAME"))), "ptq")
 
     def _flex(self):
         tf = self.tf
-        return _convert(tf, self.fn([1, 8], lambda x: tf.math.cumprod(x, 1)), "float", select_tf_ops=True)
+        return tf_to_tflite(tf, self.fn([1, 8], lambda x: tf.math.cumprod(x, 1)), "float", select_tf_ops=True)
 
     def _while(self):
         tf = self.tf
-        return _convert(tf, self.fn([1, 8], lambda x: tf.while_loop(
+        return tf_to_tflite(tf, self.fn([1, 8], lambda x: tf.while_loop(
             lambda i, y: i < 3, lambda i, y: (i + 1, y * 2.0), (0, x))[1]), "float")
 
     def _cast_input(self):  # int32 input: CAST and a float QUANTIZE lead, as in a compiled MoveNet
         tf, k = self.tf, self.w(3, 3, 3, 8)
         fn = tf.function(lambda x: tf.nn.relu(tf.nn.conv2d(tf.cast(x, tf.float32) / 255.0, k, 1, "SAME")),
                          input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.int32)])
-        conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        conv.representative_dataset = lambda: ([self.rng.integers(0, 255, (1, 8, 8, 3)).astype(np.int32)]
-                                               for _ in range(4))
-        return bytes(conv.convert())
+        samples = [[self.rng.integers(0, 255, (1, 8, 8, 3)).astype(np.int32)] for _ in range(4)]
+        return tf_to_tflite(tf, fn, "ptq", io=None, representative=samples, int8_ops_only=False)
 
     def _evidence_ops(self):  # ops a compiled pair (or the table) decided
         tf = self.tf
@@ -260,7 +237,7 @@ class _Models:
             corners = fq(tf.compat.v1.image.resize_bilinear(x, [8, 8], align_corners=True), -4, 4)  # maps
             padded = fq(tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], constant_values=-1.0), -4, 4)  # PADV2: CPU
             return fq(tiled + corners, -8, 8), from_1x1, padded
-        return _convert(tf, self.fn([1, 4, 4, 8], body))
+        return tf_to_tflite(tf, self.fn([1, 4, 4, 8], body))
 
     def _torch_ops(self):  # the ops xqat's exporter emits for SiLU, chunk, slicing, shuffles, upsampling, ...
         tf, fq = self.tf, self.tf.quantization.fake_quant_with_min_max_args
@@ -277,7 +254,7 @@ class _Models:
             y = fq(tf.nn.conv2d_transpose(cat, kt, [1, 16, 16, 8], 2, "SAME") + bt, -8, 8)  # TRANSPOSE_CONV v3
             bmm = fq(tf.matmul(tf.reshape(c, [1, 8, 4]), tf.reshape(c, [1, 8, 4]), transpose_b=True), -8, 8)
             return fq(y * tf.nn.relu6(y + 3.0) / 6.0, -4, 8), bmm, c  # HARD_SWISH
-        return _convert(tf, self.fn([1, 4, 4, 8], body))
+        return tf_to_tflite(tf, self.fn([1, 4, 4, 8], body))
 
     def _deeplab_head(self):  # image pooling broadcast by TILE, concat, small and full-size resizes, argmax
         tf, fq = self.tf, self.tf.quantization.fake_quant_with_min_max_args
@@ -293,7 +270,7 @@ class _Models:
             y = fq(tf.compat.v1.image.resize_bilinear(y, [16, 16], align_corners=True), -8, 8)
             y = fq(tf.compat.v1.image.resize_bilinear(y, [300, 300], align_corners=True), -8, 8)
             return tf.argmax(y, -1)
-        return _patch(_convert(tf, self.fn([1, 16, 16, 3], body)), _tile_v1)
+        return _patch(tf_to_tflite(tf, self.fn([1, 16, 16, 3], body)), _tile_v1)
 
     def _big(self):
         tf, k = self.tf, self.w(3000, 3000)
@@ -302,7 +279,7 @@ class _Models:
             up = tf.compat.v1.image.resize_nearest_neighbor(x, [384, 384])  # 4.5 MiB int8, side > 256
             return up, tf.matmul(v, k)  # 9 MB of int8 weights
         fn = tf.function(body, input_signature=[tf.TensorSpec([1, 192, 192, 32]), tf.TensorSpec([1, 3000])])
-        return _convert(tf, fn, "ptq", per_tensor_dense=True)
+        return tf_to_tflite(tf, fn, "ptq", per_tensor_dense=True)
 
 
 @pytest.fixture(scope="module")
@@ -723,7 +700,8 @@ def test_torch_layers_that_never_map():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.grouped = nn.Conv2d(8, 8, 3, groups=2)
+            self.grouped = nn.Conv2d(8, 8, 3, groups=2)  # fine: prepare_qat splits it per group
+            self.grouped_t = nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2)  # no split: never maps
             self.depthwise = nn.Conv2d(8, 8, 3, groups=8)  # fine
             self.dilated = nn.Conv2d(8, 8, 3, dilation=(1, 2))
             self.acts = nn.Sequential(nn.Hardswish(), nn.GELU(), nn.LeakyReLU(), nn.ReLU6(), nn.SiLU())
@@ -736,8 +714,8 @@ def test_torch_layers_that_never_map():
 
     problems = edgetpu_layer_problems(Net())
     by_path = {p.split(" ")[0]: p for p in problems}
-    assert set(by_path) == {"grouped", "dilated", "acts.0", "acts.1", "acts.2", "up_bilinear", "conv3d"}
-    assert "groups=2" in by_path["grouped"] and "fix:" in by_path["grouped"]
+    assert set(by_path) == {"grouped_t", "dilated", "acts.0", "acts.1", "acts.2", "up_bilinear", "conv3d"}
+    assert "groups=2" in by_path["grouped_t"] and "fix:" in by_path["grouped_t"]
     assert "half-pixel" in by_path["up_bilinear"]
     assert "GELU" in by_path["acts.1"]
 
