@@ -183,3 +183,20 @@ def test_conv_transpose_weights_are_quantized_per_output_channel_on_axis_1():
     assert scales.shape == (6,) and w.shape == (4, 6, 2, 2)
     x = torch.rand(2, 4, 4, 4)
     torch.testing.assert_close(qat.eval()(x), net(x), atol=0.3, rtol=0)
+
+
+def test_several_inputs_each_get_a_quantized_int8_input(tmp_path):
+    from tests.op_models import TwoInputs, randomize_bn
+
+    torch.manual_seed(0)
+    shapes = ((1, 3, 16, 16), (1, 1, 16, 16))
+    qat = xqat.prepare_qat(randomize_bn(TwoInputs()), tuple(torch.rand(s) for s in shapes)).train()
+    assert [p.label for p in xqat.quant_points(qat)][:2] == ["input:image", "input:aux"]
+    with torch.no_grad():
+        for _ in range(4):
+            qat(*(torch.rand(8, *s[1:]) for s in shapes))
+    report = xqat.export_tflite(qat.eval(), tuple(torch.rand(s) for s in shapes), tmp_path / "two.tflite")
+    assert report.ok and report.all_qparams_equal, report.problems()
+    m = read_tflite(tmp_path / "two.tflite")
+    assert sorted(m.tensors[i].shape for i in m.inputs) == [(1, 16, 16, 1), (1, 16, 16, 3)]
+    assert all(m.tensors[i].dtype == "INT8" for i in m.inputs)

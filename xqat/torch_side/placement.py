@@ -125,7 +125,7 @@ class Plan:
         return UnsupportedLayerError(
             f"cannot quantize {n} node{'s' if n > 1 else ''} of this model:\n  " + "\n  ".join(self.problems)
             + "\nAn op skipped with QATConfig(skip=[...]) stays float: the TFLite model is then not full-integer "
-            "(float ops run on the CPU, not the EdgeTPU).")
+            "(export it with export_tflite(..., strict=False); float ops run on the CPU, not the EdgeTPU).")
 
 
 def label(gm: fx.GraphModule, node: fx.Node) -> str:

@@ -113,8 +113,8 @@ def _keep_float(plan: Plan, node: fx.Node, kind: OpKind) -> None:
     """A skipped op runs in float: its output is quantized again where the int8 graph resumes."""
     gm = plan.gm
     warnings.warn(f"xqat: '{module_path(gm, node)}' ({describe(gm, node)}) stays float: the TFLite model will "
-                  "not be full-integer (a DEQUANTIZE/QUANTIZE pair around it) and this op will not run on the "
-                  "EdgeTPU", stacklevel=3)
+                  "not be full-integer (DEQUANTIZE/QUANTIZE around this op), so export it with "
+                  "export_tflite(..., strict=False); this op will not run on the EdgeTPU", stacklevel=3)
     if kind is not OpKind.NON_TENSOR and is_tensor(node):
         plan.add_point(node, OpKind.SAME_SCALE)
 
