@@ -14,6 +14,7 @@ Each op kind's rule is one handler in `handlers.py`; what a node computes is dec
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from .capture import check_input, install_input_checks, propagate_shapes, trace
 from .config import QATConfig
 from .handlers import HANDLERS, decompose
 from .modules import QConv2d
-from .patterns import OpKind, classify, describe, is_tensor, module_path
+from .patterns import OpKind, classify, describe, is_tensor, module_path, tensor_inputs
 from .placement import POINTS, QUANTIZERS, Plan, Role, install_points
 
 __all__ = ["prepare_qat", "freeze_ranges", "freeze_bn", "is_qat_model", "quant_points", "qat_config", "PointInfo",
@@ -104,8 +105,6 @@ def _plan(gm: fx.GraphModule, config: QATConfig) -> Plan:
 
 
 def _inputs(node: fx.Node, kind: OpKind) -> list[fx.Node]:
-    from .patterns import tensor_inputs
-
     return [] if kind in (OpKind.NON_TENSOR, OpKind.UNSUPPORTED) else tensor_inputs(node)
 
 
@@ -121,8 +120,6 @@ def _keep_float(plan: Plan, node: fx.Node, kind: OpKind) -> None:
 
 def _example_tensors(model: nn.Module, example_inputs, model_name: str) -> tuple:
     """`example_inputs` as a tuple, one per model input; tensors must be float with a batch dimension."""
-    import inspect
-
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     params = [p for p in inspect.signature(model.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
