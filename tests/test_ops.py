@@ -200,3 +200,26 @@ def test_several_inputs_each_get_a_quantized_int8_input(tmp_path):
     m = read_tflite(tmp_path / "two.tflite")
     assert sorted(m.tensors[i].shape for i in m.inputs) == [(1, 16, 16, 1), (1, 16, 16, 3)]
     assert all(m.tensors[i].dtype == "INT8" for i in m.inputs)
+
+
+def test_edgetpu_config_refuses_exactly_what_cannot_map_and_the_fixes_work():
+    class Net(nn.Module):
+        def __init__(self, act: type[nn.Module], mode: str):
+            super().__init__()
+            self.grouped = nn.Conv2d(4, 8, 3, padding=1, groups=2)  # split by xqat: maps
+            self.act, self.se = act(), nn.SiLU()  # SiLU: LOGISTIC + MUL, maps
+            self.up = nn.Upsample(scale_factor=2, mode=mode)
+            self.deconv, self.relu = nn.ConvTranspose2d(8, 4, 2, stride=2), nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.deconv(self.up(self.se(self.act(self.grouped(x))))))
+
+    x = torch.rand(1, 4, 8, 8)
+    with pytest.raises(xqat.UnsupportedLayerError) as e:
+        xqat.prepare_qat(Net(nn.Hardswish, "bilinear"), x, xqat.QATConfig(edgetpu=True))
+    msg = str(e.value)
+    assert "act (Hardswish)" in msg and "up (Upsample)" in msg and "grouped" not in msg and "SiLU)" not in msg
+    qat = xqat.prepare_qat(Net(nn.ReLU6, "nearest"), x, xqat.QATConfig(edgetpu=True))  # the fixes the error names
+    labels = [p.label for p in xqat.quant_points(qat)]
+    assert "deconv" in labels and "relu" in labels  # no fused TRANSPOSE_CONV activation (op version 4)
+    assert qat.get_submodule("deconv").act is None
