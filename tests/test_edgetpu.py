@@ -544,7 +544,8 @@ def test_torch_layers_that_never_map():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.grouped = nn.Conv2d(8, 8, 3, groups=2)
+            self.grouped = nn.ConvTranspose2d(8, 8, 3, groups=2)
+            self.split = nn.Conv2d(8, 8, 3, groups=2)  # fine: prepare_qat splits it into per-group convs
             self.depthwise = nn.Conv2d(8, 8, 3, groups=8)  # fine
             self.dilated = nn.Conv2d(8, 8, 3, dilation=(1, 2))
             self.acts = nn.Sequential(nn.Hardswish(), nn.GELU(), nn.LeakyReLU(), nn.ReLU6(), nn.SiLU())
@@ -553,7 +554,7 @@ def test_torch_layers_that_never_map():
             self.conv3d = nn.Conv3d(1, 1, 3)
 
         def forward(self, x):
-            return torch.nn.functional.gelu(self.acts(self.grouped(x)))
+            return torch.nn.functional.gelu(self.acts(self.grouped(self.split(x))))
 
     problems = edgetpu_layer_problems(Net())
     by_path = {p.split(" ")[0]: p for p in problems}
