@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from ..errors import QATConfigError
 
-__all__ = ["QATConfig", "EMA_MODES"]
+__all__ = ["QATConfig", "EMA_MODES", "EmaMode", "BNStats"]
 
-EMA_MODES = ("debias", "tfmot")
+
+class EmaMode(StrEnum):
+    """How activation ranges average batch min/max (equal to the strings "debias" and "tfmot")."""
+
+    DEBIAS = "debias"  # tf.contrib.quantize: zero-debiased EMA, first step = batch range
+    TFMOT = "tfmot"  # tfmot MovingAverageQuantizer: init +-6, no debias
+
+
+class BNStats(StrEnum):
+    """Where the training-time BN fold takes its batch statistics from."""
+
+    QUANTIZED = "quantized"  # the quantized conv, rescaled (one conv per layer)
+    FLOAT = "float"  # a second, float conv (tf.contrib.quantize)
+
+
+EMA_MODES = tuple(m.value for m in EmaMode)
 
 
 @dataclass
@@ -65,6 +81,7 @@ class QATConfig:
                 )
         if self.ema not in EMA_MODES:
             raise QATConfigError(f"QATConfig.ema must be one of {EMA_MODES}, got {self.ema!r}")
+        self.ema = EmaMode(self.ema)
         if not 0.0 < self.ema_decay < 1.0:
             raise QATConfigError(f"QATConfig.ema_decay must be in (0, 1), got {self.ema_decay}")
         for name in ("quant_delay", "range_warmup_steps"):
@@ -72,6 +89,7 @@ class QATConfig:
                 raise QATConfigError(f"QATConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.freeze_bn_delay is not None and self.freeze_bn_delay < 0:
             raise QATConfigError(f"QATConfig.freeze_bn_delay must be >= 0 or None, got {self.freeze_bn_delay}")
-        if self.bn_stats not in ("quantized", "float"):
+        if self.bn_stats not in tuple(BNStats):
             raise QATConfigError(f"QATConfig.bn_stats must be 'quantized' or 'float', got {self.bn_stats!r}")
+        self.bn_stats = BNStats(self.bn_stats)
         self.skip = list(self.skip)
