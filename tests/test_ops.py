@@ -143,11 +143,22 @@ def test_every_unsupported_node_is_reported_at_once_with_a_fix():
     assert "skip=['a']" in msg and "skip=['b']" in msg
 
 
-def test_skip_keeps_an_op_float_and_the_rest_quantized():
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Conv2d(4, 4, 1))
-    with pytest.warns(UserWarning, match="stays float"):
+def test_skip_lets_the_converter_quantize_an_op_with_an_int8_kernel(tmp_path):
+    """QATConfig(skip=...) on LeakyReLU (not simulated by xqat): the converter quantizes it as an int8
+    LEAKY_RELU between the ranges xqat gives its input and output, and the model stays full-integer."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.1), nn.Conv2d(4, 4, 1)).eval()
+    with pytest.warns(UserWarning, match="is skipped"):
         qat = xqat.prepare_qat(net, torch.rand(1, 3, 8, 8), xqat.QATConfig(skip=["1"]))
     assert [p.label for p in xqat.quant_points(qat)] == ["input:input_1", "0", "1", "2"]
+    qat.train()
+    with torch.no_grad():
+        for _ in range(3):
+            qat(torch.rand(4, 3, 8, 8))
+    report = xqat.export_tflite(qat.eval(), torch.rand(1, 3, 8, 8), tmp_path / "skip.tflite")
+    assert report.ok and "LEAKY_RELU" in [op.name for op in read_tflite(tmp_path / "skip.tflite").ops]
+    r = xqat.parity(qat, tmp_path / "skip.tflite", torch.rand(8, 3, 8, 8))
+    assert r.outputs[0].max_abs <= 1, r.table()
 
 
 def test_another_spatial_size_than_prepare_warns():

@@ -109,11 +109,13 @@ def _inputs(node: fx.Node, kind: OpKind) -> list[fx.Node]:
 
 
 def _keep_float(plan: Plan, node: fx.Node, kind: OpKind) -> None:
-    """A skipped op runs in float: its output is quantized again where the int8 graph resumes."""
+    """A skipped op is not simulated: it runs in float in training and its output gets a range of its own, so
+    the converter can quantize it with TFLite's int8 kernel for it (LeakyReLU -> int8 LEAKY_RELU, seen in the
+    .tflite); an op without such a kernel (GELU needs Erf) makes the conversion fail."""
     gm = plan.gm
-    warnings.warn(f"xqat: '{module_path(gm, node)}' ({describe(gm, node)}) stays float: the TFLite model will "
-                  "not be full-integer (DEQUANTIZE/QUANTIZE around this op), so export it with "
-                  "export_tflite(..., strict=False); this op will not run on the EdgeTPU", stacklevel=3)
+    warnings.warn(f"xqat: '{module_path(gm, node)}' ({describe(gm, node)}) is skipped: it trains in float and its "
+                  "output gets its own range; the exported model stays full-integer only if TFLite has an int8 "
+                  "kernel for it (the export report checks), and the EdgeTPU may not map it", stacklevel=3)
     if kind is not OpKind.NON_TENSOR and is_tensor(node):
         plan.add_point(node, OpKind.SAME_SCALE)
 
