@@ -81,7 +81,7 @@ class QATConfig:
                 )
         if self.ema not in EMA_MODES:
             raise QATConfigError(f"QATConfig.ema must be one of {EMA_MODES}, got {self.ema!r}")
-        self.ema = EmaMode(self.ema)
+        self.ema = EmaMode(self.ema).value  # a plain str: checkpoints load with weights_only=True
         if not 0.0 < self.ema_decay < 1.0:
             raise QATConfigError(f"QATConfig.ema_decay must be in (0, 1), got {self.ema_decay}")
         for name in ("quant_delay", "range_warmup_steps"):
@@ -91,5 +91,5 @@ class QATConfig:
             raise QATConfigError(f"QATConfig.freeze_bn_delay must be >= 0 or None, got {self.freeze_bn_delay}")
         if self.bn_stats not in tuple(BNStats):
             raise QATConfigError(f"QATConfig.bn_stats must be 'quantized' or 'float', got {self.bn_stats!r}")
-        self.bn_stats = BNStats(self.bn_stats)
+        self.bn_stats = BNStats(self.bn_stats).value
         self.skip = list(self.skip)
