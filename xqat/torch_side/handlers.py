@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from .modules import Act, QAdd, QConv2d, QLinear
-from .patterns import OpKind, arg, shape, tensor_inputs
+from .patterns import FIX, OpKind, arg, shape, tensor_inputs
 from .placement import Plan, label
 
 __all__ = ["HANDLERS", "decompose"]
@@ -232,7 +232,8 @@ def _non_tensor(plan: Plan, node: fx.Node, detail: str) -> None:
 
 @handles(OpKind.UNSUPPORTED)
 def _unsupported(plan: Plan, node: fx.Node, detail: str) -> None:
-    plan.refuse(node, detail)
+    reason, _, fix = detail.partition(FIX)
+    plan.refuse(node, reason, fix)
 
 
 def _pool_divisor(plan: Plan, node: fx.Node) -> int:

@@ -117,6 +117,7 @@ def _spatial_one(node: fx.Node) -> bool:
 
 
 # -- shape rules (any input size): ops the converter folds away at the example's shape --------------------
+FIX = "; fix: "  # an UNSUPPORTED detail may name its own fix after this separator (else: skip is suggested)
 FOLDED = "folded"  # PASS_THROUGH detail of an op that is an identity only at this shape (not a regulariser)
 
 
@@ -146,7 +147,9 @@ def _adaptive_avg(node: fx.Node) -> Kind:
     if h % oh == 0 and w % ow == 0:
         return OpKind.AVGPOOL, ""
     return OpKind.UNSUPPORTED, (f"adaptive average pooling {h}x{w} -> {oh}x{ow} has unequal windows, which no "
-                                "TFLite op computes; use an input size whose map divides the output size")
+                                f"TFLite op computes{FIX}use an input size whose map here is a multiple of "
+                                f"{oh}x{ow} (e.g. torchvision VGG/AlexNet: 224 px), or replace this pool by "
+                                "nn.AdaptiveAvgPool2d(1) and the classifier's input size accordingly")
 
 
 def _interpolate(node: fx.Node, mode: str, align_corners) -> Kind:
@@ -267,7 +270,7 @@ def _conv_module(m: nn.Module) -> Kind:
     if isinstance(m, (nn.Conv2d, nn.Conv1d)) and isinstance(m.padding, tuple):
         return OpKind.GROUPED_CONV, ""
     return OpKind.UNSUPPORTED, (
-        f"grouped {type(m).__name__} (groups={m.groups}, in={m.in_channels}) has no int8 TFLite form in xqat; "
+        f"grouped {type(m).__name__} (groups={m.groups}, in={m.in_channels}) has no int8 TFLite form in xqat{FIX}"
         "use groups=1, or per-group layers + torch.cat")
 
 
