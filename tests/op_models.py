@@ -241,3 +241,15 @@ def make_op_model(name: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]
     torch.manual_seed(seed)
     factory, shape = OP_MODELS[name]
     return randomize_bn(factory(), seed), shape
+
+
+class TwoInputs(nn.Module):
+    """Image + auxiliary map (e.g. depth): two stems, summed, one head."""
+
+    def __init__(self):
+        super().__init__()
+        self.rgb, self.aux = conv_bn(3, 8, stride=2), conv_bn(1, 8, stride=2)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, image, aux):
+        return self.head(self.rgb(image) + self.aux(aux))

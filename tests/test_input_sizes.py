@@ -153,3 +153,12 @@ def test_parity_within_one_lsb_at_every_size(exported, name, backend):
     x = torch.rand(16, *shape[1:], generator=torch.Generator().manual_seed(5))
     r = xqat.parity(qat, path, x, backend=backend)
     assert all(o.max_abs <= 1 for o in r.outputs), r.table()
+
+
+def test_adaptive_pool_to_a_larger_uneven_size_is_refused_with_a_fix_that_works():
+    """torchvision VGG at 64 px: AdaptiveAvgPool2d((7, 7)) over a 2x2 map has unequal windows."""
+    net = nn.Sequential(_conv(3, 4, 2), nn.AdaptiveAvgPool2d(7))
+    with pytest.raises(xqat.UnsupportedLayerError, match=r"2x2 -> 7x7.*Fix: use an input size"):
+        xqat.prepare_qat(net, torch.rand(1, 3, 4, 4))
+    assert _points(net, (1, 3, 28, 28))[-1] == ("1", "tied")  # 14x14 -> 7x7: an AVERAGE_POOL_2D
+    assert _points(net, (1, 3, 14, 14))[-1] == ("0.0", "own")  # 7x7 -> 7x7: no op

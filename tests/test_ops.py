@@ -143,11 +143,22 @@ def test_every_unsupported_node_is_reported_at_once_with_a_fix():
     assert "skip=['a']" in msg and "skip=['b']" in msg
 
 
-def test_skip_keeps_an_op_float_and_the_rest_quantized():
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Conv2d(4, 4, 1))
-    with pytest.warns(UserWarning, match="stays float"):
+def test_skip_lets_the_converter_quantize_an_op_with_an_int8_kernel(tmp_path):
+    """QATConfig(skip=...) on LeakyReLU (not simulated by xqat): the converter quantizes it as an int8
+    LEAKY_RELU between the ranges xqat gives its input and output, and the model stays full-integer."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.1), nn.Conv2d(4, 4, 1)).eval()
+    with pytest.warns(UserWarning, match="is skipped"):
         qat = xqat.prepare_qat(net, torch.rand(1, 3, 8, 8), xqat.QATConfig(skip=["1"]))
     assert [p.label for p in xqat.quant_points(qat)] == ["input:input_1", "0", "1", "2"]
+    qat.train()
+    with torch.no_grad():
+        for _ in range(3):
+            qat(torch.rand(4, 3, 8, 8))
+    report = xqat.export_tflite(qat.eval(), torch.rand(1, 3, 8, 8), tmp_path / "skip.tflite")
+    assert report.ok and "LEAKY_RELU" in [op.name for op in read_tflite(tmp_path / "skip.tflite").ops]
+    r = xqat.parity(qat, tmp_path / "skip.tflite", torch.rand(8, 3, 8, 8))
+    assert r.outputs[0].max_abs <= 1, r.table()
 
 
 def test_another_spatial_size_than_prepare_warns():
@@ -183,3 +194,43 @@ def test_conv_transpose_weights_are_quantized_per_output_channel_on_axis_1():
     assert scales.shape == (6,) and w.shape == (4, 6, 2, 2)
     x = torch.rand(2, 4, 4, 4)
     torch.testing.assert_close(qat.eval()(x), net(x), atol=0.3, rtol=0)
+
+
+def test_several_inputs_each_get_a_quantized_int8_input(tmp_path):
+    from tests.op_models import TwoInputs, randomize_bn
+
+    torch.manual_seed(0)
+    shapes = ((1, 3, 16, 16), (1, 1, 16, 16))
+    qat = xqat.prepare_qat(randomize_bn(TwoInputs()), tuple(torch.rand(s) for s in shapes)).train()
+    assert [p.label for p in xqat.quant_points(qat)][:2] == ["input:image", "input:aux"]
+    with torch.no_grad():
+        for _ in range(4):
+            qat(*(torch.rand(8, *s[1:]) for s in shapes))
+    report = xqat.export_tflite(qat.eval(), tuple(torch.rand(s) for s in shapes), tmp_path / "two.tflite")
+    assert report.ok and report.all_qparams_equal, report.problems()
+    m = read_tflite(tmp_path / "two.tflite")
+    assert sorted(m.tensors[i].shape for i in m.inputs) == [(1, 16, 16, 1), (1, 16, 16, 3)]
+    assert all(m.tensors[i].dtype == "INT8" for i in m.inputs)
+
+
+def test_edgetpu_config_refuses_exactly_what_cannot_map_and_the_fixes_work():
+    class Net(nn.Module):
+        def __init__(self, act: type[nn.Module], mode: str):
+            super().__init__()
+            self.grouped = nn.Conv2d(4, 8, 3, padding=1, groups=2)  # split by xqat: maps
+            self.act, self.se = act(), nn.SiLU()  # SiLU: LOGISTIC + MUL, maps
+            self.up = nn.Upsample(scale_factor=2, mode=mode)
+            self.deconv, self.relu = nn.ConvTranspose2d(8, 4, 2, stride=2), nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.deconv(self.up(self.se(self.act(self.grouped(x))))))
+
+    x = torch.rand(1, 4, 8, 8)
+    with pytest.raises(xqat.UnsupportedLayerError) as e:
+        xqat.prepare_qat(Net(nn.Hardswish, "bilinear"), x, xqat.QATConfig(edgetpu=True))
+    msg = str(e.value)
+    assert "act (Hardswish)" in msg and "up (Upsample)" in msg and "grouped" not in msg and "SiLU)" not in msg
+    qat = xqat.prepare_qat(Net(nn.ReLU6, "nearest"), x, xqat.QATConfig(edgetpu=True))  # the fixes the error names
+    labels = [p.label for p in xqat.quant_points(qat)]
+    assert "deconv" in labels and "relu" in labels  # no fused TRANSPOSE_CONV activation (op version 4)
+    assert qat.get_submodule("deconv").act is None

@@ -226,15 +226,17 @@ def test_unsupported_op_error_names_node_op_path_and_skip():
     with pytest.raises(xqat.UnsupportedLayerError) as e:
         xqat.prepare_qat(Net(), torch.randn(1, 3, 8, 8))
     msg = str(e.value)
-    assert "body.1" in msg and "GELU" in msg and "skip=['body.1']" in msg and "full-integer" in msg
-    with pytest.warns(UserWarning, match="stays float"):
+    assert "body.1" in msg and "GELU" in msg and "skip=['body.1']" in msg and "int8 kernel" in msg
+    with pytest.warns(UserWarning, match="is skipped"):
         qat = xqat.prepare_qat(Net(), torch.randn(1, 3, 8, 8), xqat.QATConfig(skip=["body.1"]))
     assert qat(torch.randn(1, 3, 8, 8)).shape == (1, 4, 6, 6)
 
 
-def test_grouped_conv_is_rejected_with_a_working_hint_and_lonely_bn_becomes_a_depthwise_conv():
-    with pytest.raises(xqat.UnsupportedLayerError, match="grouped convolution.*groups=2.*per-group convs"):
-        xqat.prepare_qat(nn.Sequential(nn.Conv2d(4, 8, 3, groups=2)), torch.randn(1, 4, 8, 8))
+def test_grouped_conv_is_split_and_lonely_bn_becomes_a_depthwise_conv():
+    qat = xqat.prepare_qat(nn.Sequential(nn.Conv2d(4, 8, 3, groups=2)), torch.randn(1, 4, 8, 8))
+    assert {"0_g0", "0_g1"} <= {n for n, m in qat.named_modules() if isinstance(m, QConv2d)}
+    with pytest.raises(xqat.UnsupportedLayerError, match="grouped ConvTranspose2d.*groups=2.*per-group"):
+        xqat.prepare_qat(nn.Sequential(nn.ConvTranspose2d(4, 8, 3, groups=2)), torch.randn(1, 4, 8, 8))
     net = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)).eval()
     qat = xqat.prepare_qat(net, torch.randn(1, 3, 8, 8))
     assert [p.label for p in xqat.quant_points(qat)] == ["input:input_1", "0_dwconv", "1"]

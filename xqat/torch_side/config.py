@@ -4,13 +4,30 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from ..errors import QATConfigError
 
-__all__ = ["QATConfig", "EMA_MODES", "OUTLIER_POLICIES"]
+__all__ = ["QATConfig", "EMA_MODES", "EmaMode", "BNStats", "OUTLIER_POLICIES"]
 
-EMA_MODES = ("debias", "tfmot")
 OUTLIER_POLICIES = ("skip", "warn", "off")
+
+
+class EmaMode(StrEnum):
+    """How activation ranges average batch min/max (equal to the strings "debias" and "tfmot")."""
+
+    DEBIAS = "debias"  # tf.contrib.quantize: zero-debiased EMA, first step = batch range
+    TFMOT = "tfmot"  # tfmot MovingAverageQuantizer: init +-6, no debias
+
+
+class BNStats(StrEnum):
+    """Where the training-time BN fold takes its batch statistics from."""
+
+    QUANTIZED = "quantized"  # the quantized conv, rescaled (one conv per layer)
+    FLOAT = "float"  # a second, float conv (tf.contrib.quantize)
+
+
+EMA_MODES = tuple(m.value for m in EmaMode)
 
 
 @dataclass
@@ -72,6 +89,7 @@ class QATConfig:
                 )
         if self.ema not in EMA_MODES:
             raise QATConfigError(f"QATConfig.ema must be one of {EMA_MODES}, got {self.ema!r}")
+        self.ema = EmaMode(self.ema).value  # a plain str: checkpoints load with weights_only=True
         if not 0.0 < self.ema_decay < 1.0:
             raise QATConfigError(f"QATConfig.ema_decay must be in (0, 1), got {self.ema_decay}")
         for name in ("quant_delay", "range_warmup_steps"):
@@ -79,11 +97,12 @@ class QATConfig:
                 raise QATConfigError(f"QATConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.freeze_bn_delay is not None and self.freeze_bn_delay < 0:
             raise QATConfigError(f"QATConfig.freeze_bn_delay must be >= 0 or None, got {self.freeze_bn_delay}")
-        if self.bn_stats not in ("quantized", "float"):
+        if self.bn_stats not in tuple(BNStats):
             raise QATConfigError(f"QATConfig.bn_stats must be 'quantized' or 'float', got {self.bn_stats!r}")
         if self.range_outliers not in OUTLIER_POLICIES:
             raise QATConfigError(f"QATConfig.range_outliers must be one of {OUTLIER_POLICIES}, "
                                  f"got {self.range_outliers!r}")
         if not self.range_outlier_factor > 1.0:
             raise QATConfigError(f"QATConfig.range_outlier_factor must be > 1, got {self.range_outlier_factor}")
+        self.bn_stats = BNStats(self.bn_stats).value
         self.skip = list(self.skip)

@@ -13,8 +13,8 @@ import torch
 from torch import fx, nn
 
 from .modules import Act, QAdd, QConv2d, QLinear
-from .patterns import OpKind, arg, shape, tensor_inputs
-from .placement import Plan
+from .patterns import FIX, OpKind, arg, shape, tensor_inputs
+from .placement import Plan, label
 
 __all__ = ["HANDLERS", "decompose"]
 
@@ -138,8 +138,6 @@ def _linear(plan: Plan, node: fx.Node, detail: str) -> None:
 
 @handles(OpKind.ADD)
 def _add(plan: Plan, node: fx.Node, detail: str) -> None:
-    from .placement import label  # noqa: PLC0415 -- same package, avoids a name clash in this module
-
     gm = plan.gm
     act_node, act = _fused_act(plan, node)
     node.meta["xqat_functional"] = "add"
@@ -234,7 +232,8 @@ def _non_tensor(plan: Plan, node: fx.Node, detail: str) -> None:
 
 @handles(OpKind.UNSUPPORTED)
 def _unsupported(plan: Plan, node: fx.Node, detail: str) -> None:
-    plan.refuse(node, detail)
+    reason, _, fix = detail.partition(FIX)
+    plan.refuse(node, reason, fix)
 
 
 def _pool_divisor(plan: Plan, node: fx.Node) -> int:

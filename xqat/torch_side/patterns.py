@@ -117,6 +117,7 @@ def _spatial_one(node: fx.Node) -> bool:
 
 
 # -- shape rules (any input size): ops the converter folds away at the example's shape --------------------
+FIX = "; fix: "  # an UNSUPPORTED detail may name its own fix after this separator (else: skip is suggested)
 FOLDED = "folded"  # PASS_THROUGH detail of an op that is an identity only at this shape (not a regulariser)
 
 
@@ -146,7 +147,9 @@ def _adaptive_avg(node: fx.Node) -> Kind:
     if h % oh == 0 and w % ow == 0:
         return OpKind.AVGPOOL, ""
     return OpKind.UNSUPPORTED, (f"adaptive average pooling {h}x{w} -> {oh}x{ow} has unequal windows, which no "
-                                "TFLite op computes; use an input size whose map divides the output size")
+                                f"TFLite op computes{FIX}use an input size whose map here is a multiple of "
+                                f"{oh}x{ow} (e.g. torchvision VGG/AlexNet: 224 px), or replace this pool by "
+                                "nn.AdaptiveAvgPool2d(1) and the classifier's input size accordingly")
 
 
 def _interpolate(node: fx.Node, mode: str, align_corners) -> Kind:
@@ -216,7 +219,7 @@ def _const(kind: OpKind, detail: str = "") -> Callable[[fx.Node], Kind]:
 
 
 def _softmax(node: fx.Node) -> Kind:
-    return OpKind.FIXED, FixedGrid.SOFTMAX.value
+    return OpKind.FIXED, FixedGrid.SOFTMAX
 
 
 # Functions and Tensor methods, by what they compute.
@@ -235,16 +238,16 @@ _FUNCTIONS: dict[object, Callable[[fx.Node], Kind]] = {
     torch.transpose: _permute, torch.permute: _permute, torch.channel_shuffle: _reshape,
     operator.getitem: _getitem,
     F.dropout: _const(OpKind.PASS_THROUGH), F.dropout2d: _const(OpKind.PASS_THROUGH),
-    torch.sigmoid: _const(OpKind.FIXED, "sigmoid"), F.sigmoid: _const(OpKind.FIXED, "sigmoid"),
-    torch.tanh: _const(OpKind.FIXED, "tanh"), F.tanh: _const(OpKind.FIXED, "tanh"),
+    torch.sigmoid: _const(OpKind.FIXED, FixedGrid.SIGMOID), F.sigmoid: _const(OpKind.FIXED, FixedGrid.SIGMOID),
+    torch.tanh: _const(OpKind.FIXED, FixedGrid.TANH), F.tanh: _const(OpKind.FIXED, FixedGrid.TANH),
     torch.softmax: _softmax, F.softmax: _softmax,
 }
 _METHODS: dict[str, Callable[[fx.Node], Kind]] = {
     "relu": _const(OpKind.RELU), "relu_": _const(OpKind.RELU), "clamp": _clamp, "clamp_": _clamp, "clip": _clamp,
     "add": _binary(OpKind.ADD, "add"), "add_": _binary(OpKind.ADD, "add"),
     "mul": _binary(OpKind.MUL, "mul"), "mul_": _binary(OpKind.MUL, "mul"),
-    "mean": lambda n: _mean_rule(n), "sigmoid": _const(OpKind.FIXED, "sigmoid"),
-    "tanh": _const(OpKind.FIXED, "tanh"), "softmax": _softmax,
+    "mean": lambda n: _mean_rule(n), "sigmoid": _const(OpKind.FIXED, FixedGrid.SIGMOID),
+    "tanh": _const(OpKind.FIXED, FixedGrid.TANH), "softmax": _softmax,
     "permute": _permute, "transpose": _permute,
     **{m: _reshape for m in ("view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "view_as",
                              "reshape_as")},
@@ -267,12 +270,8 @@ def _conv_module(m: nn.Module) -> Kind:
     if isinstance(m, (nn.Conv2d, nn.Conv1d)) and isinstance(m.padding, tuple):
         return OpKind.GROUPED_CONV, ""
     return OpKind.UNSUPPORTED, (
-        f"grouped {type(m).__name__} (groups={m.groups}, in={m.in_channels}) has no int8 TFLite form in xqat; "
+        f"grouped {type(m).__name__} (groups={m.groups}, in={m.in_channels}) has no int8 TFLite form in xqat{FIX}"
         "use groups=1, or per-group layers + torch.cat")
-
-
-def _adaptive_module(node: fx.Node) -> Kind:
-    return _adaptive_avg(node)
 
 
 # Module classes, in order (first match wins): what their forward computes.
@@ -288,12 +287,12 @@ _MODULES: tuple[tuple[type | tuple[type, ...], Callable[[nn.Module, fx.Node], Ki
     (nn.Hardsigmoid, lambda m, n: (OpKind.HARDSIGMOID, "")),
     (nn.SiLU, lambda m, n: (OpKind.SILU, "")),
     (nn.AvgPool2d, lambda m, n: _pool(OpKind.AVGPOOL)(n)),
-    (nn.AdaptiveAvgPool2d, lambda m, n: _adaptive_module(n)),
+    (nn.AdaptiveAvgPool2d, lambda m, n: _adaptive_avg(n)),
     (nn.MaxPool2d, lambda m, n: _pool(OpKind.SAME_SCALE)(n)),
     ((nn.Flatten, nn.Unflatten, nn.ChannelShuffle), lambda m, n: _reshape(n)),
     (nn.Upsample, lambda m, n: _interpolate(n, m.mode, m.align_corners)),
-    (nn.Sigmoid, lambda m, n: (OpKind.FIXED, "sigmoid")),
-    (nn.Tanh, lambda m, n: (OpKind.FIXED, "tanh")),
+    (nn.Sigmoid, lambda m, n: (OpKind.FIXED, FixedGrid.SIGMOID)),
+    (nn.Tanh, lambda m, n: (OpKind.FIXED, FixedGrid.TANH)),
     (nn.Softmax, lambda m, n: _softmax(n)),
 )
 

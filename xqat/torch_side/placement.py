@@ -115,8 +115,8 @@ class Plan:
     def refuse(self, node: fx.Node, reason: str, fix: str = "") -> None:
         """Record an unsupported node; prepare_qat reports all of them in one error."""
         path = module_path(self.gm, node)
-        fix = fix or ("change the model, or leave the op in float with "
-                      f"QATConfig(skip=[{(path if node.op == 'call_module' else node.name)!r}])")
+        fix = fix or ("change the model, or, if TFLite has an int8 kernel for this op, let the converter quantize "
+                      f"it unsimulated with QATConfig(skip=[{(path if node.op == 'call_module' else node.name)!r}])")
         self.problems.append(f"node '{node.name}' (op {describe(self.gm, node)}) at module path '{path}': {reason}. "
                              f"Fix: {fix}")
 
@@ -124,8 +124,8 @@ class Plan:
         n = len(self.problems)
         return UnsupportedLayerError(
             f"cannot quantize {n} node{'s' if n > 1 else ''} of this model:\n  " + "\n  ".join(self.problems)
-            + "\nAn op skipped with QATConfig(skip=[...]) stays float: the TFLite model is then not full-integer "
-            "(float ops run on the CPU, not the EdgeTPU).")
+            + "\nA skipped op trains in float with its own output range; the model stays full-integer only if the "
+            "converter has an int8 kernel for it (else the conversion fails).")
 
 
 def label(gm: fx.GraphModule, node: fx.Node) -> str:

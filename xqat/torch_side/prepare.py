@@ -14,6 +14,7 @@ Each op kind's rule is one handler in `handlers.py`; what a node computes is dec
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from .capture import check_input, install_input_checks, propagate_shapes, trace
 from .config import QATConfig
 from .handlers import HANDLERS, decompose
 from .modules import QConv2d
-from .patterns import OpKind, classify, describe, is_tensor, module_path
+from .patterns import OpKind, classify, describe, is_tensor, module_path, tensor_inputs
 from .placement import POINTS, QUANTIZERS, Plan, Role, install_points
 from .quantizers import QuantPoint
 
@@ -105,25 +106,23 @@ def _plan(gm: fx.GraphModule, config: QATConfig) -> Plan:
 
 
 def _inputs(node: fx.Node, kind: OpKind) -> list[fx.Node]:
-    from .patterns import tensor_inputs
-
     return [] if kind in (OpKind.NON_TENSOR, OpKind.UNSUPPORTED) else tensor_inputs(node)
 
 
 def _keep_float(plan: Plan, node: fx.Node, kind: OpKind) -> None:
-    """A skipped op runs in float: its output is quantized again where the int8 graph resumes."""
+    """A skipped op is not simulated: it runs in float in training and its output gets a range of its own, so
+    the converter can quantize it with TFLite's int8 kernel for it (LeakyReLU -> int8 LEAKY_RELU, seen in the
+    .tflite); an op without such a kernel (GELU needs Erf) makes the conversion fail."""
     gm = plan.gm
-    warnings.warn(f"xqat: '{module_path(gm, node)}' ({describe(gm, node)}) stays float: the TFLite model will "
-                  "not be full-integer (a DEQUANTIZE/QUANTIZE pair around it) and this op will not run on the "
-                  "EdgeTPU", stacklevel=3)
+    warnings.warn(f"xqat: '{module_path(gm, node)}' ({describe(gm, node)}) is skipped: it trains in float and its "
+                  "output gets its own range; the exported model stays full-integer only if TFLite has an int8 "
+                  "kernel for it (the export report checks), and the EdgeTPU may not map it", stacklevel=3)
     if kind is not OpKind.NON_TENSOR and is_tensor(node):
         plan.add_point(node, OpKind.SAME_SCALE)
 
 
 def _example_tensors(model: nn.Module, example_inputs, model_name: str) -> tuple:
     """`example_inputs` as a tuple, one per model input; tensors must be float with a batch dimension."""
-    import inspect
-
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     params = [p for p in inspect.signature(model.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
