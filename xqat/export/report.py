@@ -139,7 +139,12 @@ def _torch_weight_codes(m: WeightQuantizedModule) -> tuple[np.ndarray, np.ndarra
     s = scales.reshape(shape) if scales.dim() == 1 else scales
     codes = torch.round(wq / s).to(torch.int64)
     if isinstance(m, QConv2d):
-        codes = codes.permute(1, 2, 3, 0) if m.is_depthwise else codes.permute(0, 2, 3, 1)  # 1HWC / OHWI
+        if codes.dim() == 3:  # Conv1d [O, I, k]: TFLite runs CONV_2D on a [N, 1, W, C] view, filter [O, 1, k, I]
+            codes = codes.unsqueeze(2)
+        if m.weight_axis == 1:  # ConvTranspose2d [I, O, kh, kw] -> TRANSPOSE_CONV's OHWI
+            codes = codes.permute(1, 2, 3, 0)
+        else:
+            codes = codes.permute(1, 2, 3, 0) if m.is_depthwise else codes.permute(0, 2, 3, 1)  # 1HWC / OHWI
     scales = scales.reshape(-1).numpy().astype(np.float32)
     return scales, codes.numpy()
 

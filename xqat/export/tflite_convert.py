@@ -137,7 +137,7 @@ class TensorLocations:
 
 
 def locate_tensors(tfl: TFLiteModel, plan: QDQPlan, records: dict[str, ActivationRecord],
-                   model_name: str) -> TensorLocations:
+                   model_name: str, kernel_layers: dict[str, str] | None = None) -> TensorLocations:
     """Find the TFLite tensor of every activation DQ output and every weight / bias, by graph structure.
 
     The converter names each tensor after the TF ops fused into its producer. An activation FakeQuant
@@ -174,13 +174,16 @@ def locate_tensors(tfl: TFLiteModel, plan: QDQPlan, records: dict[str, Activatio
     weight_map: dict[str, int] = {}
     bias_map: dict[str, int] = {}
     for w in plan.weights.values():
-        consts = [i for i in by_layer.get(w.layer, []) if tfl.tensors[i].data is not None]
+        layer = (kernel_layers or {}).get(w.layer, w.layer)
+        consts = [i for i in by_layer.get(layer, []) if tfl.tensors[i].data is not None]
         users = [op for i in consts for op in tfl.consumers.get(i, []) if len(op.inputs) > 1 and op.inputs[1] == i]
+        consts = [i for i in consts if any(op.inputs[1] == i for op in users)]
         if len(consts) == 1 and users:
             weight_map[w.name] = consts[0]
             op = users[0]
-            if w.bias is not None and len(op.inputs) > 2 and op.inputs[2] >= 0:
-                bias_map[w.bias] = op.inputs[2]
+            b = 3 if op.name == "TRANSPOSE_CONV" else 2  # TRANSPOSE_CONV: (output shape, filter, input, bias)
+            if w.bias is not None and len(op.inputs) > b and op.inputs[b] >= 0:
+                bias_map[w.bias] = op.inputs[b]
         else:
             unmapped.append(w.name)
     return TensorLocations(tensor_map, weight_map, bias_map, how, fused, tuple(unmapped))
@@ -204,6 +207,9 @@ def _locate_activation(rec: ActivationRecord, activations_of, tfl: TFLiteModel) 
             return exact[0], "producer" if depth == 0 else f"producer^{depth + 1}"
         if exact:
             return None  # several tensors carry that layer: refuse to guess
+        views = [i for i in named if _same_view(tfl.tensors[i].shape, shape)]
+        if depth == 0 and len(views) == 1:  # a squeeze the converter dropped (Conv1d runs as CONV_2D)
+            return views[0], "producer"
         if depth == 0 and named:  # the producer's op was fused into the op writing another-shaped tensor
             ops = {tfl.producers[i].index for i in named if i in tfl.producers}
             return (ops.pop(), "fused") if len(ops) == 1 else None
@@ -212,6 +218,11 @@ def _locate_activation(rec: ActivationRecord, activations_of, tfl: TFLiteModel) 
 
 def _same_size(tflite_shape: tuple[int, ...], keras_shape: tuple[int | None, ...]) -> bool:
     return None not in keras_shape and int(np.prod(tflite_shape)) == int(np.prod(keras_shape))
+
+
+def _same_view(tflite_shape: tuple[int, ...], keras_shape: tuple[int | None, ...]) -> bool:
+    """The same data with unit dimensions added or removed ([1, 1, W, C] for [1, W, C])."""
+    return None not in keras_shape and [d for d in tflite_shape if d != 1] == [d for d in keras_shape if d != 1]
 
 
 def _shape_matches(tflite_shape: tuple[int, ...], keras_shape: tuple[int | None, ...]) -> bool:
@@ -312,7 +323,7 @@ def convert_qdq_onnx(onnx_model: onnx.ModelProto | str | os.PathLike, *, io_dtyp
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     tfl = read_tflite(tflite)
-    loc = locate_tensors(tfl, plan, graph.activation_records, graph.model.name)
+    loc = locate_tensors(tfl, plan, graph.activation_records, graph.model.name, graph.kernel_layers)
     seconds = {"analyze": t1 - t0, "onnx2tf": t2 - t1, "tflite_converter": t3 - t2,
                "total": time.perf_counter() - t0}
     return Conversion(tflite, tfl, plan, loc.tensor_map, loc.weight_map, loc.bias_map, loc.located_by, loc.fused,
