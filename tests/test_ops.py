@@ -56,7 +56,6 @@ def _get(exported, name):
 # Export-side gaps (xqat/export, onnx2tf), not placement: these start passing when the exporter learns them.
 _EXPORT_GAPS = {
     "shuffle": "onnx2tf mis-converts a channel split (chunk/slice) that feeds a conv (NCHW axis taken as H)",
-    "conv1d": "the exporter accepts only 2-D convolution weights",
 }
 _PARITY_GAPS = {**_EXPORT_GAPS, "two_heads": "xqat.parity compares a single model output"}
 # RESIZE_BILINEAR interpolates in integers; the simulation rounds the float interpolation once (a tied fake

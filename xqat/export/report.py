@@ -172,6 +172,8 @@ def build_report(model: nn.Module, ex: OnnxExport, conv: Conversion, path: str,
     for path_name, onnx_w in ex.weight_tensors.items():
         m = model.get_submodule(path_name)
         scales, codes = _torch_weight_codes(m)
+        if onnx_w in conv.weight_columns:  # a channels-last flatten in front (onnx_layout.py)
+            codes = codes[:, conv.weight_columns[onnx_w]]
         idx = conv.weight_map.get(onnx_w)
         t = tfl.tensors[idx] if idx is not None else None
         tfl_scales = tuple(map(float, t.scales)) if t else ()

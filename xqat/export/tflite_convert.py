@@ -26,6 +26,7 @@ from ..tflite.qtypes import IO_DTYPES
 from .atomic import atomic_directory, check_writable
 from .onnx2tf_adapter import ActivationRecord, onnx_to_keras
 from .onnx_fold import fold_constants
+from .onnx_layout import channels_last_flatten
 from .qdq_plan import QDQPlan, analyze_qdq
 
 __all__ = ["Conversion", "TensorLocations", "convert_qdq_onnx", "keras_to_tflite", "locate_tensors",
@@ -250,6 +251,7 @@ class Conversion:
     io_dtype: str
     onnx2tf_version: str
     seconds: dict[str, float] = field(default_factory=dict)
+    weight_columns: dict[str, np.ndarray] = field(default_factory=dict)  # Linear weight -> column order (onnx_layout)
 
     def io_tensor(self, onnx_name: str) -> int:
         """TFLite input/output tensor index of an ONNX graph input or output: the mapped int8 tensor itself
@@ -309,7 +311,7 @@ def convert_qdq_onnx(onnx_model: onnx.ModelProto | str | os.PathLike, *, io_dtyp
     if workdir is not None and not Path(workdir).is_dir():
         raise ExportError(f"{workdir}: workdir must be an existing folder (onnx2tf's scratch goes there)")
     t0 = time.perf_counter()
-    model = fold_constants(_load(onnx_model))
+    model, weight_columns = channels_last_flatten(fold_constants(_load(onnx_model)))
     plan = analyze_qdq(model)
     scratch = Path(tempfile.mkdtemp(prefix="xqat-onnx2tf-", dir=workdir))
     try:
@@ -327,7 +329,7 @@ def convert_qdq_onnx(onnx_model: onnx.ModelProto | str | os.PathLike, *, io_dtyp
     seconds = {"analyze": t1 - t0, "onnx2tf": t2 - t1, "tflite_converter": t3 - t2,
                "total": time.perf_counter() - t0}
     return Conversion(tflite, tfl, plan, loc.tensor_map, loc.weight_map, loc.bias_map, loc.located_by, loc.fused,
-                      loc.unmapped, io_dtype, graph.onnx2tf_version, seconds)
+                      loc.unmapped, io_dtype, graph.onnx2tf_version, seconds, weight_columns)
 
 
 def _load(onnx_model: Any) -> onnx.ModelProto:
