@@ -13,7 +13,29 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["channels_last_flatten"]
+__all__ = ["channels_last_flatten", "slice_bounds_as_initializers"]
+
+_BOUNDS = {"Slice": (1, 2, 3, 4), "Split": (1,)}  # inputs that are starts / ends / axes / steps / split sizes
+
+
+def slice_bounds_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Slice / Split bounds that come from Constant nodes, moved into initializers of their own.
+
+    onnx2tf maps a Slice's NCHW axis to its NHWC axis only when every bound input is an initializer; a bound
+    made by a Constant node (torch's chunk after the Shape arithmetic is folded) counts as already in TF layout,
+    so channel axis 1 would be taken as H."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    made = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.output}
+    for n in g.node:
+        for i in _BOUNDS.get(n.op_type, ()):
+            if i < len(n.input) and n.input[i] in made:
+                value = next(a.t for a in made[n.input[i]].attribute if a.name == "value")
+                name = f"{n.name}_bound{i}"
+                g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(value), name))
+                n.input[i] = name
+    return out
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
