@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from ..errors import ExportError, OnnxToTfVersionError
+from .onnx_layout import NCHW_VIEW
 from .qdq_plan import QDQPlan
 
 __all__ = [
@@ -61,6 +62,7 @@ def _import_onnx2tf():
         import onnx2tf.ops.DequantizeLinear as dq
         import onnx2tf.ops.Gemm as gemm
         import onnx2tf.ops.QuantizeLinear as q
+        import onnx2tf.ops.Transpose as transpose
     except ImportError as e:
         raise OnnxToTfVersionError(f"cannot import onnx2tf ({e}); install onnx2tf=={ONNX2TF_VERSION} "
                                    "(pinned in pyproject.toml)") from e
@@ -69,7 +71,7 @@ def _import_onnx2tf():
         random.setstate(rng_py)
         np.random.set_state(rng_np)
     return onnx2tf, impl, {"QuantizeLinear": q, "DequantizeLinear": dq, "Conv": conv, "ConvTranspose": conv_t,
-                           "Gemm": gemm}
+                           "Gemm": gemm, "Transpose": transpose}
 
 
 def _restore_env(env: dict[str, str | None]) -> None:
@@ -317,6 +319,15 @@ class _Handlers:
                 graph_node.attrs["transB"] = saved_trans
         self.weights_done.add(w.dq_output)
 
+    def transpose(self, *, graph_node, tf_layers_dict, **kw):
+        """onnx2tf's Transpose, except the NCHW views onnx_layout.py inserts: in TF the data is already
+        channels-last, so the tensor passes through and is marked as onnx2tf's channels-last form again."""
+        if not graph_node.name.endswith(NCHW_VIEW):
+            return self.orig["Transpose"](graph_node=graph_node, tf_layers_dict=tf_layers_dict, **kw)
+        out = graph_node.outputs[0]
+        tf_layers_dict[out.name] = {"optype": "Transpose", "shape": out.shape, "dtype": out.dtype, "nhwc": True,
+                                    "tf_node": tf_layers_dict[graph_node.inputs[0].name]["tf_node"]}
+
     def check_complete(self) -> None:
         lost = [a for a in self.plan.activations if a not in self.activation_records]
         lost += [w.name for k, w in self.plan.weights.items() if k not in self.weights_done]
@@ -389,6 +400,7 @@ def installed_handlers(plan: QDQPlan) -> Iterator[_Handlers]:
             ops["Conv"].make_node = handlers.conv
             ops["Gemm"].make_node = handlers.gemm
             ops["ConvTranspose"].make_node = handlers.conv_transpose
+            ops["Transpose"].make_node = handlers.transpose
             for k in _KERNEL_OPS:
                 ops[k].get_weights_constant_or_variable = handlers.get_weights
             impl.download_test_image_data = _calibration_stand_in

@@ -13,7 +13,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["channels_last_flatten", "slice_bounds_as_initializers"]
+from .onnx_fold import onnx_constants
+
+__all__ = ["NCHW_VIEW", "channels_last_flatten", "channels_last_shuffle", "slice_bounds_as_initializers"]
+
+NCHW_VIEW = "__xqat_nchw_view"  # name suffix of a Transpose(0, 3, 1, 2) back to NCHW that onnx2tf must pass through
 
 _BOUNDS = {"Slice": (1, 2, 3, 4), "Split": (1,)}  # inputs that are starts / ends / axes / steps / split sizes
 
@@ -120,3 +124,85 @@ def channels_last_flatten(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict
     del g.node[:]
     g.node.extend(new_nodes)
     return out, orders
+
+
+def _through_qdq(name: str, consumers: dict) -> tuple[str, onnx.NodeProto] | None:
+    """(tensor, its single user) after `name`, looking through one activation Q -> DQ pair."""
+    users = consumers.get(name, [])
+    if len(users) == 1 and users[0].op_type == "QuantizeLinear":
+        dqs = consumers.get(users[0].output[0], [])
+        if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear":
+            return None
+        name = dqs[0].output[0]
+        users = consumers.get(name, [])
+    return (name, users[0]) if len(users) == 1 else None
+
+
+def channels_last_shuffle(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A channel shuffle (Reshape [N, g, C/g, H, W] -> Transpose(0, 2, 1, 3, 4) -> Reshape [N, C, H, W], as
+    torchvision's ShuffleNet) rewritten on the channels-last view: Transpose to [N, H, W, C] (no op for
+    onnx2tf), Reshape [N, H, W, g, C/g], Transpose(0, 1, 2, 4, 3), Reshape [N, H, W, C], Transpose back (named
+    with NCHW_VIEW: the onnx2tf adapter keeps the data as is and marks it channels-last again).
+    TFLite then runs it as RESHAPE + one TRANSPOSE on the channel groups, with no layout transposes around it."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    shapes = _shapes(out)
+    inits = {i.name: i for i in g.initializer}
+    consts = onnx_constants(out)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    before: dict[str, onnx.NodeProto] = {}  # node name -> node to insert in front of it
+    after: dict[str, onnx.NodeProto] = {}
+    for r1 in g.node:
+        x_shape = shapes.get(r1.input[0]) if r1.op_type == "Reshape" else None
+        if not x_shape or len(x_shape) != 4 or -1 in x_shape or r1.input[1] not in consts:
+            continue
+        n, c, h, w = x_shape
+        s1 = consts[r1.input[1]].tolist()
+        if len(s1) != 5 or s1[0] != n or s1[3:] != [h, w] or s1[1] * s1[2] != c:
+            continue
+        t = _through_qdq(r1.output[0], consumers)
+        if t is None or t[1].op_type != "Transpose":
+            continue
+        tr = t[1]
+        if list(next(a.ints for a in tr.attribute if a.name == "perm")) != [0, 2, 1, 3, 4]:
+            continue
+        r = _through_qdq(tr.output[0], consumers)
+        if r is None or r[1].op_type != "Reshape" or r[1].input[1] not in consts:
+            continue
+        r2 = r[1]
+        s2 = consts[r2.input[1]].tolist()
+        if s2 not in ([n, c, h, w], [n, -1, h, w]):
+            continue
+        groups = s1[1]
+        moved = r1.input[0] + "__nhwc"
+        before[r1.name] = helper.make_node("Transpose", [r1.input[0]], [moved], name=r1.name + "_nhwc",
+                                           perm=[0, 2, 3, 1])
+        r1.input[0] = moved
+        _set_shape(g, inits, r1, [n, h, w, groups, c // groups])
+        next(a for a in tr.attribute if a.name == "perm").ints[:] = [0, 1, 2, 4, 3]
+        _set_shape(g, inits, r2, [n, h, w, c])
+        nhwc_out = r2.output[0] + "__nhwc"
+        after[r2.name] = helper.make_node("Transpose", [nhwc_out], [r2.output[0]], name=r2.name + NCHW_VIEW,
+                                          perm=[0, 3, 1, 2])
+        r2.output[0] = nhwc_out
+    if not before:
+        return out
+    nodes = []
+    for n in g.node:
+        nodes += [before[n.name]] if n.name in before else []
+        nodes.append(n)
+        nodes += [after[n.name]] if n.name in after else []
+    del g.node[:]
+    g.node.extend(nodes)
+    return out
+
+
+def _set_shape(g: onnx.GraphProto, inits: dict, node: onnx.NodeProto, shape: list[int]) -> None:
+    name = node.name + "_shape"
+    g.initializer.append(numpy_helper.from_array(np.asarray(shape, np.int64), name))
+    inits[name] = g.initializer[-1]
+    node.input[1] = name

@@ -202,6 +202,6 @@ def build_report(model: nn.Module, ex: OnnxExport, conv: Conversion, path: str,
     return ExportReport(
         path=path, io_dtype=conv.io_dtype, ops=[op.name for op in tfl.ops], tensors=rows,
         float_tensors=[tfl.tensors[i].name for i in conv.float_tensors()],
-        inner_quantize_ops=conv.inner_ops("QUANTIZE"), inner_transpose_ops=conv.inner_ops("TRANSPOSE"),
+        inner_quantize_ops=conv.inner_ops("QUANTIZE"), inner_transpose_ops=conv.layout_transposes(),
         snaps=ex.snaps, point_tensors=point_tensors, point_labels=dict(ex.point_labels), input_index=in_idx,
         output_index=out_idx, input_shape=input_shape, onnx2tf_version=conv.onnx2tf_version)

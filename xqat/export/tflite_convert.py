@@ -26,7 +26,7 @@ from ..tflite.qtypes import IO_DTYPES
 from .atomic import atomic_directory, check_writable
 from .onnx2tf_adapter import ActivationRecord, onnx_to_keras
 from .onnx_fold import fold_constants
-from .onnx_layout import channels_last_flatten, slice_bounds_as_initializers
+from .onnx_layout import channels_last_flatten, channels_last_shuffle, slice_bounds_as_initializers
 from .qdq_plan import QDQPlan, analyze_qdq
 
 __all__ = ["Conversion", "TensorLocations", "convert_qdq_onnx", "keras_to_tflite", "locate_tensors",
@@ -125,6 +125,11 @@ def _layers_of(name: str, model_name: str) -> set[str]:
     return out
 
 
+def _layers_of_any(name: str) -> set[str]:
+    """Keras layer names in a TFLite tensor name, whatever the model prefix."""
+    return {part.split("/")[1] for part in name.split(";") if part.count("/") >= 1}
+
+
 @dataclass(frozen=True)
 class TensorLocations:
     """Where the ONNX quantized tensors went in the .tflite."""
@@ -197,6 +202,12 @@ def _locate_activation(rec: ActivationRecord, activations_of, tfl: TFLiteModel) 
         own = [i for i in own if tfl.tensors[i].dtype in ("INT8", "UINT8")]
     if len(own) > 1:  # FakeQuant kept as a QUANTIZE op: its output, not its input
         own = [i for i in own if tfl.producers.get(i) is not None and tfl.producers[i].name == "QUANTIZE"]
+    if len(own) == 1 and rec.producers and rec.producers[0] not in _layers_of_any(tfl.tensors[own[0]].name):
+        # the converter also names a tensor after the FakeQuant ops fused upstream of it (a chain of
+        # reshapes): when the layer that made our input names one tensor of our shape, that one is ours
+        mine = [i for i in activations_of(rec.producers[0]) if _shape_matches(tfl.tensors[i].shape, shape)]
+        if len(mine) == 1:
+            return mine[0], "producer"
     if len(own) == 1:
         return own[0], "fake_quant"
     for depth, layer in enumerate(rec.producers):
@@ -277,6 +288,19 @@ class Conversion:
         """Non-constant FLOAT32 tensors: none may be left in a full-integer model with int8/uint8 I/O."""
         return [t.index for t in self.model.tensors if t.dtype == "FLOAT32" and t.data is None]
 
+    def layout_transposes(self) -> list[int]:
+        """Inner TRANSPOSE ops that move data between layouts. A transpose that keeps batch and spatial axes
+        in place ([0, 1, 2, ...] on a rank >= 4 tensor: a channel shuffle's group swap) is the model's own op."""
+        m = self.model
+        out = []
+        for i in self.inner_ops("TRANSPOSE"):
+            op = m.ops[i]
+            perm = m.tensors[op.inputs[1]].data if len(op.inputs) > 1 else None
+            if perm is not None and perm.size >= 4 and list(perm.reshape(-1)[:3]) == [0, 1, 2]:
+                continue
+            out.append(i)
+        return out
+
     def inner_ops(self, op_name: str) -> list[int]:
         """Indices of `op_name` ops other than the I/O type conversions at the model's boundary (the
         uint8 <-> int8 QUANTIZE or float DEQUANTIZE that uint8 / float32 I/O adds): with int8 I/O every
@@ -311,7 +335,8 @@ def convert_qdq_onnx(onnx_model: onnx.ModelProto | str | os.PathLike, *, io_dtyp
     if workdir is not None and not Path(workdir).is_dir():
         raise ExportError(f"{workdir}: workdir must be an existing folder (onnx2tf's scratch goes there)")
     t0 = time.perf_counter()
-    model, weight_columns = channels_last_flatten(slice_bounds_as_initializers(fold_constants(_load(onnx_model))))
+    model = channels_last_shuffle(slice_bounds_as_initializers(fold_constants(_load(onnx_model))))
+    model, weight_columns = channels_last_flatten(model)
     plan = analyze_qdq(model)
     scratch = Path(tempfile.mkdtemp(prefix="xqat-onnx2tf-", dir=workdir))
     try:
