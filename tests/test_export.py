@@ -253,3 +253,75 @@ def test_export_graph_is_the_deployed_network(name):
         y_sim, y_exp = qat(x), graph.module(x)
     out = graph.points[xqat.quant_points(qat)[-1].key]
     assert torch.equal(torch.round(y_exp / out.scale), torch.round(y_sim / out.scale))
+
+
+class _TwoInTwoOut(torch.nn.Module):
+    """Two image inputs of different sizes, two outputs: each input and output its own quantized tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
+        self.b = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2, padding=1), torch.nn.ReLU())
+        self.up = torch.nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.head = torch.nn.Conv2d(4, 2, 1)
+        self.fc = torch.nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x, y):
+        a, b = self.a(x), self.b(y)
+        s = a + torch.relu(self.up(b))
+        return self.head(s), self.fc(torch.flatten(torch.nn.functional.max_pool2d(s, 2), 1))
+
+
+def _qat_two_in_two_out():
+    shapes = ((1, 3, 8, 8), (1, 1, 8, 8))
+    g = torch.Generator().manual_seed(0)
+    qat = xqat.prepare_qat(_TwoInTwoOut().eval(), tuple(torch.rand(s) for s in shapes))
+    opt = torch.optim.SGD(qat.parameters(), lr=1e-3)
+    qat.train()
+    for _ in range(4):
+        outs = qat(*(torch.rand(4, *s[1:], generator=g) for s in shapes))
+        loss = sum(o.square().mean() for o in outs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return qat.eval(), shapes
+
+
+def test_every_input_and_output_is_quantized_and_checked(tmp_path):
+    """Two inputs and two outputs; a ConvTranspose2d (TRANSPOSE_CONV weight codes and scales verified) and a
+    channel-major flatten of a 4x4 map before a Linear (no TRANSPOSE: the weight columns are permuted)."""
+    from xqat.tflite.mapping import read_mapping
+    from xqat.verify.interpreter import make_interpreter
+
+    qat, shapes = _qat_two_in_two_out()
+    path = tmp_path / "two.tflite"
+    report = xqat.export_tflite(qat, tuple(torch.rand(s) for s in shapes), path)
+    assert report.ok, report.problems()
+    m = read_tflite(path)
+    # in the torch model's order (the converter may order the .tflite's inputs otherwise)
+    assert set(report.input_indices) == set(m.inputs) and set(report.output_indices) == set(m.outputs)
+    assert len(report.input_indices) == 2 and len(report.output_indices) == 2
+    assert all(m.tensors[i].dtype == "INT8" for i in report.input_indices + report.output_indices)
+    assert [m.tensors[i].shape for i in report.input_indices] == [(1, 8, 8, 3), (1, 8, 8, 1)]
+    assert report.input_shapes == [tuple(s) for s in shapes]
+    ops = [op.name for op in m.ops]
+    assert "TRANSPOSE_CONV" in ops and "TRANSPOSE" not in ops
+    weights = {r.torch_name: r for r in report.tensors if r.kind == "weight"}
+    assert weights["up"].equal and len(weights["up"].torch_scale) == 4
+    assert weights["fc"].equal  # int8 codes compared in the permuted column order
+    mapping = read_mapping(path.read_bytes())
+    assert [report.point_tensors[k] for k in mapping.input_points] == report.input_indices
+    assert [report.point_tensors[k] for k in mapping.output_points] == report.output_indices
+    # the .tflite computes what the simulation does: feed the torch input codes, compare the output codes
+    xs = [torch.rand(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    it = make_interpreter(path.read_bytes(), "reference")
+    for x, idx in zip(xs, report.input_indices):
+        t = m.tensors[idx]
+        codes = torch.clamp(torch.round(x / float(t.scales[0])) + int(t.zero_points[0]), -128, 127)
+        it.set_tensor(idx, codes.permute(0, 2, 3, 1).numpy().astype(np.int8))
+    it.invoke()
+    for out, idx in zip(qat(*xs), report.output_indices):
+        t = m.tensors[idx]
+        want = torch.round(out.detach() / float(t.scales[0])) + int(t.zero_points[0])
+        want = want.permute(0, 2, 3, 1) if want.dim() == 4 else want
+        assert np.abs(it.get_tensor(idx).astype(np.int64) - want.numpy().astype(np.int64)).max() <= 1

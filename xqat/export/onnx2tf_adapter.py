@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from ..errors import ExportError, OnnxToTfVersionError
-from .onnx_layout import NCHW_VIEW
+from .onnx_layout import NCHW_VIEW, NHWC_VIEW
 from .qdq_plan import QDQPlan
 
 __all__ = [
@@ -320,12 +320,15 @@ class _Handlers:
         self.weights_done.add(w.dq_output)
 
     def transpose(self, *, graph_node, tf_layers_dict, **kw):
-        """onnx2tf's Transpose, except the NCHW views onnx_layout.py inserts: in TF the data is already
-        channels-last, so the tensor passes through and is marked as onnx2tf's channels-last form again."""
-        if not graph_node.name.endswith(NCHW_VIEW):
+        """onnx2tf's Transpose, except the views onnx_layout.py inserts: in TF the data is channels-last
+        already, so the tensor passes through, marked as plain (NHWC_VIEW) or as onnx2tf's channels-last
+        form again (NCHW_VIEW)."""
+        if not graph_node.name.endswith((NCHW_VIEW, NHWC_VIEW)):
             return self.orig["Transpose"](graph_node=graph_node, tf_layers_dict=tf_layers_dict, **kw)
         out = graph_node.outputs[0]
-        tf_layers_dict[out.name] = {"optype": "Transpose", "shape": out.shape, "dtype": out.dtype, "nhwc": True,
+        nhwc = graph_node.name.endswith(NCHW_VIEW)  # NHWC_VIEW: the ONNX tensor is now what TF holds
+        tf_layers_dict[out.name] = {"optype": "Transpose", "shape": out.shape, "dtype": out.dtype, "nhwc": nhwc,
+                                    "before_op_output_shape_trans": nhwc,
                                     "tf_node": tf_layers_dict[graph_node.inputs[0].name]["tf_node"]}
 
     def check_complete(self) -> None:

@@ -15,9 +15,11 @@ from onnx import helper, numpy_helper
 
 from .onnx_fold import onnx_constants
 
-__all__ = ["NCHW_VIEW", "channels_last_flatten", "channels_last_shuffle", "slice_bounds_as_initializers"]
+__all__ = ["NCHW_VIEW", "NHWC_VIEW", "channels_last_flatten", "channels_last_shuffle", "slice_bounds_as_initializers"]
 
-NCHW_VIEW = "__xqat_nchw_view"  # name suffix of a Transpose(0, 3, 1, 2) back to NCHW that onnx2tf must pass through
+# name suffixes of the Transposes inserted here, which the onnx2tf adapter passes through as they are in TF:
+NHWC_VIEW = "__xqat_nhwc_view"  # Transpose(0, 2, ..., 1) to channels-last: onnx2tf holds the data that way already
+NCHW_VIEW = "__xqat_nchw_view"  # Transpose(0, 3, 1, 2) back: the data stays, onnx2tf's channels-last form again
 
 _BOUNDS = {"Slice": (1, 2, 3, 4), "Split": (1,)}  # inputs that are starts / ends / axes / steps / split sizes
 
@@ -117,7 +119,7 @@ def channels_last_flatten(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict
             inits[w].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr[:, order]), w))
             orders[w] = order
         moved = n.input[0] + "__channels_last"
-        new_nodes.append(helper.make_node("Transpose", [n.input[0]], [moved], name=n.name + "_channels_last",
+        new_nodes.append(helper.make_node("Transpose", [n.input[0]], [moved], name=n.name + NHWC_VIEW,
                                           perm=[0, *range(2, len(shape)), 1]))
         n.input[0] = moved
         new_nodes.append(n)
@@ -179,7 +181,7 @@ def channels_last_shuffle(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         groups = s1[1]
         moved = r1.input[0] + "__nhwc"
-        before[r1.name] = helper.make_node("Transpose", [r1.input[0]], [moved], name=r1.name + "_nhwc",
+        before[r1.name] = helper.make_node("Transpose", [r1.input[0]], [moved], name=r1.name + NHWC_VIEW,
                                            perm=[0, 2, 3, 1])
         r1.input[0] = moved
         _set_shape(g, inits, r1, [n, h, w, groups, c // groups])
