@@ -325,3 +325,43 @@ def test_every_input_and_output_is_quantized_and_checked(tmp_path):
         want = torch.round(out.detach() / float(t.scales[0])) + int(t.zero_points[0])
         want = want.permute(0, 2, 3, 1) if want.dim() == 4 else want
         assert np.abs(it.get_tensor(idx).astype(np.int64) - want.numpy().astype(np.int64)).max() <= 1
+
+
+def _stem(relu: bool) -> torch.nn.Module:
+    """A ResNet stem: conv, BN, (ReLU), padded 3x3/2 max pool; then a 1x1 conv head."""
+    layers = [torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8)]
+    layers += [torch.nn.ReLU()] if relu else []
+    layers += [torch.nn.MaxPool2d(3, 2, 1), torch.nn.Conv2d(8, 4, 1), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers).eval()
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_padded_max_pool_after_relu_pads_with_the_zero_point(tmp_path, relu):
+    """After a ReLU the padded max pool's grid starts at 0: its zero point is the lowest code, so PAD (fills
+    with the zero point) gives the max pool the same result as PADV2 (fills with -128) and maps to the
+    EdgeTPU. A grid that reaches below 0 keeps PADV2. The .tflite output equals the simulation's."""
+    from xqat.verify.interpreter import make_interpreter
+
+    shape = (1, 3, 16, 16)
+    g = torch.Generator().manual_seed(1)
+    qat = xqat.prepare_qat(_stem(relu), torch.rand(shape))
+    qat.train()
+    for _ in range(3):
+        qat(torch.rand(8, *shape[1:], generator=g) * 2 - 1)
+    qat.eval()
+    path = tmp_path / "stem.tflite"
+    report = xqat.export_tflite(qat, torch.rand(shape), path, edgetpu=relu)
+    assert report.ok, report.problems()
+    ops = [op.name for op in read_tflite(path).ops]
+    assert ("PAD" in ops and "PADV2" not in ops) if relu else "PADV2" in ops
+    if relu:
+        assert xqat.check_edgetpu(path.read_bytes()).fully_mapped
+    m = read_tflite(path)
+    x = torch.rand(shape, generator=g) * 2 - 1
+    it = make_interpreter(path.read_bytes(), "reference")
+    t_in, t_out = m.tensors[report.input_index], m.tensors[report.output_index]
+    codes = torch.clamp(torch.round(x / float(t_in.scales[0])) + int(t_in.zero_points[0]), -128, 127)
+    it.set_tensor(report.input_index, codes.permute(0, 2, 3, 1).numpy().astype(np.int8))
+    it.invoke()
+    want = (torch.round(qat(x).detach() / float(t_out.scales[0])) + int(t_out.zero_points[0])).permute(0, 2, 3, 1)
+    assert np.abs(it.get_tensor(report.output_index).astype(np.int64) - want.numpy().astype(np.int64)).max() <= 1

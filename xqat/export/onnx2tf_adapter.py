@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from ..errors import ExportError, OnnxToTfVersionError
+from ..tflite.qtypes import QRANGE
 from .onnx_layout import NCHW_VIEW, NHWC_VIEW
 from .qdq_plan import QDQPlan
 
@@ -61,6 +62,7 @@ def _import_onnx2tf():
         import onnx2tf.ops.ConvTranspose as conv_t
         import onnx2tf.ops.DequantizeLinear as dq
         import onnx2tf.ops.Gemm as gemm
+        import onnx2tf.ops.MaxPool as max_pool
         import onnx2tf.ops.QuantizeLinear as q
         import onnx2tf.ops.Transpose as transpose
     except ImportError as e:
@@ -71,7 +73,7 @@ def _import_onnx2tf():
         random.setstate(rng_py)
         np.random.set_state(rng_np)
     return onnx2tf, impl, {"QuantizeLinear": q, "DequantizeLinear": dq, "Conv": conv, "ConvTranspose": conv_t,
-                           "Gemm": gemm, "Transpose": transpose}
+                           "Gemm": gemm, "MaxPool": max_pool, "Transpose": transpose}
 
 
 def _restore_env(env: dict[str, str | None]) -> None:
@@ -319,6 +321,15 @@ class _Handlers:
                 graph_node.attrs["transB"] = saved_trans
         self.weights_done.add(w.dq_output)
 
+    def max_pool(self, *, graph_node, tf_layers_dict, **kw):
+        """onnx2tf's MaxPool. Explicit padding fills with the lowest float (PADV2 in int8, which the EdgeTPU
+        compiler has no evidence of mapping); where the input's grid starts at 0 (a ReLU before it) its zero
+        point is the lowest code, so padding with 0 (PAD, which fills with the zero point) is the same max."""
+        act = self.act_by_sanitized.get(graph_node.inputs[0].name)
+        from_zero = act is not None and act.zero_point_int8 == QRANGE["int8"][0]
+        kw = {**kw, "output_integer_quantized_tflite": from_zero}
+        self.orig["MaxPool"](graph_node=graph_node, tf_layers_dict=tf_layers_dict, **kw)
+
     def transpose(self, *, graph_node, tf_layers_dict, **kw):
         """onnx2tf's Transpose, except the views onnx_layout.py inserts: in TF the data is channels-last
         already, so the tensor passes through, marked as plain (NHWC_VIEW) or as onnx2tf's channels-last
@@ -404,6 +415,7 @@ def installed_handlers(plan: QDQPlan) -> Iterator[_Handlers]:
             ops["Gemm"].make_node = handlers.gemm
             ops["ConvTranspose"].make_node = handlers.conv_transpose
             ops["Transpose"].make_node = handlers.transpose
+            ops["MaxPool"].make_node = handlers.max_pool
             for k in _KERNEL_OPS:
                 ops[k].get_weights_constant_or_variable = handlers.get_weights
             impl.download_test_image_data = _calibration_stand_in
