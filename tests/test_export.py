@@ -365,3 +365,32 @@ def test_padded_max_pool_after_relu_pads_with_the_zero_point(tmp_path, relu):
     it.invoke()
     want = (torch.round(qat(x).detach() / float(t_out.scales[0])) + int(t_out.zero_points[0])).permute(0, 2, 3, 1)
     assert np.abs(it.get_tensor(report.output_index).astype(np.int64) - want.numpy().astype(np.int64)).max() <= 1
+
+
+@pytest.mark.parametrize("name", ["shuffle", "conv1d"])
+def test_channels_last_rewrites_compute_the_same_onnx(name):
+    """The ONNX rewrites for onnx2tf (channel shuffle, flatten before a Linear with its weight columns
+    permuted, Slice bounds) leave what the Q/DQ ONNX computes unchanged, bit for bit."""
+    import onnxruntime
+
+    from tests.op_models import make_op_model
+    from xqat.export.onnx_fold import fold_constants
+    from xqat.export.onnx_layout import channels_last_flatten, channels_last_shuffle, slice_bounds_as_initializers
+    from xqat.export.torch_to_onnx import export_onnx
+
+    model, shape = make_op_model(name)
+    qat = xqat.prepare_qat(model, torch.rand(shape))
+    qat.train()
+    for _ in range(2):
+        qat(torch.rand(4, *shape[1:], generator=torch.Generator().manual_seed(0)))
+    before = fold_constants(export_onnx(qat.eval(), (torch.rand(shape),)).model)
+    after, columns = channels_last_flatten(channels_last_shuffle(slice_bounds_as_initializers(before)))
+    ops = [n.op_type for n in after.graph.node]
+    assert ops.count("Transpose") > [n.op_type for n in before.graph.node].count("Transpose")  # rewritten
+    assert bool(columns) == (name == "conv1d")
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(5)).numpy()
+    feed = {before.graph.input[0].name: x}
+    run = [onnxruntime.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+           for m in (before, after)]
+    want, got = run[0][0], run[1][0]
+    assert np.array_equal(want, got)
