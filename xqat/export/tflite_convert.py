@@ -202,9 +202,12 @@ def _locate_activation(rec: ActivationRecord, activations_of, tfl: TFLiteModel) 
         own = [i for i in own if tfl.tensors[i].dtype in ("INT8", "UINT8")]
     if len(own) > 1:  # FakeQuant kept as a QUANTIZE op: its output, not its input
         own = [i for i in own if tfl.producers.get(i) is not None and tfl.producers[i].name == "QUANTIZE"]
-    if len(own) == 1 and rec.producers and rec.producers[0] not in _layers_of_any(tfl.tensors[own[0]].name):
+    kept = len(own) == 1 and getattr(tfl.producers.get(own[0]), "name", None) == "QUANTIZE"
+    if kept is False and len(own) == 1 and rec.producers \
+            and rec.producers[0] not in _layers_of_any(tfl.tensors[own[0]].name):
         # the converter also names a tensor after the FakeQuant ops fused upstream of it (a chain of
         # reshapes): when the layer that made our input names one tensor of our shape, that one is ours
+        # (not for a FakeQuant kept as a QUANTIZE: its output is ours, its input the producer's)
         mine = [i for i in activations_of(rec.producers[0]) if _shape_matches(tfl.tensors[i].shape, shape)]
         if len(mine) == 1:
             return mine[0], "producer"
