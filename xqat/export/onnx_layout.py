@@ -1,10 +1,14 @@
-"""A channel-major flatten in front of a Linear, made channels-last so TFLite needs no TRANSPOSE.
+"""ONNX rewrites so onnx2tf keeps every tensor channels-last: TFLite then needs no layout TRANSPOSE.
 
-torch flattens [N, C, *S] channel-major; onnx2tf keeps tensors channels-last, so a plain Flatten becomes
-TRANSPOSE + RESHAPE. When every user of the flatten is a Gemm (through its activation Q/DQ), the same result
-comes from flattening channels-last and permuting the Gemm weight's input columns to match: a Transpose to
-[N, *S, C] (which onnx2tf turns into no op) goes in front of the Flatten, and the weight initializer's columns
-are reordered. The column order is returned so the report can compare the torch codes in that order.
+* A channel-major Flatten of [N, C, *S] whose users are all Linear layers (Gemm, through its activation
+  Q/DQ): a Transpose to [N, *S, C] goes in front (the data onnx2tf already holds), and each Gemm weight's
+  input columns are permuted to match; the column order is returned so the report compares torch's codes
+  in that order.
+* A channel shuffle (Reshape / Transpose / Reshape, as torchvision's ShuffleNet) runs on the channels-last view.
+* Slice / Split bounds made by Constant nodes become initializers, so onnx2tf maps the channel axis.
+
+Every rewrite computes the same ONNX values; the inserted Transposes carry NHWC_VIEW / NCHW_VIEW in their
+names, and the onnx2tf adapter passes them through.
 """
 
 from __future__ import annotations
