@@ -253,3 +253,144 @@ def test_export_graph_is_the_deployed_network(name):
         y_sim, y_exp = qat(x), graph.module(x)
     out = graph.points[xqat.quant_points(qat)[-1].key]
     assert torch.equal(torch.round(y_exp / out.scale), torch.round(y_sim / out.scale))
+
+
+class _TwoInTwoOut(torch.nn.Module):
+    """Two image inputs of different sizes, two outputs: each input and output its own quantized tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
+        self.b = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2, padding=1), torch.nn.ReLU())
+        self.up = torch.nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.head = torch.nn.Conv2d(4, 2, 1)
+        self.fc = torch.nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x, y):
+        a, b = self.a(x), self.b(y)
+        s = a + torch.relu(self.up(b))
+        return self.head(s), self.fc(torch.flatten(torch.nn.functional.max_pool2d(s, 2), 1))
+
+
+def _qat_two_in_two_out():
+    shapes = ((1, 3, 8, 8), (1, 1, 8, 8))
+    g = torch.Generator().manual_seed(0)
+    qat = xqat.prepare_qat(_TwoInTwoOut().eval(), tuple(torch.rand(s) for s in shapes))
+    opt = torch.optim.SGD(qat.parameters(), lr=1e-3)
+    qat.train()
+    for _ in range(4):
+        outs = qat(*(torch.rand(4, *s[1:], generator=g) for s in shapes))
+        loss = sum(o.square().mean() for o in outs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return qat.eval(), shapes
+
+
+def test_every_input_and_output_is_quantized_and_checked(tmp_path):
+    """Two inputs and two outputs; a ConvTranspose2d (TRANSPOSE_CONV weight codes and scales verified) and a
+    channel-major flatten of a 4x4 map before a Linear (no TRANSPOSE: the weight columns are permuted)."""
+    from xqat.tflite.mapping import read_mapping
+    from xqat.verify.interpreter import make_interpreter
+
+    qat, shapes = _qat_two_in_two_out()
+    path = tmp_path / "two.tflite"
+    report = xqat.export_tflite(qat, tuple(torch.rand(s) for s in shapes), path)
+    assert report.ok, report.problems()
+    m = read_tflite(path)
+    # in the torch model's order (the converter may order the .tflite's inputs otherwise)
+    assert set(report.input_indices) == set(m.inputs) and set(report.output_indices) == set(m.outputs)
+    assert len(report.input_indices) == 2 and len(report.output_indices) == 2
+    assert all(m.tensors[i].dtype == "INT8" for i in report.input_indices + report.output_indices)
+    assert [m.tensors[i].shape for i in report.input_indices] == [(1, 8, 8, 3), (1, 8, 8, 1)]
+    assert report.input_shapes == [tuple(s) for s in shapes]
+    ops = [op.name for op in m.ops]
+    assert "TRANSPOSE_CONV" in ops and "TRANSPOSE" not in ops
+    weights = {r.torch_name: r for r in report.tensors if r.kind == "weight"}
+    assert weights["up"].equal and len(weights["up"].torch_scale) == 4
+    assert weights["fc"].equal  # int8 codes compared in the permuted column order
+    mapping = read_mapping(path.read_bytes())
+    assert [report.point_tensors[k] for k in mapping.input_points] == report.input_indices
+    assert [report.point_tensors[k] for k in mapping.output_points] == report.output_indices
+    # the .tflite computes what the simulation does: feed the torch input codes, compare the output codes
+    xs = [torch.rand(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    it = make_interpreter(path.read_bytes(), "reference")
+    for x, idx in zip(xs, report.input_indices):
+        t = m.tensors[idx]
+        codes = torch.clamp(torch.round(x / float(t.scales[0])) + int(t.zero_points[0]), -128, 127)
+        it.set_tensor(idx, codes.permute(0, 2, 3, 1).numpy().astype(np.int8))
+    it.invoke()
+    for out, idx in zip(qat(*xs), report.output_indices):
+        t = m.tensors[idx]
+        want = torch.round(out.detach() / float(t.scales[0])) + int(t.zero_points[0])
+        want = want.permute(0, 2, 3, 1) if want.dim() == 4 else want
+        assert np.abs(it.get_tensor(idx).astype(np.int64) - want.numpy().astype(np.int64)).max() <= 1
+
+
+def _stem(relu: bool) -> torch.nn.Module:
+    """A ResNet stem: conv, BN, (ReLU), padded 3x3/2 max pool; then a 1x1 conv head."""
+    layers = [torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8)]
+    layers += [torch.nn.ReLU()] if relu else []
+    layers += [torch.nn.MaxPool2d(3, 2, 1), torch.nn.Conv2d(8, 4, 1), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers).eval()
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_padded_max_pool_after_relu_pads_with_the_zero_point(tmp_path, relu):
+    """After a ReLU the padded max pool's grid starts at 0: its zero point is the lowest code, so PAD (fills
+    with the zero point) gives the max pool the same result as PADV2 (fills with -128) and maps to the
+    EdgeTPU. A grid that reaches below 0 keeps PADV2. The .tflite output equals the simulation's."""
+    from xqat.verify.interpreter import make_interpreter
+
+    shape = (1, 3, 16, 16)
+    g = torch.Generator().manual_seed(1)
+    qat = xqat.prepare_qat(_stem(relu), torch.rand(shape))
+    qat.train()
+    for _ in range(3):
+        qat(torch.rand(8, *shape[1:], generator=g) * 2 - 1)
+    qat.eval()
+    path = tmp_path / "stem.tflite"
+    report = xqat.export_tflite(qat, torch.rand(shape), path, edgetpu=relu)
+    assert report.ok, report.problems()
+    ops = [op.name for op in read_tflite(path).ops]
+    assert ("PAD" in ops and "PADV2" not in ops) if relu else "PADV2" in ops
+    if relu:
+        assert xqat.check_edgetpu(path.read_bytes()).fully_mapped
+    m = read_tflite(path)
+    x = torch.rand(shape, generator=g) * 2 - 1
+    it = make_interpreter(path.read_bytes(), "reference")
+    t_in, t_out = m.tensors[report.input_index], m.tensors[report.output_index]
+    codes = torch.clamp(torch.round(x / float(t_in.scales[0])) + int(t_in.zero_points[0]), -128, 127)
+    it.set_tensor(report.input_index, codes.permute(0, 2, 3, 1).numpy().astype(np.int8))
+    it.invoke()
+    want = (torch.round(qat(x).detach() / float(t_out.scales[0])) + int(t_out.zero_points[0])).permute(0, 2, 3, 1)
+    assert np.abs(it.get_tensor(report.output_index).astype(np.int64) - want.numpy().astype(np.int64)).max() <= 1
+
+
+@pytest.mark.parametrize("name", ["shuffle", "conv1d"])
+def test_channels_last_rewrites_compute_the_same_onnx(name):
+    """The ONNX rewrites for onnx2tf (channel shuffle, flatten before a Linear with its weight columns
+    permuted, Slice bounds) leave what the Q/DQ ONNX computes unchanged, bit for bit."""
+    import onnxruntime
+
+    from tests.op_models import make_op_model
+    from xqat.export.onnx_fold import fold_constants
+    from xqat.export.onnx_layout import channels_last_flatten, channels_last_shuffle, slice_bounds_as_initializers
+    from xqat.export.torch_to_onnx import export_onnx
+
+    model, shape = make_op_model(name)
+    qat = xqat.prepare_qat(model, torch.rand(shape))
+    qat.train()
+    for _ in range(2):
+        qat(torch.rand(4, *shape[1:], generator=torch.Generator().manual_seed(0)))
+    before = fold_constants(export_onnx(qat.eval(), (torch.rand(shape),)).model)
+    after, columns = channels_last_flatten(channels_last_shuffle(slice_bounds_as_initializers(before)))
+    ops = [n.op_type for n in after.graph.node]
+    assert ops.count("Transpose") > [n.op_type for n in before.graph.node].count("Transpose")  # rewritten
+    assert bool(columns) == (name == "conv1d")
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(5)).numpy()
+    feed = {before.graph.input[0].name: x}
+    run = [onnxruntime.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+           for m in (before, after)]
+    want, got = run[0][0], run[1][0]
+    assert np.array_equal(want, got)

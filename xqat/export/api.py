@@ -75,7 +75,7 @@ def export_tflite(model: nn.Module, example_inputs, path: str | os.PathLike, io_
     t1 = time.perf_counter()
     conversion = convert_qdq_onnx(onnx_export.model, io_dtype=io_dtype, batch_size=batch_size,
                                   saved_model_dir=saved_model_dir)
-    report = build_report(model, onnx_export, conversion, str(target), tuple(example[0].shape))
+    report = build_report(model, onnx_export, conversion, str(target), [tuple(x.shape) for x in example])
     report.seconds = {"torch->onnx": t1 - t0, **{k: v for k, v in conversion.seconds.items() if k != "total"},
                       "total": time.perf_counter() - t0}
     if strict and not report.ok:

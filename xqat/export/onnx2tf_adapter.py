@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 
 from ..errors import ExportError, OnnxToTfVersionError
+from ..tflite.qtypes import QRANGE
+from .onnx_layout import NCHW_VIEW, NHWC_VIEW
 from .qdq_plan import QDQPlan
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
 
 ONNX2TF_VERSION = "1.28.8"  # the handlers below are written against this release's internals
 
+_KERNEL_OPS = ("Conv", "ConvTranspose")  # onnx2tf handlers that fetch their kernel via get_weights_constant_or_variable
 _LOCK = threading.Lock()  # handlers are module globals of onnx2tf: one conversion at a time
 _CONVERT_ARGS = ("input_onnx_file_path", "output_folder_path", "not_use_onnxsim", "batch_size",
                  "param_replacement_file", "disable_model_save", "verbosity")
@@ -56,9 +59,12 @@ def _import_onnx2tf():
         import onnx2tf
         import onnx2tf.onnx2tf as impl
         import onnx2tf.ops.Conv as conv
+        import onnx2tf.ops.ConvTranspose as conv_t
         import onnx2tf.ops.DequantizeLinear as dq
         import onnx2tf.ops.Gemm as gemm
+        import onnx2tf.ops.MaxPool as max_pool
         import onnx2tf.ops.QuantizeLinear as q
+        import onnx2tf.ops.Transpose as transpose
     except ImportError as e:
         raise OnnxToTfVersionError(f"cannot import onnx2tf ({e}); install onnx2tf=={ONNX2TF_VERSION} "
                                    "(pinned in pyproject.toml)") from e
@@ -66,7 +72,8 @@ def _import_onnx2tf():
         _restore_env(env)
         random.setstate(rng_py)
         np.random.set_state(rng_np)
-    return onnx2tf, impl, {"QuantizeLinear": q, "DequantizeLinear": dq, "Conv": conv, "Gemm": gemm}
+    return onnx2tf, impl, {"QuantizeLinear": q, "DequantizeLinear": dq, "Conv": conv, "ConvTranspose": conv_t,
+                           "Gemm": gemm, "MaxPool": max_pool, "Transpose": transpose}
 
 
 def _restore_env(env: dict[str, str | None]) -> None:
@@ -87,8 +94,9 @@ def check_onnx2tf() -> str:
             f"onnx2tf {version} is installed, but xqat's Q/DQ handlers are written for onnx2tf "
             f"{ONNX2TF_VERSION}'s internals; install onnx2tf=={ONNX2TF_VERSION} (pinned in pyproject.toml)")
     missing = [f"onnx2tf.ops.{k}.make_node" for k, m in ops.items() if not callable(getattr(m, "make_node", None))]
-    if not callable(getattr(ops["Conv"], "get_weights_constant_or_variable", None)):
-        missing.append("onnx2tf.ops.Conv.get_weights_constant_or_variable")
+    for k in _KERNEL_OPS:
+        if not callable(getattr(ops[k], "get_weights_constant_or_variable", None)):
+            missing.append(f"onnx2tf.ops.{k}.get_weights_constant_or_variable")
     if not callable(getattr(impl, "download_test_image_data", None)):
         missing.append("onnx2tf.onnx2tf.download_test_image_data")
     params = inspect.signature(impl.convert).parameters
@@ -179,6 +187,7 @@ class _Handlers:
         self.w_by_sanitized = _sanitized_index(plan.weights)
         self.q_by_sanitized = {_sanitize(k): v for k, v in plan.q_outputs.items()}
         self.activation_records: dict[str, ActivationRecord] = {}
+        self.kernel_layers: dict[str, str] = {}  # weight FakeQuant layer -> the layer naming its kernel instead
         self.weights_done: set[str] = set()
         self._conv = None  # (WeightQ, anchor) while onnx2tf's Conv handler runs
 
@@ -205,19 +214,59 @@ class _Handlers:
         self.activation_records[act.name] = ActivationRecord(act.layer, _producer_chain(x), tuple(y.shape))
 
     def conv(self, *, graph_node, tf_layers_dict, **kw):
+        self._kernel_op("Conv", graph_node, tf_layers_dict, kw)
+
+    def conv_transpose(self, *, graph_node, tf_layers_dict, **kw):
+        self._kernel_op("ConvTranspose", graph_node, tf_layers_dict, kw)
+
+    def _kernel_op(self, op: str, graph_node, tf_layers_dict, kw) -> None:
+        """onnx2tf's Conv / ConvTranspose handler, with our FakeQuant kernel handed to it by `get_weights`."""
         w = self.w_by_sanitized.get(graph_node.inputs[1].name)
         if w is None:
             if self.plan.is_float:  # a float model (baselines): onnx2tf's own handler
-                return self.orig["Conv"](graph_node=graph_node, tf_layers_dict=tf_layers_dict, **kw)
-            raise ExportError(f"Conv '{graph_node.name}': weight '{graph_node.inputs[1].name}' is not quantized")
+                return self.orig[op](graph_node=graph_node, tf_layers_dict=tf_layers_dict, **kw)
+            raise ExportError(f"{op} '{graph_node.name}': weight '{graph_node.inputs[1].name}' is not quantized")
+        if w.codes.ndim == 3:
+            return self._conv1d(w, graph_node, tf_layers_dict)
         self._conv = [w, tf_layers_dict[graph_node.inputs[0].name]["tf_node"], False]
         try:
-            self.orig["Conv"](graph_node=graph_node, tf_layers_dict=tf_layers_dict, **kw)
+            self.orig[op](graph_node=graph_node, tf_layers_dict=tf_layers_dict, **kw)
+            if w.kind == "tconv":  # the unannotated kernel is named after the conv2d_transpose layer
+                chain = _producer_chain(tf_layers_dict[graph_node.outputs[0].name]["tf_node"])
+                self.kernel_layers[w.layer] = next((c for c in chain if "conv2d_transpose" in c), w.layer)
             if not self._conv[2]:
-                raise OnnxToTfVersionError(f"Conv '{graph_node.name}': onnx2tf never fetched the kernel through "
-                                           "get_weights_constant_or_variable; its Conv handler changed")
+                raise OnnxToTfVersionError(f"{op} '{graph_node.name}': onnx2tf never fetched the kernel through "
+                                           f"get_weights_constant_or_variable; its {op} handler changed")
         finally:
             self._conv = None
+        self.weights_done.add(w.dq_output)
+
+    def _conv1d(self, w, graph_node, tf_layers_dict) -> None:
+        """Conv1d as TFLite runs it: CONV_2D (or DEPTHWISE_CONV_2D) on a [N, 1, W, C] view. TF's own conv1d
+        reshapes a 3-D kernel, and the converter cannot move a per-channel quantized axis through that
+        reshape; so the FakeQuant sits on the 4-D kernel [1, k, I, O] the 2-D op reads."""
+        import tensorflow as tf
+
+        attrs = graph_node.attrs
+        if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            raise ExportError(f"Conv '{graph_node.name}': 1-D convolution with auto_pad; export with explicit pads")
+        x = tf_layers_dict[graph_node.inputs[0].name]["tf_node"]  # NWC
+        pads = list(attrs.get("pads", [0, 0]))
+        stride, dilation = int(attrs.get("strides", [1])[0]), int(attrs.get("dilations", [1])[0])
+        kernel = np.transpose(w.dequantized, (2, 1, 0))[None]  # ONNX [O, I, k] -> [1, k, I, O]
+        _, fq_const = _layer_classes()
+        y = tf.expand_dims(x, 1)
+        padding = [[0, 0], [0, 0], [pads[0], pads[1]], [0, 0]]
+        if w.kind == "depthwise" or int(attrs.get("group", 1)) != 1:
+            raise ExportError(f"Conv '{graph_node.name}': grouped or depthwise 1-D convolution is not supported; "
+                              "use a Conv2d with a (1, k) kernel on an [N, C, 1, W] input")
+        fq = fq_const(kernel, w.fq_min, w.fq_max, True, name=w.layer)(x)
+        y = tf.nn.conv2d(y, fq, strides=[1, stride], padding=padding, dilations=[1, dilation])
+        if len(graph_node.inputs) > 2:
+            y = tf.nn.bias_add(y, np.asarray(graph_node.inputs[2].values, np.float32))
+        out = graph_node.outputs[0]
+        tf_layers_dict[out.name] = {"optype": graph_node.op, "shape": out.shape, "dtype": out.dtype, "nhwc": True,
+                                    "tf_node": tf.squeeze(y, 1)}
         self.weights_done.add(w.dq_output)
 
     def get_weights(self, const_or_var, kernel_size):
@@ -225,7 +274,8 @@ class _Handlers:
         if self._conv is None or self._conv[2]:
             return kernel
         w, anchor, _ = self._conv
-        hwio = np.transpose(w.dequantized, (2, 3, 1, 0))  # ONNX [O, I, kh, kw] -> TF [kh, kw, I, O]
+        # ONNX [O, I, kh, kw] -> TF [kh, kw, I, O]; ConvTranspose [I, O, kh, kw] -> conv2d_transpose's [kh, kw, O, I]
+        hwio = np.transpose(w.dequantized, (2, 3, 1, 0))
         got = np.asarray(kernel)
         if got.shape != hwio.shape or not np.array_equal(got, hwio):
             raise OnnxToTfVersionError(
@@ -233,7 +283,14 @@ class _Handlers:
                 f"weight in [kh, kw, I, O] layout {list(hwio.shape)}; its Conv handler changed")
         _, fq_const = _layer_classes()
         self._conv[2] = True  # per-channel on the last axis (O; for depthwise [kh, kw, 1, C]: C)
-        return fq_const(hwio, w.fq_min, w.fq_max, True, name=w.layer)(anchor)
+        if w.kind != "tconv":
+            return fq_const(hwio, w.fq_min, w.fq_max, True, name=w.layer)(anchor)
+        # TRANSPOSE_CONV: TF's FakeQuant quantizes per channel on the last axis only, and the converter cannot move
+        # a quantized axis through a transpose. The weight is already on its grid with max |code| 127 per
+        # channel, so the converter's own max|w|/127 per-channel scales are the torch ones; the report checks them.
+        import tensorflow as tf
+
+        return tf.constant(hwio)
 
     def gemm(self, *, graph_node, tf_layers_dict, **kw):
         name = graph_node.inputs[1].name
@@ -263,6 +320,27 @@ class _Handlers:
             else:
                 graph_node.attrs["transB"] = saved_trans
         self.weights_done.add(w.dq_output)
+
+    def max_pool(self, *, graph_node, tf_layers_dict, **kw):
+        """onnx2tf's MaxPool. Explicit padding fills with the lowest float (PADV2 in int8, which the EdgeTPU
+        compiler has no evidence of mapping); where the input's grid starts at 0 (a ReLU before it) its zero
+        point is the lowest code, so padding with 0 (PAD, which fills with the zero point) is the same max."""
+        act = self.act_by_sanitized.get(graph_node.inputs[0].name)
+        from_zero = act is not None and act.zero_point_int8 == QRANGE["int8"][0]
+        kw = {**kw, "output_integer_quantized_tflite": from_zero}
+        self.orig["MaxPool"](graph_node=graph_node, tf_layers_dict=tf_layers_dict, **kw)
+
+    def transpose(self, *, graph_node, tf_layers_dict, **kw):
+        """onnx2tf's Transpose, except the views onnx_layout.py inserts: in TF the data is channels-last
+        already, so the tensor passes through, marked as plain (NHWC_VIEW) or as onnx2tf's channels-last
+        form again (NCHW_VIEW)."""
+        if not graph_node.name.endswith((NCHW_VIEW, NHWC_VIEW)):
+            return self.orig["Transpose"](graph_node=graph_node, tf_layers_dict=tf_layers_dict, **kw)
+        out = graph_node.outputs[0]
+        nhwc = graph_node.name.endswith(NCHW_VIEW)  # NHWC_VIEW: the ONNX tensor is now what TF holds
+        tf_layers_dict[out.name] = {"optype": "Transpose", "shape": out.shape, "dtype": out.dtype, "nhwc": nhwc,
+                                    "before_op_output_shape_trans": nhwc,
+                                    "tf_node": tf_layers_dict[graph_node.inputs[0].name]["tf_node"]}
 
     def check_complete(self) -> None:
         lost = [a for a in self.plan.activations if a not in self.activation_records]
@@ -324,7 +402,8 @@ def installed_handlers(plan: QDQPlan) -> Iterator[_Handlers]:
         version = check_onnx2tf()
         _, impl, ops = _import_onnx2tf()
         originals = {k: m.make_node for k, m in ops.items()}
-        originals["get_weights"] = ops["Conv"].get_weights_constant_or_variable
+        originals.update({f"get_weights_{k}": ops[k].get_weights_constant_or_variable for k in _KERNEL_OPS})
+        originals["get_weights"] = originals["get_weights_Conv"]
         originals["download"] = impl.download_test_image_data
         handlers = _Handlers(plan, originals, version)
         env = {k: os.environ.get(k) for k in ("TF_USE_LEGACY_KERAS", "CUDA_VISIBLE_DEVICES")}
@@ -334,14 +413,19 @@ def installed_handlers(plan: QDQPlan) -> Iterator[_Handlers]:
             ops["DequantizeLinear"].make_node = handlers.dequantize_linear
             ops["Conv"].make_node = handlers.conv
             ops["Gemm"].make_node = handlers.gemm
-            ops["Conv"].get_weights_constant_or_variable = handlers.get_weights
+            ops["ConvTranspose"].make_node = handlers.conv_transpose
+            ops["Transpose"].make_node = handlers.transpose
+            ops["MaxPool"].make_node = handlers.max_pool
+            for k in _KERNEL_OPS:
+                ops[k].get_weights_constant_or_variable = handlers.get_weights
             impl.download_test_image_data = _calibration_stand_in
             with _keras_names_reset():
                 yield handlers
         finally:
             for k, m in ops.items():
                 m.make_node = originals[k]
-            ops["Conv"].get_weights_constant_or_variable = originals["get_weights"]
+            for k in _KERNEL_OPS:
+                ops[k].get_weights_constant_or_variable = originals[f"get_weights_{k}"]
             impl.download_test_image_data = originals["download"]
             _restore_env(env)
             random.setstate(rng_py)
@@ -354,6 +438,7 @@ class KerasGraph:
 
     model: Any  # tf_keras.Model
     activation_records: dict[str, ActivationRecord]
+    kernel_layers: dict[str, str]  # weight layer (WeightQ.layer) -> Keras layer whose name its TFLite kernel carries
     onnx2tf_version: str
 
 
@@ -383,4 +468,4 @@ def onnx_to_keras(model: onnx.ModelProto, plan: QDQPlan, workdir: Path, batch_si
             raise ExportError(f"onnx2tf could not convert {what}: {hint}; replace the layer by one of the "
                               "supported ops (Conv, Gemm, Relu, Clip, Add, Concat, pools, ...)") from e
         handlers.check_complete()
-    return KerasGraph(keras_model, dict(handlers.activation_records), handlers.version)
+    return KerasGraph(keras_model, dict(handlers.activation_records), dict(handlers.kernel_layers), handlers.version)

@@ -1,4 +1,5 @@
-"""ONNX constant folding: the part of onnxsim that onnx2tf's layout handling relies on (onnxsim is not run)."""
+"""ONNX constant folding: the part of onnxsim that onnx2tf's layout handling relies on (onnxsim is not run):
+constant subgraphs, and the Shape of a tensor whose shape is static."""
 
 from __future__ import annotations
 
@@ -25,6 +26,20 @@ def onnx_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int] | None]:
+    """Tensor name -> its shape from ONNX shape inference where every dimension is known (else None)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is an optimisation here; onnx2tf still sees the graph as it is
+        return {}
+    out: dict[str, list[int] | None] = {}
+    for v in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        known = [d.dim_value for d in dims if d.HasField("dim_value") and d.dim_value > 0]
+        out[v.name] = known if v.type.tensor_type.HasField("shape") and len(known) == len(dims) else None
+    return out
+
+
 _NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "Constant"}
 
 
@@ -40,7 +55,11 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     consts = onnx_constants(out)
     opsets = list(out.opset_import)
     folded: dict[str, np.ndarray] = {}
+    static = _static_shapes(out)
     for n in g.node:
+        if n.op_type == "Shape" and not n.attribute and static.get(n.input[0]) is not None:
+            consts[n.output[0]] = folded[n.output[0]] = np.asarray(static[n.input[0]], np.int64)
+            continue  # e.g. torch's chunk / split: shape arithmetic on a static shape, so Slice gets constants
         if (n.op_type in _NEVER_FOLD or n.domain not in ("", "ai.onnx") or not n.input
                 or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
                 or not all(x == "" or x in consts for x in n.input)):

@@ -24,6 +24,8 @@ from .onnx_fold import onnx_constants
 
 __all__ = ["ActivationQ", "WeightQ", "QDQPlan", "analyze_qdq"]
 
+_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm")  # the ops whose constant weight input (1) is quantized
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,7 +64,7 @@ class WeightQ:
     name: str  # ONNX name of the weight initializer
     dq_output: str  # ONNX name of the DequantizeLinear output the op reads
     consumers: tuple[str, ...]  # ONNX node names of the Conv / Gemm nodes using it
-    kind: str  # "conv" | "depthwise" | "fc"
+    kind: str  # "conv" | "depthwise" | "tconv" (ConvTranspose, [I, O, kh, kw]) | "fc"
     scales: np.ndarray  # float32, one per output channel (per-tensor scales are repeated)
     per_channel: bool  # the ONNX Q/DQ was per-axis (axis 0)
     codes: np.ndarray  # int8 codes in ONNX layout (Conv: [O, I, kh, kw], Gemm: as stored)
@@ -86,7 +88,9 @@ class WeightQ:
     @property
     def dequantized(self) -> np.ndarray:
         """codes * scale in float32, exactly what ONNX DequantizeLinear (zero point 0) returns."""
-        if self.kind == "fc" and not self.gemm_trans_b:  # Gemm B as [in, out]: channels on axis 1
+        if self.kind == "tconv":  # ConvTranspose [I, O, kh, kw]: channels on axis 1
+            s = self.scales.reshape(1, -1, 1, 1)
+        elif self.kind == "fc" and not self.gemm_trans_b:  # Gemm B as [in, out]: channels on axis 1
             s = self.scales.reshape(1, -1)
         else:  # Conv [O, I, kh, kw], Gemm B as [out, in]: channels on axis 0
             s = self.scales.reshape([-1] + [1] * (self.codes.ndim - 1))
@@ -190,7 +194,7 @@ def analyze_qdq(model: onnx.ModelProto) -> QDQPlan:
         where = f"DequantizeLinear '{n.name}' (output '{n.output[0]}')"
         scale, zp, dtype = _qparams(n, consts)
         q = producer.get(n.input[0])
-        weight_users = [(u, i) for u, i in users if u.op_type in ("Conv", "Gemm") and i == 1]
+        weight_users = [(u, i) for u, i in users if u.op_type in _WEIGHT_OPS and i == 1]
         if q is not None and q.op_type == "QuantizeLinear":
             q_scale, q_zp, q_dtype = _qparams(q, consts)
             if (q_dtype != dtype or q_scale.shape != scale.shape or not np.array_equal(q_scale, scale)
@@ -214,11 +218,11 @@ def analyze_qdq(model: onnx.ModelProto) -> QDQPlan:
         weights[n.output[0]] = _weight(n, src, consts, codes, scale, zp, users, where, len(weights))
 
     for n in g.node:  # every Conv / Gemm needs a quantized weight, or the converter invents one
-        if n.op_type in ("Conv", "Gemm") and n.input[1] not in weights and (activations or weights):
+        if n.op_type in _WEIGHT_OPS and n.input[1] not in weights and (activations or weights):
             raise ExportError(f"{n.op_type} '{n.name}': its weight '{n.input[1]}' has no QuantizeLinear->"
                               "DequantizeLinear; the converter would pick its own weight scales. Export the "
                               "model from prepare_qat so every weight carries its learned range")
-        if n.op_type in ("Conv", "Gemm") and len(n.input) > 2 and n.input[2] in consts:
+        if n.op_type in _WEIGHT_OPS and len(n.input) > 2 and n.input[2] in consts:
             b = consts[n.input[2]]
             if not np.all(np.isfinite(b)):
                 raise ExportError(f"{n.op_type} '{n.name}': bias '{n.input[2]}' contains NaN/Inf")
@@ -297,7 +301,7 @@ def _canonical_ranges(scales: np.ndarray, zero_point: int, narrow_range: bool):
 
 
 def _weight(n, src, consts, codes, scale, zp, users, where, index) -> WeightQ:
-    if not users or any(u.op_type not in ("Conv", "Gemm") or i != 1 for u, i in users):
+    if not users or any(u.op_type not in _WEIGHT_OPS or i != 1 for u, i in users):
         bad = sorted({f"{u.op_type} '{u.name}' (input {i})" for u, i in users})
         raise ExportError(f"{where} dequantizes the constant '{src}' for {bad or 'nothing'}; xqat quantizes "
                           "constants only as the weight input of Conv or Gemm")
@@ -315,9 +319,9 @@ def _weight(n, src, consts, codes, scale, zp, users, where, index) -> WeightQ:
     axis = _attrs(n).get("axis", 1)
     per_channel = scale.size > 1
     if user.op_type == "Conv":
-        if codes.ndim != 4:
-            raise ExportError(f"Conv '{user.name}': only 2-D convolutions are supported (weight '{src}' has "
-                              f"shape {list(codes.shape)})")
+        if codes.ndim not in (3, 4):
+            raise ExportError(f"Conv '{user.name}': only 1-D and 2-D convolutions are supported (weight '{src}' "
+                              f"has shape {list(codes.shape)})")
         group = int(attrs.get("group", 1))
         depthwise = group > 1 and codes.shape[1] == 1
         if group > 1 and not depthwise:
@@ -329,8 +333,16 @@ def _weight(n, src, consts, codes, scale, zp, users, where, index) -> WeightQ:
                               "not supported by onnx2tf's depthwise path")
         kind = "depthwise" if depthwise else "conv"
         out_ch = codes.shape[0]
-        if per_channel and (axis % 4 != 0 or scale.size != out_ch):
+        if per_channel and (axis % codes.ndim != 0 or scale.size != out_ch):
             raise ExportError(f"{where}: Conv weight '{src}' must be quantized per output channel (axis 0, "
+                              f"{out_ch} scales); got axis={axis} with {scale.size} scales")
+    elif user.op_type == "ConvTranspose":
+        if codes.ndim != 4 or int(attrs.get("group", 1)) != 1:
+            raise ExportError(f"ConvTranspose '{user.name}': only 2-D transposed convolutions with group=1 have an "
+                              f"int8 TRANSPOSE_CONV kernel (weight '{src}' shape {list(codes.shape)})")
+        kind, out_ch = "tconv", codes.shape[1]
+        if per_channel and (axis % 4 != 1 or scale.size != out_ch):
+            raise ExportError(f"{where}: ConvTranspose weight '{src}' must be quantized per output channel (axis 1, "
                               f"{out_ch} scales); got axis={axis} with {scale.size} scales")
     else:
         if int(attrs.get("transA", 0)) or float(attrs.get("alpha", 1.0)) != 1.0 \

@@ -60,11 +60,26 @@ class ExportReport:
     snaps: list[SnapRecord]  # every learned range whose deployed (snapped) form differs from the model's
     point_tensors: dict[str, int]  # QuantPoint key -> TFLite tensor index
     point_labels: dict[str, str]  # QuantPoint key -> torch op label
-    input_index: int
-    output_index: int
-    input_shape: tuple[int, ...]
+    input_indices: list[int]  # TFLite tensor of each model input, in input order
+    output_indices: list[int]  # TFLite tensor of each model output, in output order
+    input_shapes: list[tuple[int, ...]]  # NCHW (torch) shape of each input
+    io_mismatches: list[str] = field(default_factory=list)  # inputs / outputs not of `io_dtype` in the .tflite
     seconds: dict[str, float] = field(default_factory=dict)
     onnx2tf_version: str = ""
+
+    @property
+    def input_index(self) -> int:
+        """The first input's TFLite tensor (models with one input)."""
+        return self.input_indices[0]
+
+    @property
+    def output_index(self) -> int:
+        """The first output's TFLite tensor (models with one output)."""
+        return self.output_indices[0]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.input_shapes[0]
 
     # -- verdicts ---------------------------------------------------------------------------------------
     def problems(self) -> list[str]:
@@ -75,6 +90,7 @@ class ExportReport:
                for r in self.tensors if not r.equal]
         if self.io_dtype != "float32" and self.float_tensors:
             out.append(f"float tensors left in a full-integer model: {self.float_tensors[:5]}")
+        out += self.io_mismatches
         if self.inner_quantize_ops:
             out.append(f"requantize (QUANTIZE) ops inside the graph at {self.inner_quantize_ops}: tied ranges differ")
         if self.inner_transpose_ops:
@@ -99,7 +115,9 @@ class ExportReport:
             rows.append([r.kind, r.torch_name, r.tflite_name[:40] if r.tflite_index is not None else "-", scale, zp,
                          r.equal])
         text = [format_table(["kind", "torch", "tflite tensor", "scale", "zp", "equal"], rows,
-                             title=f"xqat export -> {self.path} ({self.io_dtype} I/O, input {list(self.input_shape)})")]
+                             title=f"xqat export -> {self.path} ({self.io_dtype} I/O, "
+                             f"input{'s' if len(self.input_shapes) > 1 else ''} "
+                             f"{', '.join(str(list(s)) for s in self.input_shapes)})")]
         counts: dict[str, int] = {}
         for op in self.ops:
             counts[op] = counts.get(op, 0) + 1
@@ -140,13 +158,18 @@ def _torch_weight_codes(m: WeightQuantizedModule) -> tuple[np.ndarray, np.ndarra
     s = scales.reshape(shape) if scales.dim() == 1 else scales
     codes = torch.round(wq / s).to(torch.int64)
     if isinstance(m, QConv2d):
-        codes = codes.permute(1, 2, 3, 0) if m.is_depthwise else codes.permute(0, 2, 3, 1)  # 1HWC / OHWI
+        if codes.dim() == 3:  # Conv1d [O, I, k]: TFLite runs CONV_2D on a [N, 1, W, C] view, filter [O, 1, k, I]
+            codes = codes.unsqueeze(2)
+        if m.weight_axis == 1:  # ConvTranspose2d [I, O, kh, kw] -> TRANSPOSE_CONV's OHWI
+            codes = codes.permute(1, 2, 3, 0)
+        else:
+            codes = codes.permute(1, 2, 3, 0) if m.is_depthwise else codes.permute(0, 2, 3, 1)  # 1HWC / OHWI
     scales = scales.reshape(-1).numpy().astype(np.float32)
     return scales, codes.numpy()
 
 
 def build_report(model: nn.Module, ex: OnnxExport, conv: Conversion, path: str,
-                 input_shape: tuple[int, ...]) -> ExportReport:
+                 input_shapes: list[tuple[int, ...]]) -> ExportReport:
     """Compare every quantized tensor of the .tflite with the torch side and collect the graph checks."""
     tfl = conv.model
     rows: list[TensorRow] = []
@@ -168,6 +191,8 @@ def build_report(model: nn.Module, ex: OnnxExport, conv: Conversion, path: str,
     for path_name, onnx_w in ex.weight_tensors.items():
         m = model.get_submodule(path_name)
         scales, codes = _torch_weight_codes(m)
+        if onnx_w in conv.weight_columns:  # a channels-last flatten in front (onnx_layout.py)
+            codes = codes[:, conv.weight_columns[onnx_w]]
         idx = conv.weight_map.get(onnx_w)
         t = tfl.tensors[idx] if idx is not None else None
         tfl_scales = tuple(map(float, t.scales)) if t else ()
@@ -191,11 +216,15 @@ def build_report(model: nn.Module, ex: OnnxExport, conv: Conversion, path: str,
                                   tuple(map(float, bias_scales)), (0,) * len(bias_scales),
                                   tuple(map(float, bt.scales)) if bt else (),
                                   tuple(map(int, bt.zero_points)) if bt else ()))
-    in_idx = conv.io_tensor(conv.plan.input_names[0])
-    out_idx = conv.io_tensor(conv.plan.output_names[0])
+    io = {"input": [conv.io_tensor(n) for n in conv.plan.input_names],
+          "output": [conv.io_tensor(n) for n in conv.plan.output_names]}
+    want = conv.io_dtype.upper()
+    mismatches = [f"model {kind} {k} is {tfl.tensors[i].dtype} in the .tflite, not {want}"
+                  for kind, idx in io.items() for k, i in enumerate(idx) if tfl.tensors[i].dtype != want]
     return ExportReport(
         path=path, io_dtype=conv.io_dtype, ops=[op.name for op in tfl.ops], tensors=rows,
         float_tensors=[tfl.tensors[i].name for i in conv.float_tensors()],
-        inner_quantize_ops=conv.inner_ops("QUANTIZE"), inner_transpose_ops=conv.inner_ops("TRANSPOSE"),
-        snaps=ex.snaps, point_tensors=point_tensors, point_labels=dict(ex.point_labels), input_index=in_idx,
-        output_index=out_idx, input_shape=input_shape, onnx2tf_version=conv.onnx2tf_version)
+        inner_quantize_ops=conv.inner_ops("QUANTIZE"), inner_transpose_ops=conv.layout_transposes(),
+        snaps=ex.snaps, point_tensors=point_tensors, point_labels=dict(ex.point_labels), input_indices=io["input"],
+        output_indices=io["output"], input_shapes=[tuple(s) for s in input_shapes], io_mismatches=mismatches,
+        onnx2tf_version=conv.onnx2tf_version)

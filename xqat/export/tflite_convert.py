@@ -24,6 +24,7 @@ from ..tflite.qtypes import IO_DTYPES
 from .atomic import atomic_directory, check_writable
 from .onnx2tf_adapter import ActivationRecord, onnx_to_keras
 from .onnx_fold import fold_constants
+from .onnx_layout import channels_last_flatten, channels_last_shuffle, slice_bounds_as_initializers
 from .qdq_plan import QDQPlan, analyze_qdq
 from .workdir import scratch_dir
 
@@ -123,6 +124,11 @@ def _layers_of(name: str, model_name: str) -> set[str]:
     return out
 
 
+def _layers_of_any(name: str) -> set[str]:
+    """Keras layer names in a TFLite tensor name, whatever the model prefix."""
+    return {part.split("/")[1] for part in name.split(";") if part.count("/") >= 1}
+
+
 @dataclass(frozen=True)
 class TensorLocations:
     """Where the ONNX quantized tensors went in the .tflite."""
@@ -136,7 +142,7 @@ class TensorLocations:
 
 
 def locate_tensors(tfl: TFLiteModel, plan: QDQPlan, records: dict[str, ActivationRecord],
-                   model_name: str) -> TensorLocations:
+                   model_name: str, kernel_layers: dict[str, str] | None = None) -> TensorLocations:
     """Find the TFLite tensor of every activation DQ output and every weight / bias, by graph structure.
 
     The converter names each tensor after the TF ops fused into its producer. An activation FakeQuant
@@ -173,13 +179,16 @@ def locate_tensors(tfl: TFLiteModel, plan: QDQPlan, records: dict[str, Activatio
     weight_map: dict[str, int] = {}
     bias_map: dict[str, int] = {}
     for w in plan.weights.values():
-        consts = [i for i in by_layer.get(w.layer, []) if tfl.tensors[i].data is not None]
+        layer = (kernel_layers or {}).get(w.layer, w.layer)
+        consts = [i for i in by_layer.get(layer, []) if tfl.tensors[i].data is not None]
         users = [op for i in consts for op in tfl.consumers.get(i, []) if len(op.inputs) > 1 and op.inputs[1] == i]
+        consts = [i for i in consts if any(op.inputs[1] == i for op in users)]
         if len(consts) == 1 and users:
             weight_map[w.name] = consts[0]
             op = users[0]
-            if w.bias is not None and len(op.inputs) > 2 and op.inputs[2] >= 0:
-                bias_map[w.bias] = op.inputs[2]
+            b = 3 if op.name == "TRANSPOSE_CONV" else 2  # TRANSPOSE_CONV: (output shape, filter, input, bias)
+            if w.bias is not None and len(op.inputs) > b and op.inputs[b] >= 0:
+                bias_map[w.bias] = op.inputs[b]
         else:
             unmapped.append(w.name)
     return TensorLocations(tensor_map, weight_map, bias_map, how, fused, tuple(unmapped))
@@ -192,6 +201,15 @@ def _locate_activation(rec: ActivationRecord, activations_of, tfl: TFLiteModel) 
         own = [i for i in own if tfl.tensors[i].dtype in ("INT8", "UINT8")]
     if len(own) > 1:  # FakeQuant kept as a QUANTIZE op: its output, not its input
         own = [i for i in own if tfl.producers.get(i) is not None and tfl.producers[i].name == "QUANTIZE"]
+    kept = len(own) == 1 and getattr(tfl.producers.get(own[0]), "name", None) == "QUANTIZE"
+    if kept is False and len(own) == 1 and rec.producers \
+            and rec.producers[0] not in _layers_of_any(tfl.tensors[own[0]].name):
+        # the converter also names a tensor after the FakeQuant ops fused upstream of it (a chain of
+        # reshapes): when the layer that made our input names one tensor of our shape, that one is ours
+        # (not for a FakeQuant kept as a QUANTIZE: its output is ours, its input the producer's)
+        mine = [i for i in activations_of(rec.producers[0]) if _shape_matches(tfl.tensors[i].shape, shape)]
+        if len(mine) == 1:
+            return mine[0], "producer"
     if len(own) == 1:
         return own[0], "fake_quant"
     for depth, layer in enumerate(rec.producers):
@@ -203,6 +221,9 @@ def _locate_activation(rec: ActivationRecord, activations_of, tfl: TFLiteModel) 
             return exact[0], "producer" if depth == 0 else f"producer^{depth + 1}"
         if exact:
             return None  # several tensors carry that layer: refuse to guess
+        views = [i for i in named if _same_view(tfl.tensors[i].shape, shape)]
+        if depth == 0 and len(views) == 1:  # a squeeze the converter dropped (Conv1d runs as CONV_2D)
+            return views[0], "producer"
         if depth == 0 and named:  # the producer's op was fused into the op writing another-shaped tensor
             ops = {tfl.producers[i].index for i in named if i in tfl.producers}
             return (ops.pop(), "fused") if len(ops) == 1 else None
@@ -211,6 +232,11 @@ def _locate_activation(rec: ActivationRecord, activations_of, tfl: TFLiteModel) 
 
 def _same_size(tflite_shape: tuple[int, ...], keras_shape: tuple[int | None, ...]) -> bool:
     return None not in keras_shape and int(np.prod(tflite_shape)) == int(np.prod(keras_shape))
+
+
+def _same_view(tflite_shape: tuple[int, ...], keras_shape: tuple[int | None, ...]) -> bool:
+    """The same data with unit dimensions added or removed ([1, 1, W, C] for [1, W, C])."""
+    return None not in keras_shape and [d for d in tflite_shape if d != 1] == [d for d in keras_shape if d != 1]
 
 
 def _shape_matches(tflite_shape: tuple[int, ...], keras_shape: tuple[int | None, ...]) -> bool:
@@ -238,6 +264,7 @@ class Conversion:
     io_dtype: str
     onnx2tf_version: str
     seconds: dict[str, float] = field(default_factory=dict)
+    weight_columns: dict[str, np.ndarray] = field(default_factory=dict)  # Linear weight -> column order (onnx_layout)
 
     def io_tensor(self, onnx_name: str) -> int:
         """TFLite input/output tensor index of an ONNX graph input or output: the mapped int8 tensor itself
@@ -262,6 +289,19 @@ class Conversion:
     def float_tensors(self) -> list[int]:
         """Non-constant FLOAT32 tensors: none may be left in a full-integer model with int8/uint8 I/O."""
         return [t.index for t in self.model.tensors if t.dtype == "FLOAT32" and t.data is None]
+
+    def layout_transposes(self) -> list[int]:
+        """Inner TRANSPOSE ops that move data between layouts. A transpose that keeps batch and spatial axes
+        in place ([0, 1, 2, ...] on a rank >= 4 tensor: a channel shuffle's group swap) is the model's own op."""
+        m = self.model
+        out = []
+        for i in self.inner_ops("TRANSPOSE"):
+            op = m.ops[i]
+            perm = m.tensors[op.inputs[1]].data if len(op.inputs) > 1 else None
+            if perm is not None and perm.size >= 4 and list(perm.reshape(-1)[:3]) == [0, 1, 2]:
+                continue
+            out.append(i)
+        return out
 
     def inner_ops(self, op_name: str) -> list[int]:
         """Indices of `op_name` ops other than the I/O type conversions at the model's boundary (the
@@ -297,7 +337,8 @@ def convert_qdq_onnx(onnx_model: onnx.ModelProto | str | os.PathLike, *, io_dtyp
     if workdir is not None and not Path(workdir).is_dir():
         raise ExportError(f"{workdir}: workdir must be an existing folder (onnx2tf's scratch goes there)")
     t0 = time.perf_counter()
-    model = fold_constants(_load(onnx_model))
+    model = channels_last_shuffle(slice_bounds_as_initializers(fold_constants(_load(onnx_model))))
+    model, weight_columns = channels_last_flatten(model)
     plan = analyze_qdq(model)
     with scratch_dir(workdir) as scratch:  # removed on any end but SIGKILL; swept on the next run after that
         t1 = time.perf_counter()
@@ -308,11 +349,11 @@ def convert_qdq_onnx(onnx_model: onnx.ModelProto | str | os.PathLike, *, io_dtyp
         if saved_model_dir:
             save_saved_model(graph.model, saved_model_dir, batch_size)
     tfl = read_tflite(tflite)
-    loc = locate_tensors(tfl, plan, graph.activation_records, graph.model.name)
+    loc = locate_tensors(tfl, plan, graph.activation_records, graph.model.name, graph.kernel_layers)
     seconds = {"analyze": t1 - t0, "onnx2tf": t2 - t1, "tflite_converter": t3 - t2,
                "total": time.perf_counter() - t0}
     return Conversion(tflite, tfl, plan, loc.tensor_map, loc.weight_map, loc.bias_map, loc.located_by, loc.fused,
-                      loc.unmapped, io_dtype, graph.onnx2tf_version, seconds)
+                      loc.unmapped, io_dtype, graph.onnx2tf_version, seconds, weight_columns)
 
 
 def _load(onnx_model: Any) -> onnx.ModelProto:
