@@ -6,6 +6,7 @@
   in that order.
 * A channel shuffle (Reshape / Transpose / Reshape, as torchvision's ShuffleNet) runs on the channels-last view.
 * Slice / Split bounds made by Constant nodes become initializers, so onnx2tf maps the channel axis.
+* A Pad with an explicit value of 0 loses it, so TFLite gets PAD rather than PADV2 (EdgeTPU).
 
 Every rewrite computes the same ONNX values; the inserted Transposes carry NHWC_VIEW / NCHW_VIEW in their
 names, and the onnx2tf adapter passes them through.
@@ -19,7 +20,8 @@ from onnx import helper, numpy_helper
 
 from .onnx_fold import onnx_constants
 
-__all__ = ["NCHW_VIEW", "NHWC_VIEW", "channels_last_flatten", "channels_last_shuffle", "slice_bounds_as_initializers"]
+__all__ = ["NCHW_VIEW", "NHWC_VIEW", "channels_last_flatten", "channels_last_shuffle", "slice_bounds_as_initializers",
+           "zero_pads_without_value"]
 
 # name suffixes of the Transposes inserted here, which the onnx2tf adapter passes through as they are in TF:
 NHWC_VIEW = "__xqat_nhwc_view"  # Transpose(0, 2, ..., 1) to channels-last: onnx2tf holds the data that way already
@@ -45,6 +47,21 @@ def slice_bounds_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
                 name = f"{n.name}_bound{i}"
                 g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(value), name))
                 n.input[i] = name
+    return out
+
+
+def zero_pads_without_value(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant Pads whose value is a constant 0 (torch's F.pad) lose the value input (ONNX's default is 0):
+    onnx2tf passes a given value on as a tensor and TF then emits PadV2, which the EdgeTPU does not map;
+    without it the same padding is a PAD (fills with the zero point, i.e. 0.0)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    consts = onnx_constants(out)
+    for n in out.graph.node:
+        mode = next((a.s for a in n.attribute if a.name == "mode"), b"constant")
+        if n.op_type == "Pad" and mode == b"constant" and len(n.input) > 2 and n.input[2] in consts \
+                and consts[n.input[2]].size == 1 and float(consts[n.input[2]].reshape(-1)[0]) == 0.0:
+            del n.input[2]
     return out
 
 

@@ -24,7 +24,12 @@ from ..tflite.qtypes import IO_DTYPES
 from .atomic import atomic_directory, check_writable
 from .onnx2tf_adapter import ActivationRecord, onnx_to_keras
 from .onnx_fold import fold_constants
-from .onnx_layout import channels_last_flatten, channels_last_shuffle, slice_bounds_as_initializers
+from .onnx_layout import (
+    channels_last_flatten,
+    channels_last_shuffle,
+    slice_bounds_as_initializers,
+    zero_pads_without_value,
+)
 from .qdq_plan import QDQPlan, analyze_qdq
 from .workdir import scratch_dir
 
@@ -338,6 +343,7 @@ def convert_qdq_onnx(onnx_model: onnx.ModelProto | str | os.PathLike, *, io_dtyp
         raise ExportError(f"{workdir}: workdir must be an existing folder (onnx2tf's scratch goes there)")
     t0 = time.perf_counter()
     model = channels_last_shuffle(slice_bounds_as_initializers(fold_constants(_load(onnx_model))))
+    model = zero_pads_without_value(model)
     model, weight_columns = channels_last_flatten(model)
     plan = analyze_qdq(model)
     with scratch_dir(workdir) as scratch:  # removed on any end but SIGKILL; swept on the next run after that
