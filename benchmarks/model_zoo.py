@@ -8,6 +8,8 @@ Run from the repo root: .venv/bin/python -m benchmarks.model_zoo [--sizes 64x64,
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import platform
 import sys
@@ -60,7 +62,8 @@ def _detail_rows(results: list[ZooResult]) -> list[str]:
 
 def write_doc(results: dict[tuple[int, int], list[ZooResult]], seconds: float) -> str:
     sizes = list(results)
-    names = [r.model for r in results[sizes[0]]]
+    names = [z.name for z in ZOO if any(r.model == z.name for rs in results.values() for r in rs)]
+    by = {(s, r.model): r for s, rs in results.items() for r in rs}
     lines = [
         "# Model zoo: real architectures through the whole chain",
         "",
@@ -79,8 +82,9 @@ def write_doc(results: dict[tuple[int, int], list[ZooResult]], seconds: float) -
         "| model | " + " | ".join(f"{h}×{w}" for h, w in sizes) + " |",
         "|---|" + "---|" * len(sizes),
     ]
-    for i, name in enumerate(names):
-        lines.append(f"| {name} | " + " | ".join(_cell(results[s][i]) for s in sizes) + " |")
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(_cell(by[s, name]) if (s, name) in by else "not run"
+                                                   for s in sizes) + " |")
     lines += ["", "✓ = exported strictly, parity and emulator ran; the percentage is the worst backend's share "
               "of identical output codes. ✗ = the stage that failed (details below).", ""]
     for s in sizes:
@@ -92,13 +96,33 @@ def write_doc(results: dict[tuple[int, int], list[ZooResult]], seconds: float) -
     return "\n".join(lines)
 
 
+def _load(paths: list[str]) -> tuple[dict[tuple[int, int], list[ZooResult]], float]:
+    """Results saved by --save, grouped by size in model order; total seconds of the runs."""
+    results: dict[tuple[int, int], list[ZooResult]] = {}
+    seconds = 0.0
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        seconds += data["seconds"]
+        for r in data["results"]:
+            r["size"] = tuple(r["size"])
+            results.setdefault(r["size"], []).append(ZooResult(**r))
+    names = [z.name for z in ZOO]
+    return {s: sorted(rs, key=lambda r: names.index(r.model)) for s, rs in results.items()}, seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="64x64,32x32,48x80")
     ap.add_argument("--only", nargs="*", help="model names (default: all)")
     ap.add_argument("--inputs", type=int, default=8)
     ap.add_argument("--no-write", action="store_true", help="print the table, do not write docs/model-zoo.md")
+    ap.add_argument("--save", help="also save the raw results as JSON here (to split a long run over processes)")
+    ap.add_argument("--merge", nargs="*", help="write the doc from saved JSON results instead of running")
     args = ap.parse_args()
+    if args.merge:
+        results, seconds = _load(args.merge)
+        DOC.write_text(write_doc(results, seconds))
+        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     models = [z for z in ZOO if not args.only or z.name in args.only]
     sizes = [_size(s) for s in args.sizes.split(",")]
@@ -111,6 +135,9 @@ def main() -> None:
                 results[s].append(r)
                 print(f"{s[0]}x{s[1]} {z.name}: {'ok' if r.ok else r.stage + ': ' + r.error}", file=sys.stderr,
                       flush=True)
+    if args.save:
+        Path(args.save).write_text(json.dumps({"seconds": time.perf_counter() - t0, "results": [
+            dataclasses.asdict(r) for rs in results.values() for r in rs]}))
     doc = write_doc(results, time.perf_counter() - t0)
     print(doc)
     if not args.no_write:

@@ -1,4 +1,4 @@
-"""Careless and hostile use of the CLI and the checkpoint/factory loader (issue 14): every user error is one
+"""Careless and hostile use of the CLI and the checkpoint/factory loader: every user error is one
 line on stderr and exit code 2, found before the slow work; all outputs of a command or none; no code from
 the working directory; damaged checkpoints refused; SIGTERM/SIGKILL leave no scratch folders; Ctrl-C ends
 cleanly."""

@@ -1,5 +1,5 @@
 """The main job end to end (what `make demo` runs), on the bundled digits: QAT matches float, the int8
-TFLite matches the QAT simulation, the run folder has every artefact (issue 8)."""
+TFLite matches the QAT simulation, the run folder has every artefact."""
 
 import json
 

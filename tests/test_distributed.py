@@ -1,4 +1,4 @@
-"""Distributed QAT (issue 9): two gloo processes on CPU train under DistributedDataParallel; every rank keeps
+"""Distributed QAT: two gloo processes on CPU train under DistributedDataParallel; every rank keeps
 the same quantizer state, and the run equals a single process on the concatenated batch. `sync_bn` gives the
 BN fold SyncBatchNorm statistics, forward and gradient; ranges are synced with or without it.
 

@@ -572,12 +572,12 @@ def test_patched_violations(models):
     clean = models["clean"]
     tensors = lambda m: m.subgraphs[0].tensors  # noqa: E731
 
-    with pytest.raises(TFLiteFileError, match="schema version 2"):  # the runtime refuses it: invalid (issue 14)
+    with pytest.raises(TFLiteFileError, match="schema version 2"):  # the runtime refuses it: invalid
         check_edgetpu(_patch(clean, lambda m: setattr(m, "version", 2)))
 
     def zero_scale(m, op):
         tensors(m)[op.outputs[0]].quantization.scale = np.array([0.0], np.float32)
-    # structurally invalid (the runtime refuses these files): an error, not a verdict (issue 14)
+    # structurally invalid (the runtime refuses these files): an error, not a verdict
     with pytest.raises(TFLiteFileError, match="scale must be finite and > 0"):
         check_edgetpu(_set_op_field(clean, "MAX_POOL_2D", zero_scale))
 
@@ -593,7 +593,7 @@ def test_patched_violations(models):
 
     def overflow(m, op):
         tensors(m)[op.outputs[0]].quantization.scale = np.array([1e-10], np.float32)
-    # requantization scale >= 256: the interpreter (XNNPACK) refuses the file, so it is invalid (issue 14)
+    # requantization scale >= 256: the interpreter (XNNPACK) refuses the file, so it is invalid
     with pytest.raises(TFLiteFileError, match="requantization scale"):
         check_edgetpu(_set_op_field(clean, "DEPTHWISE_CONV_2D", overflow))  # fused RELU6
 

@@ -511,7 +511,7 @@ def test_backends_differ_exactly_where_their_roundings_differ(pointwise_tie_mode
     emu = {b: xqat.emulate(model, x, backend=b)[0].numpy().reshape(-1, 11).astype(np.int64) for b in BACKENDS}
     for a in BACKENDS:
         assert np.array_equal(emu[a], interp[a])
-        assert np.array_equal(emu[a], code[a])  # the spec's rule, computed independently
+        assert np.array_equal(emu[a], code[a])  # the documented rule, computed independently
         for b in BACKENDS:
             if a != b:
                 differ = emu[a] != interp[b]

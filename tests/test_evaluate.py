@@ -1,4 +1,4 @@
-"""xqat.evaluate: the device's exact accuracy over a data set, batched through the integer emulator (issue 15)."""
+"""xqat.evaluate: the device's exact accuracy over a data set, batched through the integer emulator."""
 
 import pytest
 import torch

@@ -1,5 +1,5 @@
 """export_tflite on the model set: full-integer, every qparam and weight code equal to torch, no requantize
-or layout ops, within 1 LSB of the simulation; determinism, atomic writes, snapping, errors, CLI (issue 4)."""
+or layout ops, within 1 LSB of the simulation; determinism, atomic writes, snapping, errors, CLI."""
 
 import os
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""xqat.fake_quant / fake_quant_per_channel against TensorFlow's own kernels (tf-quant-semantics §1)."""
+"""xqat.fake_quant / fake_quant_per_channel against TensorFlow's own kernels (docs/numerics.md#fake-quant)."""
 
 import numpy as np
 import pytest
@@ -52,7 +52,8 @@ def test_forward_per_channel_bit_exact(tf, rank, axis):
 
 
 def test_division_and_multiplication_forms_differ_near_ties(tf):
-    """§1.3: per-tensor divides, per-channel multiplies by inv_scale; both must match their TF op."""
+    """docs/numerics.md#forward: per-tensor divides, per-channel multiplies by inv_scale; both must match their TF
+    op."""
     rng = np.random.default_rng(7)
     diff = 0
     for _ in range(30):

@@ -1,4 +1,4 @@
-"""Fuzz (issue 14): seeded single-byte flips and crafted variants of one small exported model, each run in a
+"""Fuzz: seeded single-byte flips and crafted variants of one small exported model, each run in a
 forked worker under a timeout. For every file: check_edgetpu, the Emulator and parity end normally or with an
 XQATError (no other exception, no hang, no crash); check_edgetpu never calls ready a file the interpreter
 cannot load; the emulator gives the interpreter's output codes or refuses.
@@ -71,7 +71,7 @@ def _set_version(name, v):
     return edit
 
 
-# name -> edit of the ModelT: what the probe of issue 14 and the validator's rules cover
+# name -> edit of the ModelT: what the probe and the validator's rules cover
 CRAFTED = {
     "conv_stride_0": lambda m: setattr(_ops(m, "CONV_2D")[0].builtinOptions, "strideW", 0),
     "conv_padding_7": lambda m: setattr(_ops(m, "CONV_2D")[0].builtinOptions, "padding", 7),

@@ -1,9 +1,9 @@
-"""ONNX (Q/DQ) -> onnx2tf with xqat's handlers -> TF FakeQuant graph -> full-integer TFLite (issue 4).
+"""ONNX (Q/DQ) -> onnx2tf with xqat's handlers -> TF FakeQuant graph -> full-integer TFLite.
 
 Real torch.onnx export, onnx2tf 1.28.8, TFLite converter, LiteRT interpreter and onnxruntime; nothing
 mocked. Each model converts once (module fixtures); every check reads the ONNX Q/DQ directly, so the
-expectations do not come from the code under test. Spec: tf-quant-semantics.md §4.3/§4.4,
-export-route.md.
+expectations do not come from the code under test. See docs/numerics.md#converter-qparams/#weights,
+docs/numerics.md#export-pipeline.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from xqat.torch_side.qparams import snap_range
 # Q/DQ ONNX models built from tiny torch modules (the contract of the torch side's ONNX writer)
 # ------------------------------------------------------------------------------------------------
 
-LOGISTIC_QP = (1.0 / 256.0, -128)  # TFLite's fixed output grids (quantization_spec.md, §4.4)
+# TFLite's fixed output grids (quantization_spec.md, docs/numerics.md#fixed-output-grids)
+LOGISTIC_QP = (1.0 / 256.0, -128)
 TANH_QP = (1.0 / 128.0, 0)
 
 
@@ -47,7 +48,8 @@ class QDQNet(nn.Module):
 
     fixed: dict[str, tuple[float, int]] = {}  # points with fixed grids (sigmoid / softmax / tanh outputs)
     tied: dict[str, str] = {}  # point -> point whose grid it reuses (same-scale ops: pools, concat, pad)
-    ties: tuple[str, ...] = ()  # points whose zero point is built on a .5 tie before snapping (§4.3)
+    # points whose zero point is built on a .5 tie before snapping (docs/numerics.md#converter-qparams)
+    ties: tuple[str, ...] = ()
     uint8 = False  # export activation Q/DQ with uint8 zero points (TF's native grid) instead of int8
 
     def __init__(self):
@@ -251,7 +253,8 @@ class Heads(QDQNet):
 
 
 class TieChain(QDQNet):
-    """Stress: a chain of 1x1 convs whose activation ranges all sit on zero-point ties (§4.3)."""
+    """Stress: a chain of 1x1 convs whose activation ranges all sit on zero-point ties
+    (docs/numerics.md#converter-qparams)."""
 
     def __init__(self, n: int = 10):
         super().__init__()
@@ -546,7 +549,7 @@ def test_int8_weights_equal_onnx_codes_and_bias_scale(convert, name):
             assert tfl_op.name == "FULLY_CONNECTED" and op.op_type == "Gemm"
             ref = codes  # [out, in]
         assert np.array_equal(tw.data, ref), wname
-        # int32 bias, scale s_in * s_w (within 1 float32 ulp of the rounded product; §4.4)
+        # int32 bias, scale s_in * s_w (within 1 float32 ulp of the rounded product; docs/numerics.md#bias)
         tb = t[tfl_op.inputs[2]]
         s_in = np.float64(t[tfl_op.inputs[0]].scales[0])
         expect = (s_in * np.broadcast_to(s, tb.scales.shape).astype(np.float64)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""xqat.parity: torch simulation vs the TFLite interpreter on three backends, layer by layer (issue 5)."""
+"""xqat.parity: torch simulation vs the TFLite interpreter on three backends, layer by layer."""
 
 import copy
 
@@ -49,7 +49,8 @@ def test_perturbed_layer_is_named_as_first_divergence(exported, inputs):
 
 
 def test_backends_really_differ_somewhere(exported, inputs):
-    """Requantization rounding differs by backend (§5.3): the reports must not all be identical."""
+    """Requantization rounding differs by backend (docs/numerics.md#requantization): the reports must not all be
+    identical."""
     qat, path, _ = exported["mobilenet_v2"]
     reports = [xqat.parity(qat, path, inputs, backend=b, layerwise=True) for b in BACKENDS]
     sig = [tuple(t.histogram["0"] for t in r.layers) for r in reports]

@@ -1,4 +1,4 @@
-"""QAT torch side: BN folding, EMA modes, delays, learned ranges, placement, state, errors (issue 3)."""
+"""QAT torch side: BN folding, EMA modes, delays, learned ranges, placement, state, errors."""
 
 import math
 import warnings
@@ -26,7 +26,7 @@ def _conv_bn(seed=0, groups=1, cin=4, cout=6):
     return conv, bn
 
 
-# -- BN folding (§3) ---------------------------------------------------------------------------------
+# -- BN folding (docs/numerics.md#bn-folding) --------------------------------------------------------------------------
 @pytest.mark.parametrize("groups,cin", [(1, 4), (6, 6)])
 def test_eval_conv_bn_equals_folded_conv_bitwise(groups, cin):
     conv, bn = _conv_bn(groups=groups, cin=cin)
@@ -66,7 +66,7 @@ def test_training_fold_before_freeze_matches_contrib_formula(bn_stats):
 
 
 def test_training_fold_with_float_stats_equals_plain_bn_without_quantization():
-    """With quantization delayed, the §3 fold is exactly conv -> BN(train) in value."""
+    """With quantization delayed, the docs/numerics.md#bn-folding fold is exactly conv -> BN(train) in value."""
     conv, bn = _conv_bn()
     ref_conv, ref_bn = _conv_bn()
     q = QConv2d(conv, bn, quant_delay=10, bn_stats="float").train()
@@ -94,9 +94,10 @@ def test_bn_fold_gradients_reach_weights_and_bn_params():
     assert conv.weight.grad.abs().sum() > 0 and bn.weight.grad.abs().sum() > 0 and bn.bias.grad.abs().sum() > 0
 
 
-# -- EMA modes (§2.1, §3) -----------------------------------------------------------------------------
+# -- EMA modes (docs/numerics.md#ema) -----------------------------------------------------------------------------
 def test_debias_ema_first_step_is_batch_range_and_follows_contrib():
-    """tf.contrib zero_debias=True: init ignored; batch mins 0, -1, -1 give 0, -0.50026, -0.66700 (§3)."""
+    """tf.contrib zero_debias=True: init ignored; batch mins 0, -1, -1 give 0, -0.50026, -0.66700
+    (docs/numerics.md#ema)."""
     q = ActivationQuantizer(ema="debias").train()
     seen = []
     for bmin in (0.0, -1.0, -1.0):
@@ -122,7 +123,7 @@ def test_debias_ema_matches_formula_exactly_over_steps():
 
 
 def test_tfmot_ema_reproduces_spec_numbers():
-    """§2.1: init +-6, decay 0.001 in float32, updated before the same step's fake quant."""
+    """docs/numerics.md#ema: init +-6, decay 0.001 in float32, updated before the same step's fake quant."""
     q = ActivationQuantizer(ema="tfmot").train()
     q(torch.tensor([-1.0, 7.0]))
     assert float(q.min) == pytest.approx(-5.995, abs=1e-6) and float(q.max) == pytest.approx(6.001, abs=1e-6)

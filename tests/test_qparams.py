@@ -1,4 +1,4 @@
-"""xqat.nudge / xqat.tflite_qparams against the real TFLite converter (tf-quant-semantics §1.2, §4.3)."""
+"""xqat.nudge / xqat.tflite_qparams against the real TFLite converter (docs/numerics.md#nudge, #converter-qparams)."""
 
 import numpy as np
 import pytest
@@ -24,7 +24,7 @@ def stress_ranges():
     ranges += [(np.float32(rng.uniform(-5, 0)), np.float32(rng.uniform(0, 5))) for _ in range(30)]
     ranges += [(np.float32(0.5), np.float32(2.0)), (np.float32(-2), np.float32(-0.5)),
                (np.float32(0), np.float32(3)), (np.float32(-3), np.float32(0)), (np.float32(-1e-3), np.float32(7)),
-               (np.float32(-0.26289), np.float32(10.0506))]  # the spec's example of a split zero point
+               (np.float32(-0.26289), np.float32(10.0506))]  # docs/numerics.md#converter-qparams example
     return ranges
 
 
@@ -42,7 +42,8 @@ def test_tflite_qparams_equals_real_converter(stress_ranges, converted):
 
 
 def test_tf_nudge_and_converter_disagree_near_ties(stress_ranges, converted):
-    """§4.3: the reason the exporter must snap ranges. The stress set must show the disagreement."""
+    """docs/numerics.md#converter-qparams: the reason the exporter must snap ranges. The stress set must show the
+    disagreement."""
     differ = 0
     for (mn, mx), (_, zp) in zip(stress_ranges, converted):
         differ += int(int(xqat.nudge(mn, mx).zero_point) - 128 != zp)

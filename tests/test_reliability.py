@@ -1,4 +1,4 @@
-"""Reliability (issue 9): checkpoint/resume in a new process is bit-identical, exporting from a checkpoint in a
+"""Reliability: checkpoint/resume in a new process is bit-identical, exporting from a checkpoint in a
 fresh process gives the same .tflite bytes, NaN/Inf never poison ranges or BN statistics, all-zero tensors
 export, and wrong shapes/dtypes or corrupt files give clear errors (CLI: exit code 2, no traceback)."""
 
@@ -220,7 +220,8 @@ def test_zero_range_tensor_exports_and_runs(dead):
     qat, path, report, fresh = dead
     assert report.ok and path.is_file()
     row = next(r for r in report.tensors if r.kind == "activation" and r.torch_name == "dead")
-    assert row.tflite_scale == (1.0,) and row.tflite_zero_point == (127,)  # scale 1 (§4.3), 0 at the top
+    # scale 1 (docs/numerics.md#converter-qparams), 0 at the top
+    assert row.tflite_scale == (1.0,) and row.tflite_zero_point == (127,)
     snap = next(s for s in report.snaps if s.group == "dead")
     assert snap.old_range == (0.0, 0.0) and snap.new_range == (-255.0, 0.0)
     x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -332,7 +333,7 @@ def test_cli_reports_broken_files_in_one_line_with_exit_code_2(case, broken_file
     assert not (broken_files / "o.tflite").exists()
 
 
-# -- absurd but finite batches (issue 14) -------------------------------------------------------------------
+# -- absurd but finite batches -------------------------------------------------------------------
 def _calibrated(**kw) -> ActivationQuantizer:
     q = ActivationQuantizer(**kw).train()
     g = torch.Generator().manual_seed(5)

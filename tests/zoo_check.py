@@ -65,27 +65,30 @@ def _first_line(e: BaseException) -> str:
 
 
 def emulator_matches(path: Path, xs: tuple[torch.Tensor, ...], backend: str) -> bool:
-    """The integer emulator's outputs equal the interpreter's, bit for bit, on the same int8 inputs."""
+    """The integer emulator's outputs equal the interpreter's, bit for bit, on the same int8 inputs (each torch
+    input paired with its TFLite input through the exported mapping: the converter may reorder inputs)."""
+    from xqat.tflite.mapping import read_mapping
+    from xqat.tflite.model import read_tflite
     from xqat.verify.interpreter import make_interpreter, quantize_input
+    from xqat.verify.io_match import io_tensor, to_tflite_layout
 
     raw = path.read_bytes()
+    tfl, mapping = read_tflite(raw), read_mapping(raw)
     it = make_interpreter(raw, backend)
-    ins = it.get_input_details()
-    feeds = []
-    for d, x in zip(ins, xs):
-        a = x.numpy()
-        a = np.ascontiguousarray(a.transpose(0, 2, 3, 1)) if a.ndim == 4 else a
-        if a.ndim == 3 and len(d["shape"]) == 3 and tuple(d["shape"][1:]) != a.shape[1:]:
-            a = np.ascontiguousarray(a.transpose(0, 2, 1))  # (N, C, T) -> (N, T, C)
+    details = {d["index"]: d for d in it.get_input_details()}
+    feeds: dict[int, np.ndarray] = {}
+    for key, x in zip(mapping.input_points, xs):
+        d = details[io_tensor(tfl, mapping.point(key).tensor, list(details), str(path))]
         s, zp = d["quantization"]
-        feeds.append(quantize_input(a, s, zp, d["dtype"], backend))
+        feeds[d["index"]] = quantize_input(to_tflite_layout(x.numpy(), d["shape"]), s, zp, d["dtype"], backend)
+    order = [d["index"] for d in it.get_input_details()]  # the emulator takes inputs in the file's order
     expected: list[list[np.ndarray]] = []
-    for i in range(len(feeds[0])):
-        for d, f in zip(ins, feeds):
-            it.set_tensor(d["index"], f[i:i + 1])
+    for i in range(len(xs[0])):
+        for idx in order:
+            it.set_tensor(idx, feeds[idx][i:i + 1])
         it.invoke()
         expected.append([it.get_tensor(o["index"]).copy() for o in it.get_output_details()])
-    got = xqat.Emulator(raw, backend=backend).run(feeds)
+    got = xqat.Emulator(raw, backend=backend).run([feeds[idx] for idx in order])
     want = [np.concatenate([e[k] for e in expected]) for k in range(len(expected[0]))]
     return len(got) == len(want) and all(np.array_equal(np.asarray(g), w) for g, w in zip(got, want))
 

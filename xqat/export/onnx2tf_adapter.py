@@ -134,7 +134,7 @@ def _layer_classes():
     class FakeQuantConstant(tf_keras.layers.Layer):
         """FakeQuant of a constant kernel, emitted inside the traced graph so the converter takes the
         weight scales from min/max; an eager call would fold at once and the converter would re-derive
-        max|w|/127 scales (export-route.md "Mechanics"). The input only anchors the layer in the model."""
+        max|w|/127 scales (docs/numerics.md#onnx2tf-handlers). The input only anchors the layer in the model."""
 
         def __init__(self, values: np.ndarray, fq_min: np.ndarray, fq_max: np.ndarray, per_channel: bool, **kw):
             super().__init__(**kw)

@@ -42,18 +42,20 @@ class ActivationQ:
     scale: float  # float32 value from the ONNX
     zero_point: int  # as stored in the ONNX (int8 or uint8 value)
     onnx_dtype: str  # "int8" | "uint8"
-    fq_min: float  # float32 range whose nudge and converter grid are (scale, zero point), §4.3
+    # float32 range whose nudge and converter grid are (scale, zero point), docs/numerics.md#converter-qparams
+    fq_min: float
     fq_max: float
     layer: str  # name of the Keras FakeQuant layer that carries it
 
     @property
     def zero_point_int8(self) -> int:
-        """The zero point an int8 .tflite stores for this tensor (uint8 zp - 128, §4.2)."""
+        """The zero point an int8 .tflite stores for this tensor (uint8 zp - 128, docs/numerics.md#int8-tensors)."""
         return int8_zero_point(self.zero_point) if self.onnx_dtype == "uint8" else self.zero_point
 
     @property
     def converter_scale(self) -> float:
-        """The converter's unrounded double scale (max - min) / 255; float32 of it is `scale` (§4.3)."""
+        """The converter's unrounded double scale (max - min) / 255; float32 of it is `scale`
+        (docs/numerics.md#converter-qparams)."""
         return (float(self.fq_max) - float(self.fq_min)) / 255.0
 
 
@@ -68,7 +70,8 @@ class WeightQ:
     scales: np.ndarray  # float32, one per output channel (per-tensor scales are repeated)
     per_channel: bool  # the ONNX Q/DQ was per-axis (axis 0)
     codes: np.ndarray  # int8 codes in ONNX layout (Conv: [O, I, kh, kw], Gemm: as stored)
-    fq_min: np.ndarray  # float32 per-channel narrow-range FakeQuant range (canonical, §4.3)
+    # float32 per-channel narrow-range FakeQuant range (canonical, docs/numerics.md#converter-qparams)
+    fq_min: np.ndarray
     fq_max: np.ndarray
     bias: str | None  # ONNX name of the float bias initializer, if any
     layer: str  # name of the Keras FakeQuant layer that carries it
@@ -77,11 +80,12 @@ class WeightQ:
 
     @property
     def converter_scales(self) -> np.ndarray:
-        """The converter's unrounded double scales (max - min) / 254 per channel (§4.3)."""
+        """The converter's unrounded double scales (max - min) / 254 per channel
+        (docs/numerics.md#converter-qparams)."""
         return (self.fq_max.astype(np.float64) - self.fq_min.astype(np.float64)) / 254.0
 
     def bias_scales(self, input_scale_double: float) -> np.ndarray:
-        """int32 bias scales the converter stores: float32(s_in * s_w) of its *double* scales (§4.4);
+        """int32 bias scales the converter stores: float32(s_in * s_w) of its *double* scales (docs/numerics.md#bias);
         up to 1 float32 ulp away from float32(s_in * s_w) of the rounded float32 scales."""
         return (np.float64(input_scale_double) * self.converter_scales).astype(np.float32)
 
@@ -157,7 +161,8 @@ def _qparams(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> tuple[np.nd
 
 
 def analyze_qdq(model: onnx.ModelProto) -> QDQPlan:
-    """Read every QuantizeLinear->DequantizeLinear pair and derive the FakeQuant ranges (§4.3).
+    """Read every QuantizeLinear->DequantizeLinear pair and derive the FakeQuant ranges
+    (docs/numerics.md#converter-qparams).
 
     Raises ExportError, naming the node or tensor, for anything the TFLite route cannot carry
     exactly: per-axis activations, non-constant ranges, 16-bit types, weights that are not
@@ -258,7 +263,7 @@ def _activation(n, src, scale, zp, dtype, where, weight_users, index) -> Activat
     if rng is None:
         raise ExportError(f"{where}: no float32 FakeQuant range gives both TF and the TFLite converter the "
                           f"grid (scale={float(s)!r}, zero_point={z}); export the ranges through "
-                          "xqat.torch_side.qparams.snap_range (tf-quant-semantics.md §4.3)")
+                          "xqat.torch_side.qparams.snap_range (docs/numerics.md#converter-qparams)")
     return ActivationQ(n.output[0], src, float(s), z, dtype, rng[0], rng[1], f"xqat_fq_{index}")
 
 
@@ -310,10 +315,11 @@ def _weight(n, src, consts, codes, scale, zp, users, where, index) -> WeightQ:
         raise ExportError(f"{where}: weight '{src}' is shared by Conv and Gemm nodes; not supported")
     if zp.dtype != np.int8 or np.any(zp != 0):
         raise ExportError(f"{where}: weight '{src}' must be symmetric int8 (zero point 0), got zero point "
-                          f"{zp.ravel()[:4]} ({zp.dtype}); TFLite int8 weights are symmetric (§4.4)")
+                          f"{zp.ravel()[:4]} ({zp.dtype}); TFLite int8 weights are symmetric "
+                          "(docs/numerics.md#weights)")
     if np.any(codes == -128):
         raise ExportError(f"{where}: weight '{src}' has int8 code -128; TFLite needs narrow-range weights in "
-                          "[-127, 127]: clamp the weight to ±127·scale before exporting (§4.4)")
+                          "[-127, 127]: clamp the weight to ±127·scale before exporting (docs/numerics.md#weights)")
     user = users[0][0]
     attrs = _attrs(user)
     axis = _attrs(n).get("axis", 1)
@@ -352,7 +358,7 @@ def _weight(n, src, consts, codes, scale, zp, users, where, index) -> WeightQ:
         if per_channel:
             raise ExportError(f"{where}: Gemm (Linear) weight '{src}' is quantized per channel; the TF 2.21 "
                               "converter fails on per-channel MatMul kernels ('tfl.transpose' op has mismatched "
-                              "quantized axes). Quantize Linear weights per tensor (export-route.md)")
+                              "quantized axes). Quantize Linear weights per tensor (docs/numerics.md#weights)")
         kind = "fc"
         out_ch = codes.shape[0] if int(attrs.get("transB", 0)) else codes.shape[1]
     scales = np.broadcast_to(scale.reshape(-1), (out_ch,)).astype(np.float32) if scale.size == 1 \
@@ -360,7 +366,8 @@ def _weight(n, src, consts, codes, scale, zp, users, where, index) -> WeightQ:
     lo, hi, bad = _canonical_ranges(scales, 128, narrow_range=True)  # narrow codes [1, 255]: zero point 128
     if bad:
         raise ExportError(f"{where}: weight '{src}' channel {bad[0]}: no float32 range gives TF and the "
-                          f"converter the scale {float(scales[bad[0]])!r}; snap the weight scale (§4.3)")
+                          f"converter the scale {float(scales[bad[0]])!r}; snap the weight scale "
+                          "(docs/numerics.md#converter-qparams)")
     bias = user.input[2] if len(user.input) > 2 and user.input[2] in consts else None
     return WeightQ(src, n.output[0], tuple(u.name for u, _ in users), kind, scales, per_channel,
                    codes.astype(np.int8), lo, hi, bias, f"xqat_wfq_{index}",

@@ -1,9 +1,9 @@
 """TF FakeQuant graph -> full-integer TFLite, and the whole ONNX(Q/DQ) -> .tflite step with its tensor map.
 
-Converter settings (tf-quant-semantics.md §4.1, export-route.md "Converter pitfalls"):
+Converter settings (docs/numerics.md#converter-settings, #converter-pitfalls):
 optimizations=[DEFAULT], no representative dataset, supported_ops left at the default, I/O type per
 `io_dtype`. Every ONNX activation DequantizeLinear output and every quantized weight is located in the
-.tflite and its (scale, zero point) compared with the ONNX Q/DQ (§4.3, §4.4).
+.tflite and its (scale, zero point) compared with the ONNX Q/DQ (docs/numerics.md#converter-qparams, #weights).
 """
 
 from __future__ import annotations
@@ -75,10 +75,12 @@ def _trackable(model):
 
 
 def keras_to_tflite(model, io_dtype: str = "int8", batch_size: int | None = 1) -> bytes:
-    """Convert a Keras model holding FakeQuant ops to a full-integer .tflite (QAT path, §4.1).
+    """Convert a Keras model holding FakeQuant ops to a full-integer .tflite (QAT path,
+    docs/numerics.md#converter-settings).
 
     No representative dataset: every range comes from the FakeQuant ops. `supported_ops` stays at the
-    default because TFLITE_BUILTINS_INT8 without a dataset fails for QAT graphs in TF 2.21 (§4.1).
+    default because TFLITE_BUILTINS_INT8 without a dataset fails for QAT graphs in TF 2.21
+    (docs/numerics.md#converter-settings).
     """
     import tensorflow as tf
 

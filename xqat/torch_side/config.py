@@ -36,13 +36,13 @@ class QATConfig:
 
     - `ema="debias"` (default): bias-corrected EMA as tf.contrib.quantize (zero_debias=True), so the first
       step's range is the batch range. `ema="tfmot"`: tfmot's MovingAverageQuantizer exactly (init +-6, no
-      debias, float32 decay applied before the same step's fake quant; tf-quant-semantics §2.1).
+      debias, float32 decay applied before the same step's fake quant; docs/numerics.md#ema).
     - `quant_delay`: training steps during which ranges are collected but activations pass unquantized
-      (tf.contrib quant_delay, §3). Weights follow the same delay.
+      (tf.contrib quant_delay, docs/numerics.md#quant-delay). Weights follow the same delay.
     - `freeze_bn_delay`: training steps after which BN statistics are frozen and the fold uses the moving
-      statistics only (§3). None: never freeze during training.
+      statistics only (docs/numerics.md#bn-folding). None: never freeze during training.
     - `learn_ranges`: after `range_warmup_steps` of EMA, activation min/max become trained parameters with
-      TF's gradient (§1.5).
+      TF's gradient (docs/numerics.md#gradients).
     - `skip`: module paths (or fx node names) left in float; the TFLite model is then not full-integer.
     - `edgetpu`: refuse, at prepare time, layers that can never run on the EdgeTPU (grouped conv, GELU,
       HardSwish, ...), so you learn it before training; `export_tflite(..., edgetpu=True)` checks again.

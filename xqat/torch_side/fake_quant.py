@@ -1,10 +1,10 @@
 """TensorFlow's fake-quant ops in torch, bit for bit: forward and gradient.
 
 `fake_quant` is tf.quantization.fake_quant_with_min_max_vars; `fake_quant_per_channel` is
-..._vars_per_channel. Every step is a separately rounded float32 op in TF's order (§1.3): the
+..._vars_per_channel. Every step is a separately rounded float32 op in TF's order (docs/numerics.md#forward): the
 per-tensor op divides by the scale, the per-channel op multiplies by the separately computed
 inverse scale, and rounding is floor(t - quant_zero + 0.5). The gradient is
-FakeQuantWithMinMaxVarsGradient (§1.5): a straight-through estimator inside the nudged range
+FakeQuantWithMinMaxVarsGradient (docs/numerics.md#gradients): a straight-through estimator inside the nudged range
 (bounds included), and the sums of the gradients strictly below/above it for min/max.
 """
 
@@ -28,7 +28,7 @@ _DENORM_MAX = float(torch.nextafter(torch.tensor(torch.finfo(torch.float32).tiny
 def _grid(min_val: torch.Tensor, max_val: torch.Tensor, num_bits: int, narrow_range: bool):
     """Nudged grid for the forward pass; min == max == 0 becomes a dummy grid that maps all to 0.
 
-    TF special-cases min == max == 0 (§1.4): output 0, gradient passed to x. Substituting the
+    TF special-cases min == max == 0 (docs/numerics.md#edge-cases): output 0, gradient passed to x. Substituting the
     grid nudged=[0, 0], scale=1 gives that output without a branch or a device sync.
     """
     g, inv_scale = nudge_with_inverse(min_val, max_val, num_bits, narrow_range)
@@ -67,7 +67,7 @@ def _clamp(x, lo, hi):
 
 
 def _forward_eager(x, nmin, nmax, step, scale, quant_zero, divide: bool):
-    """§1.3 in TF's op order, each step a separately rounded float32 op (in place after the clamp)."""
+    """TF's op order, each step a separately rounded float32 op, in place after the clamp (docs/numerics.md#forward)."""
     out = _clamp(x, nmin, nmax)
     out.sub_(nmin)
     out.div_(step) if divide else out.mul_(step)

@@ -2,7 +2,7 @@
 that sit between quantization points. Activation fake quant is not here: `prepare_qat` puts a
 `QuantPoint` after each module, exactly where the int8 TFLite graph has a tensor.
 
-BN folding in training follows tf.contrib.quantize / Jacob et al. (tf-quant-semantics.md §3).
+BN folding in training follows tf.contrib.quantize / Jacob et al. (docs/numerics.md#bn-folding).
 """
 
 from __future__ import annotations
@@ -119,8 +119,8 @@ class QConv2d(WeightQuantizedModule):
     training and a fused ReLU/ReLU6. Weights are quantized per output channel (`weight_axis`: 0, or 1 for
     the transposed conv, whose weight is (in, out, kh, kw)).
 
-    Without BN: y = conv(x, FQ(w)) + b. With BN before the freeze (§3): the weight is fake-quantized as
-    w·γ/σ_moving and the output corrected to the batch statistics,
+    Without BN: y = conv(x, FQ(w)) + b. With BN before the freeze (docs/numerics.md#bn-folding): the weight is
+    fake-quantized as w·γ/σ_moving and the output corrected to the batch statistics,
         y = conv(x, FQ(w·γ/σ_mv)) · σ_mv/σ_B + β − μ_B·γ/σ_B,
     with μ_B, σ_B from the float conv (`bn_stats="float"`, as tf.contrib) or from the quantized conv
     rescaled by σ_mv/γ (`bn_stats="quantized"`, one conv instead of two, as torch.ao); `sync_bn` takes
@@ -176,7 +176,8 @@ class QConv2d(WeightQuantizedModule):
         return self.functional(x, w, b)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Eval/export weight and bias: BN folded with the moving statistics (§3 eval graph)."""
+        """Eval/export weight and bias: BN folded with the moving statistics, the inference form of
+        docs/numerics.md#bn-folding."""
         w, b = self.conv.weight, self.conv.bias
         if self.bn is None:
             return w, b

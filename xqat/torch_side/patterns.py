@@ -258,9 +258,10 @@ def _mean_rule(node: fx.Node) -> Kind:
     dims = arg(node, 1, "dim")
     dims = {dims} if isinstance(dims, int) else set(dims or ())
     rank = len(shape(tensor_inputs(node)[0])) if tensor_inputs(node) else 0
-    if rank == 4 and {d % 4 for d in dims} == {2, 3}:
-        return OpKind.MEAN, ""  # ReduceMean stays a MEAN in TFLite, also over a 1x1 map
-    return OpKind.UNSUPPORTED, "mean over dims other than the spatial ones (2, 3) has no placement in xqat yet"
+    if rank in (3, 4) and {d % rank for d in dims} == set(range(2, rank)):
+        return OpKind.MEAN, ""  # ReduceMean stays a MEAN in TFLite, also over a 1x1 map (1-D: over time)
+    return OpKind.UNSUPPORTED, ("mean over dims other than all spatial ones ((2, 3) of a 4-D, 2 of a 3-D tensor) "
+                                "has no placement in xqat yet")
 
 
 def _conv_module(m: nn.Module) -> Kind:

@@ -3,7 +3,7 @@
 `nudge` is TensorFlow's fake-quant kernel (float32, zero point from min); `tflite_qparams` is the
 TFLite converter (double, zero point from whichever end has the smaller error). They disagree near
 zero points of .5, so every other part of xqat calls these two functions and nothing else.
-Spec: tf-quant-semantics.md §1.2 (nudge) and §4.3 (converter).
+Formulas: docs/numerics.md#nudge and docs/numerics.md#converter-qparams.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _as_f32(v, device=None) -> torch.Tensor:
 
 
 def _nudge_core(mn, mx, qmin, qmax, where, floor):
-    """TF's Nudge (§1.2) over float32 arrays of either library: each op rounds in float32."""
+    """TF's Nudge (docs/numerics.md#nudge) over float32 arrays of either library: each op rounds in float32."""
     steps = qmax - qmin
     scale = (mx - mn) / steps
     inv_scale = steps / (mx - mn)  # computed separately, NOT 1/scale
@@ -58,7 +58,8 @@ def _nudge_core(mn, mx, qmin, qmax, where, floor):
 
 
 def nudge_with_inverse(min_val, max_val, num_bits: int = 8, narrow_range: bool = False):
-    """`nudge` plus TF's separately computed inverse scale, (qmax-qmin)/(max-min), not 1/scale (§1.2)."""
+    """`nudge` plus TF's separately computed inverse scale, (qmax-qmin)/(max-min), not 1/scale
+    (docs/numerics.md#nudge)."""
     qmin_i, qmax_i = quant_bounds(num_bits, narrow_range)
     mn = _as_f32(min_val)
     mx = _as_f32(max_val, device=mn.device)
@@ -80,7 +81,7 @@ def nudge_numpy(min_val, max_val, num_bits: int = 8, narrow_range: bool = False)
 def nudge(min_val, max_val, num_bits: int = 8, narrow_range: bool = False) -> Nudged:
     """(scale, zero_point, nudged_min, nudged_max) exactly as TF's fake-quant kernel computes them.
 
-    float32 throughout, zero point always from `min` and rounded half away from zero (§1.2).
+    float32 throughout, zero point always from `min` and rounded half away from zero (docs/numerics.md#nudge).
     Works elementwise, so per-channel ranges nudge channel by channel.
     """
     return nudge_with_inverse(min_val, max_val, num_bits, narrow_range)[0]
@@ -99,7 +100,7 @@ def tflite_qparams(min_val, max_val, num_bits: int = 8, narrow_range: bool = Fal
     """(scale, zero point) the TFLite converter derives from a FakeQuant's min/max.
 
     Double arithmetic; the zero point comes from min or max, whichever adds less error
-    (FakeQuantSupport.cc getNudgedScaleAndZeroPoint, §4.3). Elementwise over arrays.
+    (FakeQuantSupport.cc getNudgedScaleAndZeroPoint, docs/numerics.md#converter-qparams). Elementwise over arrays.
     """
     qmin, qmax = quant_bounds(num_bits, narrow_range)
     rmin = np.asarray(min_val.detach().cpu() if isinstance(min_val, torch.Tensor) else min_val, np.float64)
@@ -146,7 +147,7 @@ def canonical_range(scale: float, zero_point: int, num_bits: int = 8, narrow_ran
     (scale, zero_point); None if no candidate within `max_ulps` of the grid ends does.
 
     The exporter rebuilds FakeQuant ranges from ONNX Q/DQ (scale, zero point) with this, so the
-    .tflite stores the grid torch simulated (§4.3, §7 item 4).
+    .tflite stores the grid torch simulated (docs/numerics.md#converter-qparams, #snapping).
     """
     qmin, qmax = quant_bounds(num_bits, narrow_range)
     s = np.float32(scale)

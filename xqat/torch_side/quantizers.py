@@ -2,7 +2,7 @@
 
 Quantizers hold statistics and decide the (min, max) to use; the numerics are `fake_quant` and
 `fake_quant_per_channel` (TF-exact), so a quantizer has no rounding code of its own.
-Spec: tf-quant-semantics.md §2.1 (tfmot EMA), §3 (tf.contrib zero-debias EMA, quant_delay).
+Formulas: docs/numerics.md#ema (tfmot and tf.contrib zero-debias EMA), docs/numerics.md#quant-delay.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from .qparams import nudge, snap_range
 
 __all__ = ["ActivationQuantizer", "WeightQuantizer", "QuantPoint", "FIXED_RANGES"]
 
-# TFLite's fixed output grids (quantization_spec.md, §4.4), as FakeQuant ranges that nudge to them:
+# TFLite's fixed output grids (quantization_spec.md, docs/numerics.md#fixed-output-grids), as FakeQuant ranges that
+# nudge to them:
 # LOGISTIC/SOFTMAX: scale 1/256, int8 zero point -128; TANH: scale 1/128, zero point 0.
 FIXED_RANGES = {"sigmoid": (0.0, 255.0 / 256.0), "softmax": (0.0, 255.0 / 256.0), "tanh": (-1.0, 127.0 / 128.0)}
 
@@ -92,7 +93,8 @@ class ActivationQuantizer(nn.Module):
     # -- statistics ----------------------------------------------------------------------------
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        """One EMA update from a batch (§2.1 tfmot / §3 contrib zero-debias), skipping non-finite values."""
+        """One EMA update from a batch (tfmot / contrib zero-debias, docs/numerics.md#ema), skipping non-finite
+        values."""
         x = x.detach()
         if x.numel() == 0:
             from ..errors import InputError
@@ -119,12 +121,12 @@ class ActivationQuantizer(nn.Module):
         self.step += 1
         one_minus_decay = torch.tensor(1.0 - self.decay, dtype=torch.float32, device=bmin.device)
         if self.ema == "tfmot":
-            # var <- var - (var - r) * float32(1 - decay); no debias, init +-6 (§2.1)
+            # var <- var - (var - r) * float32(1 - decay); no debias, init +-6 (docs/numerics.md#ema)
             self.min.data.sub_((self.min.data - bmin) * one_minus_decay)
             self.max.data.sub_((self.max.data - bmax) * one_minus_decay)
             return
         # tf.contrib assign_moving_average(zero_debias=True): biased <- biased - (biased - r)(1-d);
-        # unbiased <- unbiased - (unbiased - biased / (1 - d^t)) (§3)
+        # unbiased <- unbiased - (unbiased - biased / (1 - d^t)) (docs/numerics.md#ema)
         self.biased_min.sub_((self.biased_min - bmin) * one_minus_decay)
         self.biased_max.sub_((self.biased_max - bmax) * one_minus_decay)
         debias = 1.0 - torch.pow(1.0 - one_minus_decay, self.step.float())
@@ -173,9 +175,9 @@ class ActivationQuantizer(nn.Module):
     def snapped(self):
         """The deployable range: TF's grid for the current (min, max), written so the converter agrees.
 
-        An all-zero range (an all-constant tensor: a dead ReLU, x*0), where TF outputs 0 (§1.4), deploys as the
-        converter's degenerate scale 1.0 (§4.3) with the zero point at the top of the grid: every x >= 0 (a
-        ReLU output: all of them) still quantizes to exactly 0."""
+        An all-zero range (an all-constant tensor: a dead ReLU, x*0), where TF outputs 0 (docs/numerics.md#edge-cases),
+        deploys as the converter's degenerate scale 1.0 (docs/numerics.md#converter-qparams) with the zero point at the
+        top of the grid: every x >= 0 (a ReLU output: all of them) still quantizes to exactly 0."""
         if self._all_zero():
             return snap_range(-float((1 << self.num_bits) - 1), 0.0, self.num_bits, False)
         return snap_range(float(self.min.detach()), float(self.max.detach()), self.num_bits, False)
@@ -227,7 +229,8 @@ class QuantPoint(nn.Module):
         return self.quantizer(x, observe=self.observe)
 
     def _average_pool_rounding(self, x: torch.Tensor) -> torch.Tensor:
-        """TFLite's AVERAGE_POOL_2D rounding on the pooled grid values (same kernel on every backend, §5.3):
+        """TFLite's AVERAGE_POOL_2D rounding on the pooled grid values (same kernel on every backend,
+        docs/numerics.md#average-pool):
         sum the integer codes, divide by the pixel count rounding half away from zero in the int8 domain.
         TF's fake quant would round half up in the real domain instead (a -0.18 LSB bias). Gradient: STE."""
         q = self.quantizer
@@ -247,8 +250,8 @@ class QuantPoint(nn.Module):
 
 class WeightQuantizer(nn.Module):
     """Symmetric narrow-range weight fake quant, range = max|w| of the current weights (tfmot's
-    LastValueQuantizer without the stale-range trap, §2.1/§7.6): per output channel (axis 0) for
-    conv and depthwise conv, per tensor for Linear (the converter rejects per-channel FC, export-route.md).
+    LastValueQuantizer without the stale-range trap, docs/numerics.md#weight-ranges): per output channel (axis 0) for
+    conv and depthwise conv, per tensor for Linear (the converter rejects per-channel FC, docs/numerics.md#weights).
     """
 
     def __init__(self, per_channel: bool, num_bits: int = 8, axis: int = 0) -> None:

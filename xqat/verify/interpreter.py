@@ -1,5 +1,5 @@
 """The TFLite interpreter (ai-edge-litert) on a named backend, and TFLite's float->int8 input rule per
-backend. tf-quant-semantics.md §5.3: the default resolver applies XNNPACK; "builtin" is the optimized
+backend. docs/numerics.md#backends: the default resolver applies XNNPACK; "builtin" is the optimized
 kernels without delegates; "reference" the reference kernels."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from .backends import BACKENDS, check_backend
 
 __all__ = ["BACKENDS", "make_interpreter", "quantize_input", "QUANTIZE_RULES"]
 
-# How TFLite's own QUANTIZE op turns float32 into codes on each backend (§5.3, QUANTIZE f32->i8).
+# How TFLite's own QUANTIZE op turns float32 into codes on each backend (docs/numerics.md#quantize, QUANTIZE f32->i8).
 QUANTIZE_RULES = {
     "reference": "q = round_half_away_from_zero(float32(x / scale)) + zero_point, clamped (reference kernel)",
     "builtin": "q = round_half_to_even(float32(x * float32(1 / scale))) + zero_point in 8-lane blocks, the last "
