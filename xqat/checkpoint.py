@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import XQATError
 from .torch_side.config import QATConfig
-from .torch_side.prepare import is_qat_model, prepare_qat, qat_config
+from .torch_side.prepare import prepare_qat, qat_config, require_qat_model
 
 __all__ = ["save_qat", "load_qat", "load_factory", "state_hash"]
 
@@ -50,8 +50,7 @@ def state_hash(state: Mapping[str, torch.Tensor]) -> str:
 def save_qat(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...]) -> None:
     """Save a QAT model's full state (ranges, step counters, freeze flags, BN statistics), config and a
     content hash of the state."""
-    if not is_qat_model(model):
-        raise XQATError(f"{type(model).__name__} was not made by xqat.prepare_qat; save it with torch.save instead")
+    require_qat_model(model, "be saved with xqat.save_qat (save a float model with torch.save)")
     state = model.state_dict()
     torch.save({"format": FORMAT, "config": dataclasses.asdict(qat_config(model)),
                 "input_shape": list(input_shape), "state_dict": state, "sha256": state_hash(state)}, path)

@@ -14,13 +14,14 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from ..tflite.model import TFLiteModel, TFLiteOp, TFLiteTensor
+from ..tflite.qtypes import TENSOR_TYPE_QRANGE
 
 __all__ = ["FAIL", "CPU", "WARN", "OpRule", "ModelRule", "QRANGE", "op_code", "is_boundary_op", "tensors",
            "input_tensor", "const_input", "non_unit", "names", "axis_list", "filter_positions"]
 
 FAIL, CPU, WARN = "FAIL", "CPU", "WARN"
 
-QRANGE = {"INT8": (-128, 127), "UINT8": (0, 255)}
+QRANGE = {k: v for k, v in TENSOR_TYPE_QRANGE.items() if k != "INT16"}  # 8-bit types only
 _CODES = {k: v for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 
 

@@ -11,6 +11,7 @@ import torch
 
 from ...errors import EmulationError
 from ...tflite.model import TFLiteModel, TFLiteOp, TFLiteTensor
+from ...tflite.qtypes import TENSOR_TYPE_QRANGE
 from .rules import rules_for
 
 __all__ = ["Kernel", "Op", "QRANGE", "TORCH_DTYPES", "batched_shape", "same_padding", "simd_body", "simd_split",
@@ -22,7 +23,7 @@ TORCH_DTYPES = {
     "INT8": torch.int8, "UINT8": torch.uint8, "INT16": torch.int16, "INT32": torch.int32,
     "INT64": torch.int64, "FLOAT32": torch.float32,
 }
-QRANGE = {"INT8": (-128, 127), "UINT8": (0, 255), "INT16": (-32768, 32767)}
+QRANGE = TENSOR_TYPE_QRANGE
 
 
 class Op:
