@@ -157,15 +157,20 @@ def make_model(name: str, seed: int = 0) -> nn.Module:
     """A float model of the set, eval mode, with randomised BN statistics so folding matters."""
     torch.manual_seed(seed)
     m = MODELS[name]()
-    g = torch.Generator().manual_seed(seed + 1)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            n = mod.num_features
-            mod.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            mod.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-            mod.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            mod.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-    return m.eval()
+    return randomize_bn(m, seed + 1)
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics, so folding matters; eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+    return model.eval()
 
 
 # Activation fake-quant points per model, in graph order: (label, role). Role: "own" = observes its range

@@ -65,15 +65,20 @@ def _exact_context(device: torch.device):
     return torch.backends.nnpack.flags(enabled=False) if hasattr(torch.backends, "nnpack") else nullcontext()
 
 
+def _check_int8_filter(o: Op, tw) -> None:
+    """Conv-like kernels take constant, symmetric int8 filters only."""
+    if tw.dtype != "INT8" or tw.data is None:
+        raise o.fail(f"filter '{tw.name}' must be a constant int8 tensor (got {tw.dtype})")
+    if np.any(tw.zero_points != 0):
+        raise o.fail(f"filter '{tw.name}' has nonzero zero points; int8 filters are symmetric")
+
+
 def conv_like(o: Op, depthwise: bool) -> Kernel:
     opts = o.op.options
     tin, tw = o.tin(0), o.tin(1)
     s_in, zp_in = o.qp(tin)
     s_out, _ = o.qp(o.tout)
-    if tw.dtype != "INT8" or tw.data is None:
-        raise o.fail(f"filter '{tw.name}' must be a constant int8 tensor (got {tw.dtype})")
-    if np.any(tw.zero_points != 0):
-        raise o.fail(f"filter '{tw.name}' has nonzero zero points; int8 filters are symmetric")
+    _check_int8_filter(o, tw)
     if depthwise:  # (1, kh, kw, C*M) -> (C*M, 1, kh, kw)
         w = tw.data[0].transpose(2, 0, 1)[:, None].astype(np.float64)
         groups = tin.shape[3]
@@ -170,10 +175,7 @@ def transpose_conv(o: Op) -> Kernel:
     tw, tin = o.tin(1), o.tin(2)
     s_in, zp_in = o.qp(tin)
     s_out, _ = o.qp(o.tout)
-    if tw.dtype != "INT8" or tw.data is None:
-        raise o.fail(f"filter '{tw.name}' must be a constant int8 tensor (got {tw.dtype})")
-    if np.any(tw.zero_points != 0):
-        raise o.fail(f"filter '{tw.name}' has nonzero zero points; int8 filters are symmetric")
+    _check_int8_filter(o, tw)
     w = tw.data.astype(np.float64)  # (O, kh, kw, I)
     cout, kh, kw, _ = w.shape
     bias_np = (o.tin(3).data.astype(np.float64) if o.has_input(3) and o.tin(3).data is not None
