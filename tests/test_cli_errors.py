@@ -135,6 +135,24 @@ def test_bit_flipped_checkpoint_is_refused_naming_the_file(files, tmp_path):
         load_qat(FACTORY, bad)
 
 
+def test_checkpoint_without_hash_loads_with_a_warning(files, tmp_path):
+    ckpt = torch.load(files / "qat.pt", weights_only=True)
+    old = tmp_path / "old.pt"
+    torch.save({k: v for k, v in ckpt.items() if k != "sha256"}, old)
+    with pytest.warns(UserWarning, match=r"old\.pt has no content hash"):
+        load_qat(FACTORY, old)
+
+
+def test_export_cli_imports_a_factory_file_once(files, tmp_path, capsys):
+    counter = tmp_path / "imports.txt"
+    (tmp_path / "counted.py").write_text(
+        f"open({str(counter)!r}, 'a').write('x')\nfrom tests.models import plain as build\n")
+    rc, err = _cli(["export", f"{tmp_path / 'counted.py'}:build", "--weights", str(files / "qat.pt"),
+                    "-o", str(tmp_path / "c.tflite")], capsys)
+    assert rc == 0, err
+    assert counter.read_text() == "x"
+
+
 def test_load_factory_does_not_search_the_working_directory(tmp_path, monkeypatch):
     (tmp_path / "cwd_only_factory.py").write_text("def build():\n    raise AssertionError('ran')\n")
     monkeypatch.chdir(tmp_path)

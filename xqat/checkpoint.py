@@ -16,7 +16,8 @@ import importlib.util
 import math
 import os
 import sys
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -117,7 +118,10 @@ def _unpack(path: Path, ckpt) -> tuple[QATConfig, dict, list | None]:
         if not isinstance(state, Mapping):
             raise XQATError(f"checkpoint {path} has no state_dict; save it with xqat.save_qat")
         want = ckpt.get("sha256")
-        if want is not None and want != state_hash(state):
+        if want is None:
+            warnings.warn(f"checkpoint {path} has no content hash (saved by an older xqat), so damage cannot be "
+                          "detected; save it again with xqat.save_qat", stacklevel=3)
+        elif want != state_hash(state):
             raise XQATError(f"checkpoint {path} is damaged: its tensors do not match the content hash stored at "
                             "save time (bit flips, partial copy or edited file); use an intact copy")
         fields = {f.name for f in dataclasses.fields(QATConfig)}
@@ -152,13 +156,15 @@ def _input_shape(path: Path, shape) -> tuple[int, ...]:
     return shape
 
 
-def load_qat(factory: str, checkpoint: str | os.PathLike, input_shape: tuple[int, ...] | None = None) -> tuple[
-        nn.Module, tuple[int, ...]]:
-    """Rebuild a trained QAT model: float model from the factory, prepare_qat, then the checkpoint's state."""
+def load_qat(factory: str | Callable[[], nn.Module], checkpoint: str | os.PathLike,
+             input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, tuple[int, ...]]:
+    """Rebuild a trained QAT model: float model from the factory (MODULE:FUNCTION or the callable itself),
+    prepare_qat, then the checkpoint's state."""
     path = Path(checkpoint)
     config, state, saved_shape = _unpack(path, _read_checkpoint(path))
     input_shape = _input_shape(path, input_shape or saved_shape)
     build = load_factory(factory) if isinstance(factory, str) else factory
+    factory = factory if isinstance(factory, str) else f"{build.__module__}:{build.__qualname__}"
     try:
         float_model = build()
     except XQATError:

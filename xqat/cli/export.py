@@ -40,14 +40,14 @@ def run(args: argparse.Namespace) -> int:
         from ..export.atomic import check_writable
 
         check_writable(args.saved_model, what="SavedModel folder", directory=True)
-    load_factory(args.factory)  # a bad MODULE:FACTORY fails before torch and the checkpoint load
+    build = load_factory(args.factory)  # a bad MODULE:FACTORY fails before torch and the checkpoint load
 
     import torch
 
     from ..checkpoint import load_qat
     from ..export.api import export_tflite, save_report_json
 
-    qat, shape = load_qat(args.factory, args.weights, args.input_shape)
+    qat, shape = load_qat(build, args.weights, args.input_shape)
     out = Path(args.output)
     existed = out.exists()
     report = export_tflite(qat, torch.zeros(shape), out, io_dtype=args.io_dtype,

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.json, "JSON report")
     validate_model(read_tflite(args.tflite), runnable=True)
     x = load_inputs(args.data) if args.data else None
-    load_factory(args.model)
+    build = load_factory(args.model)
 
     import torch
 
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from ..export.atomic import atomic_write_bytes
     from ..verify.parity import parity
 
-    qat, shape = load_qat(args.model, args.weights, args.input_shape)
+    qat, shape = load_qat(build, args.weights, args.input_shape)
     if x is None:
         x = torch.rand(args.random, *shape[1:], generator=torch.Generator().manual_seed(0))
     report = parity(qat, args.tflite, x, backend=args.backend, layerwise=args.layerwise, tolerance=args.tolerance,
