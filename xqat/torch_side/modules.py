@@ -145,7 +145,7 @@ class QConv2d(WeightQuantizedModule):
     rescaled by σ_mv/γ (`bn_stats="quantized"`, one conv instead of two, as torch.ao); `sync_bn` takes
     them over all torch.distributed ranks (SyncBatchNorm semantics, gradient included). After the freeze,
     in eval and at export: y = conv(x, FQ(w·γ/√(var_mv+ε))) + β + (b − μ_mv)·γ/σ_mv.
-    The bias is never fake-quantized: TFLite derives the int32 bias from s_in·s_w.
+    That bias goes on the int32 grid s_in·s_w TFLite stores (`deployed_bias`, docs/numerics.md#bias).
     """
 
     def __init__(self, conv: nn.Conv2d | nn.Conv1d | nn.ConvTranspose2d, bn: nn.BatchNorm2d | None = None,
