@@ -216,7 +216,8 @@ GAIN_CASES = {  # name -> (model factory, input shape): the degenerate maps of M
     "dw5_s2_3x3_bn": (lambda: GainConv(5, 2, True, True), (1, 4, 3, 3)),
     "dw3_s2_8x8": (lambda: GainConv(3, 2, True, False), (1, 4, 8, 8)),
     "conv3_s1_6x6_bn": (lambda: GainConv(3, 1, False, True), (1, 4, 6, 6)),
-    "linear": (GainLinear, (1, 4, 1, 1)),
+    "linear": (GainLinear, (1, 4, 1, 1)),  # also: the input's no-op flatten fused into FULLY_CONNECTED, its
+    # tensor then has no layer name ("tfl.quantize") and is located as the one input left
 }
 
 
