@@ -210,6 +210,20 @@ class GainLinear(nn.Module):
         return self.act(self.fc(torch.flatten(x, 1)))
 
 
+def test_each_weight_layer_is_linked_to_its_input_range_group_also_in_a_copy():
+    """The int32 bias grid is s_in * s_w: each conv / linear knows its input's quantizer, through a folded flatten
+    too, and a deep copy (what export and parity work on) links to its own quantizers."""
+    import copy
+
+    net = nn.Sequential(_conv(3, 8, 2), nn.Flatten(), nn.Linear(8 * 2 * 2, 4))
+    qat = xqat.prepare_qat(net.eval(), torch.rand(1, 3, 4, 4))
+    group = {p.label: p.group for p in xqat.quant_points(qat)}
+    assert qat.get_submodule("0.0")._input_quantizer is qat.xqat_quantizers[group["input:input_1"]]
+    assert qat.get_submodule("2")._input_quantizer is qat.xqat_quantizers[group["0.0"]]
+    twin = copy.deepcopy(qat)
+    assert twin.get_submodule("2")._input_quantizer is twin.xqat_quantizers[group["0.0"]]
+
+
 GAIN_CASES = {  # name -> (model factory, input shape): the degenerate maps of MNASNet at 32x32 and a plain one
     "dw3_s1_1x1": (lambda: GainConv(3, 1, True, False), (1, 4, 1, 1)),
     "dw5_s1_2x2_bn": (lambda: GainConv(5, 1, True, True), (1, 4, 2, 2)),
