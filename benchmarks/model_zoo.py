@@ -41,9 +41,6 @@ KNOWN_CAUSES = {
     "vgg11_bn at 64 px": "AdaptiveAvgPool2d(7) over a 2x2 map has unequal windows, which no TFLite op computes "
     "(the error says so; at 224 px, or with AdaptiveAvgPool2d(1), it prepares)",
     "regnet_x_400mf": "not in this run: onnx2tf's conversion ends in a ValueError after about 10 minutes",
-    "mnasnet0_5 at 32x32": "exports strictly, but local parity shows layers of its own at fault: the 5x5 depthwise "
-    "convs on 1x1/2x2 maps differ by up to 6 LSB and layers.3 by up to 3 LSB given the interpreter's own inputs "
-    "(a wrong function at that degenerate shape, not drift)",
 }
 
 

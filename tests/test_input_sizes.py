@@ -13,6 +13,7 @@ from torch import nn
 import xqat
 from tests.models import make_model
 from xqat.tflite.model import read_tflite
+from xqat.torch_side.modules import WeightQuantizedModule
 from xqat.verify.interpreter import BACKENDS
 
 
@@ -162,3 +163,136 @@ def test_adaptive_pool_to_a_larger_uneven_size_is_refused_with_a_fix_that_works(
         xqat.prepare_qat(net, torch.rand(1, 3, 4, 4))
     assert _points(net, (1, 3, 28, 28))[-1] == ("1", "tied")  # 14x14 -> 7x7: an AVERAGE_POOL_2D
     assert _points(net, (1, 3, 14, 14))[-1] == ("0.0", "own")  # 7x7 -> 7x7: no op
+
+
+# -- layers whose gain s_in * s_w / s_out exceeds 1 (MNASNet at 32x32) -------------------------------------------
+class GainConv(nn.Module):
+    """One conv (+ BN) + ReLU6 on the input, weights so large that one input step times one weight step is worth
+    several output LSB (gain s_in * s_w / s_out of ~6): the int32 bias grid s_in * s_w is then coarser than the
+    output grid, and its rounding (docs/numerics.md#bias) moves outputs by several LSB. Sparse inputs put many
+    windows at exactly 0, where the output is the bias alone."""
+
+    def __init__(self, k: int, stride: int, depthwise: bool, bn: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, k, stride, k // 2, groups=4 if depthwise else 1, bias=not bn)
+        self.bn = nn.BatchNorm2d(4, momentum=0.0) if bn else nn.Identity()  # calibration keeps its statistics
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            self.conv.weight.copy_((torch.rand(self.conv.weight.shape, generator=g) * 2 - 1) * 5000)
+            bias = torch.rand(4, generator=g) * 5 + 0.5  # inside ReLU6's band
+            if bn:  # the same layer as a BN fold: w * 1000, bias = beta - mean * 1000
+                self.conv.weight.div_(1000)
+                self.bn.weight.fill_(1000.0)
+                self.bn.running_var.fill_(1.0 - self.bn.eps)
+                self.bn.running_mean.copy_(torch.rand(4, generator=g) * 1e-3)
+                self.bn.bias.copy_(bias + self.bn.running_mean * 1000)
+            else:
+                self.conv.bias.copy_(bias)
+        self.act = nn.ReLU6()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class GainLinear(nn.Module):
+    """The same for a Linear layer (per-tensor weight scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        g = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            self.fc.weight.copy_((torch.rand(self.fc.weight.shape, generator=g) * 2 - 1) * 5000)
+            self.fc.bias.copy_(torch.rand(6, generator=g) * 5 + 0.5)
+        self.act = nn.ReLU6()
+
+    def forward(self, x):
+        return self.act(self.fc(torch.flatten(x, 1)))
+
+
+def test_each_weight_layer_is_linked_to_its_input_range_group_also_in_a_copy():
+    """The int32 bias grid is s_in * s_w: each conv / linear knows its input's quantizer, through a folded flatten
+    too, and a deep copy (what export and parity work on) links to its own quantizers."""
+    import copy
+
+    net = nn.Sequential(_conv(3, 8, 2), nn.Flatten(), nn.Linear(8 * 2 * 2, 4))
+    qat = xqat.prepare_qat(net.eval(), torch.rand(1, 3, 4, 4))
+    group = {p.label: p.group for p in xqat.quant_points(qat)}
+    assert qat.get_submodule("0.0")._input_quantizer is qat.xqat_quantizers[group["input:input_1"]]
+    assert qat.get_submodule("2")._input_quantizer is qat.xqat_quantizers[group["0.0"]]
+    twin = copy.deepcopy(qat)
+    assert twin.get_submodule("2")._input_quantizer is twin.xqat_quantizers[group["0.0"]]
+
+
+GAIN_CASES = {  # name -> (model factory, input shape): the degenerate maps of MNASNet at 32x32 and a plain one
+    "dw3_s1_1x1": (lambda: GainConv(3, 1, True, False), (1, 4, 1, 1)),
+    "dw5_s1_2x2_bn": (lambda: GainConv(5, 1, True, True), (1, 4, 2, 2)),
+    "dw5_s2_3x3_bn": (lambda: GainConv(5, 2, True, True), (1, 4, 3, 3)),
+    "dw3_s2_8x8": (lambda: GainConv(3, 2, True, False), (1, 4, 8, 8)),
+    "conv3_s1_6x6_bn": (lambda: GainConv(3, 1, False, True), (1, 4, 6, 6)),
+    "linear": (GainLinear, (1, 4, 1, 1)),  # also: the input's no-op flatten fused into FULLY_CONNECTED, its
+    # tensor then has no layer name ("tfl.quantize") and is located as the one input left
+}
+
+
+def _sparse(shape, seed):
+    """Inputs in [0, 1], nine tenths exactly 0."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g) * (torch.rand(shape, generator=g) > 0.9)
+
+
+@pytest.fixture(scope="module")
+def gain_exported(tmp_path_factory):
+    folder, out = tmp_path_factory.mktemp("gain"), {}
+    for name, (factory, shape) in GAIN_CASES.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qat = xqat.prepare_qat(factory().eval(), torch.rand(shape)).train()
+            with torch.no_grad():  # calibration: dense inputs, so the input range is [0, 1]
+                for i in range(4):
+                    qat(torch.rand(8, *shape[1:], generator=torch.Generator().manual_seed(10 + i)))
+            qat.eval()
+            path = folder / f"{name}.tflite"
+            try:
+                report = xqat.export_tflite(qat, torch.rand(shape), path)
+            except Exception as e:  # noqa: BLE001 -- reported by the tests of that case
+                report = e
+        out[name] = (qat, path, report, shape)
+    return out
+
+
+@pytest.mark.parametrize("name", list(GAIN_CASES))
+def test_large_gain_layer_simulates_the_int32_bias_grid(gain_exported, name):
+    """Strict export, layer gain above 1 (else the case tests nothing), every output code identical or 1 LSB
+    away on every backend, and the emulator equal to the interpreter."""
+    from tests.zoo_check import emulator_matches
+
+    qat, path, report, shape = gain_exported[name]
+    if isinstance(report, Exception):
+        raise report
+    assert report.ok and report.all_qparams_equal, report.problems()
+    m = read_tflite(path)
+    op = next(o for o in m.ops if o.name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"))
+    s_in, s_out = m.tensors[op.inputs[0]].scales[0], m.tensors[op.outputs[0]].scales[0]
+    assert max(m.tensors[op.inputs[1]].scales) * s_in / s_out > 3
+    x = _sparse((16, *shape[1:]), 5)
+    for backend in BACKENDS:
+        r = xqat.parity(qat, path, x, backend=backend, layerwise=True)
+        assert all(row.max_abs <= 1 for row in r.outputs), r.table()
+        assert emulator_matches(path, (x,), backend)
+
+
+@pytest.mark.parametrize("name", ["dw5_s1_2x2_bn", "linear"])
+def test_simulated_bias_is_the_int32_bias_of_the_tflite(gain_exported, name):
+    qat, path, report, _ = gain_exported[name]
+    if isinstance(report, Exception):
+        raise report
+    layer = next(m for m in qat.modules() if isinstance(m, WeightQuantizedModule))
+    _, _, bias = layer.export_weights()
+    m = read_tflite(path)
+    op = next(o for o in m.ops if o.name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"))
+    b = m.tensors[op.inputs[2]]
+    codes = bias.double().numpy() / b.scales.astype("float64")
+    assert (codes.round() == b.data).all() and abs(codes - b.data).max() < 0.01  # float32 on the int32 grid
+    float_bias = layer.folded()[1].detach().double().numpy() / b.scales.astype("float64")
+    assert abs(float_bias - b.data).max() > 0.05  # the float bias is off the grid: the case tests something

@@ -33,7 +33,6 @@ KNOWN_FAILURES = {
     "timm/resnet18d": ("zero-init BN gamma: weight scales the converter widens, so codes differ", False),
     "regnet_x_400mf": ("onnx2tf's conversion fails after ~10 minutes", False),
     "vgg11_bn": ("AdaptiveAvgPool2d(7) over a 2x2 map at 64 px has no TFLite op", True),
-    ("mnasnet0_5", (32, 32)): ("its 5x5 depthwise convs on 1x1/2x2 maps differ by up to 6 LSB (local parity)", True),
 }
 
 

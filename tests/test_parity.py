@@ -362,13 +362,15 @@ def test_local_parity_names_the_perturbed_layer(deep, backend, perturb, label):
 
 
 def test_local_parity_removes_accumulated_differences(deep):
-    """Unperturbed: end to end the ±1 LSB differences grow with depth; locally each layer is near exact."""
+    """Unperturbed: end to end the ±1 LSB differences can grow with depth; locally each layer is near exact and
+    never further from the file than end to end (on xnnpack this net is now exact end to end: with the int32
+    bias simulated, docs/numerics.md#bias, little is left to accumulate)."""
     qat, path, x = deep
     local = xqat.parity(qat, path, x, local=True, tolerance=0)  # local implies layerwise
     e2e = xqat.parity(qat, path, x, layerwise=True, tolerance=0)
     assert local.layers and local.first_divergent is None, local.table()
     assert all(t.identical >= 0.995 and t.max_abs <= 1 for t in local.layers), local.table()
-    assert sum(t.identical for t in local.layers) > sum(t.identical for t in e2e.layers), e2e.table()
+    assert sum(t.identical for t in local.layers) >= sum(t.identical for t in e2e.layers), e2e.table()
     assert [t.identical for t in local.outputs] == [t.identical for t in e2e.outputs]  # outputs: end to end
 
 

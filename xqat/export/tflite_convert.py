@@ -143,7 +143,7 @@ class TensorLocations:
     tensor_map: dict[str, int]  # activation DQ output -> TFLite tensor index
     weight_map: dict[str, int]  # weight initializer -> TFLite tensor index (int8 kernel)
     bias_map: dict[str, int]  # bias initializer -> TFLite tensor index (int32)
-    located_by: dict[str, str]  # activation -> "fake_quant" | "producer" | "producer^k" (k-th ancestor layer)
+    located_by: dict[str, str]  # activation -> "fake_quant" | "producer" | "producer^k" (k-th ancestor layer) | "input"
     fused: dict[str, int]  # activation -> index of the TFLite op that absorbed the tensor (e.g. PAD into CONV)
     unmapped: tuple[str, ...]  # found nowhere (should not happen; the report flags it)
 
@@ -182,6 +182,7 @@ def locate_tensors(tfl: TFLiteModel, plan: QDQPlan, records: dict[str, Activatio
             fused[name] = found[0]
         else:
             tensor_map[name], how[name] = found
+    unmapped = _locate_lone_input(tfl, plan, unmapped, tensor_map, how)
 
     weight_map: dict[str, int] = {}
     bias_map: dict[str, int] = {}
@@ -199,6 +200,28 @@ def locate_tensors(tfl: TFLiteModel, plan: QDQPlan, records: dict[str, Activatio
         else:
             unmapped.append(w.name)
     return TensorLocations(tensor_map, weight_map, bias_map, how, fused, tuple(unmapped))
+
+
+def _locate_lone_input(tfl: TFLiteModel, plan: QDQPlan, unmapped: list[str], tensor_map: dict[str, int],
+                       how: dict[str, str]) -> list[str]:
+    """A model input whose first op the converter fused its reshape into (a no-op flatten into a Linear) keeps no
+    layer name ("tfl.quantize"): when it is the one model input left unmapped and one .tflite input is left, that
+    input (or, for uint8 / float32 I/O, the QUANTIZE output it feeds) is its int8 tensor."""
+    missing = [n for n in unmapped if plan.activations.get(n) is not None
+               and plan.activations[n].source in plan.input_names]
+    left = [_int8_of_input(tfl, i) for i in tfl.inputs]
+    left = [i for i in left if i is not None and i not in tensor_map.values()]
+    if len(missing) != 1 or len(left) != 1:
+        return unmapped
+    tensor_map[missing[0]], how[missing[0]] = left[0], "input"
+    return [n for n in unmapped if n != missing[0]]
+
+
+def _int8_of_input(tfl: TFLiteModel, index: int) -> int | None:
+    if tfl.tensors[index].dtype == "INT8":
+        return index
+    quantize = [op for op in tfl.consumers.get(index, []) if op.name == "QUANTIZE"]
+    return quantize[0].outputs[0] if len(quantize) == 1 else None
 
 
 def _locate_activation(rec: ActivationRecord, activations_of, tfl: TFLiteModel) -> tuple[int, str] | None:
@@ -265,7 +288,7 @@ class Conversion:
     tensor_map: dict[str, int]  # ONNX activation DequantizeLinear output -> TFLite tensor index
     weight_map: dict[str, int]  # ONNX weight initializer -> TFLite tensor index
     bias_map: dict[str, int]  # ONNX bias initializer -> TFLite tensor index (int32)
-    located_by: dict[str, str]  # activation -> "fake_quant" | "producer" | "producer^k": how it was found
+    located_by: dict[str, str]  # activation -> "fake_quant" | "producer" | "producer^k" | "input": how it was found
     fused: dict[str, int]  # activation whose tensor an op absorbed (PAD into CONV_2D) -> that op's index
     unmapped: tuple[str, ...]  # ONNX quantized tensors with no TFLite tensor found
     io_dtype: str

@@ -15,7 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .quantizers import WeightQuantizer
+from .qparams import int32_bias
+from .quantizers import ActivationQuantizer, WeightQuantizer
 
 __all__ = ["WeightQuantizedModule", "QConv2d", "QLinear", "QAdd", "ACTIVATIONS", "Act"]
 
@@ -90,6 +91,27 @@ class WeightQuantizedModule(nn.Module):
         super().__init__()
         self.quant_delay = quant_delay
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
+        self.link_input(None)
+
+    def link_input(self, quantizer: ActivationQuantizer | None) -> None:
+        """The range group of this layer's input (set by prepare_qat): its scale times the weight scales is the
+        int32 bias grid of the deployed op, which the inference form simulates (`deployed_bias`)."""
+        object.__setattr__(self, "_input_quantizer", quantizer)  # not a submodule: the model owns its quantizers
+
+    def deployed_bias(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The inference form's bias on the int32 grid the .tflite stores (docs/numerics.md#bias), gradient
+        straight through; the float bias while the input is not quantized (no linked or no initialized
+        input range, quant_delay) or the layer has no bias."""
+        q = getattr(self, "_input_quantizer", None)  # absent in modules pickled before it existed
+        if bias is None or q is None or not q.initialized or (q.training and int(q.step) <= q.quant_delay):
+            return bias
+        return bias + (int32_bias(bias, q.scale_zero_point()[0], self._weight_scales(weight)) - bias).detach()
+
+    def _weight_scales(self, w: torch.Tensor) -> torch.Tensor:
+        """TF's weight scale(s) of `w`; an all-zero channel has scale 0, and any positive scale gives it code 0,
+        so 1e-8 is used (TFLite needs positive scales), which keeps the int32 bias of that channel exact."""
+        scales = self.weight_quant.scales(w)
+        return torch.where(scales > 0, scales, torch.full_like(scales, 1e-8))
 
     def functional(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The float op with this module's hyper-parameters, without the fused activation."""
@@ -97,14 +119,11 @@ class WeightQuantizedModule(nn.Module):
 
     @torch.no_grad()
     def export_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(fake-quantized folded weight, its TF scale(s), float bias): what the deployed model holds.
-
-        An all-zero channel has scale 0; any positive scale gives it code 0, so 1e-8 is used (TFLite
-        needs positive scales), which keeps the int32 bias of that channel exact."""
+        """(fake-quantized folded weight, its TF scale(s), bias on its int32 grid as float): what the deployed
+        model holds, the converter then stores that bias's codes exactly."""
         w, b = self.folded()
-        scales = self.weight_quant.scales(w)
-        scales = torch.where(scales > 0, scales, torch.full_like(scales, 1e-8))
-        return self.weight_quant(w).detach(), scales, (b.detach().clone() if b is not None else None)
+        b = self.deployed_bias(w, b)
+        return self.weight_quant(w).detach(), self._weight_scales(w), (b.detach().clone() if b is not None else None)
 
     def _tick(self) -> bool:
         """Count a training step; True when weights are fake-quantized in this forward."""
@@ -126,7 +145,7 @@ class QConv2d(WeightQuantizedModule):
     rescaled by σ_mv/γ (`bn_stats="quantized"`, one conv instead of two, as torch.ao); `sync_bn` takes
     them over all torch.distributed ranks (SyncBatchNorm semantics, gradient included). After the freeze,
     in eval and at export: y = conv(x, FQ(w·γ/√(var_mv+ε))) + β + (b − μ_mv)·γ/σ_mv.
-    The bias is never fake-quantized: TFLite derives the int32 bias from s_in·s_w.
+    That bias goes on the int32 grid s_in·s_w TFLite stores (`deployed_bias`, docs/numerics.md#bias).
     """
 
     def __init__(self, conv: nn.Conv2d | nn.Conv1d | nn.ConvTranspose2d, bn: nn.BatchNorm2d | None = None,
@@ -191,7 +210,7 @@ class QConv2d(WeightQuantizedModule):
         wq = self.weight_quant if quant else (lambda w: w)
         if self.bn is None or not self.training or self._bn_is_frozen():
             w, b = self.folded()
-            return _activate(self.functional(x, wq(w), b), self.act)
+            return _activate(self.functional(x, wq(w), self.deployed_bias(w, b) if quant else b), self.act)
         return _activate(self._train_bn_fold(x, wq), self.act)
 
     def _train_bn_fold(self, x: torch.Tensor, wq) -> torch.Tensor:
@@ -263,8 +282,10 @@ class QLinear(WeightQuantizedModule):
         return F.linear(x, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_quant(self.linear.weight) if self._tick() else self.linear.weight
-        return _activate(self.functional(x, w, self.linear.bias), self.act)
+        if not self._tick():
+            return _activate(self.functional(x, self.linear.weight, self.linear.bias), self.act)
+        w = self.linear.weight
+        return _activate(self.functional(x, self.weight_quant(w), self.deployed_bias(w, self.linear.bias)), self.act)
 
 
 class QAdd(nn.Module):

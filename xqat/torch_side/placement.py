@@ -10,6 +10,7 @@ from torch import fx, nn
 
 from ..errors import UnsupportedLayerError
 from .config import QATConfig
+from .modules import WeightQuantizedModule
 from .patterns import FOLDED, OpKind, describe, module_path
 from .quantizers import FIXED_RANGES, ActivationQuantizer, QuantPoint
 
@@ -159,11 +160,12 @@ def install_points(plan: Plan) -> None:
     for p in plan.points:
         groups.setdefault(plan.slots.find(p.slot), []).append(p)
     quantizers, qpoints = nn.ModuleDict(), nn.ModuleDict()
-    for members in groups.values():
+    key_of: dict[int, str] = {}  # group root slot -> its quantizer's key
+    for root, members in groups.items():
         fixed = next((p.fixed for p in members if p.fixed), "")
         cats = [p for p in members if p.kind is OpKind.CAT]
         owner = cats[-1] if cats else members[0]
-        key = owner.anchor.name
+        key = key_of[root] = owner.anchor.name
         quantizers[key] = ActivationQuantizer(
             num_bits=cfg.activation_bits, ema=cfg.ema, decay=cfg.ema_decay, quant_delay=cfg.quant_delay,
             learn=cfg.learn_ranges, warmup=cfg.range_warmup_steps, fixed_range=FIXED_RANGES[fixed] if fixed else None,
@@ -175,6 +177,13 @@ def install_points(plan: Plan) -> None:
                                                 label=p.label, pool_divisor=p.pool_divisor if p is not owner else 0)
     gm.add_module(QUANTIZERS, quantizers)
     gm.add_module(POINTS, qpoints)
+    for node in gm.graph.nodes:  # each weight layer learns its input's group: the grid of its int32 bias
+        layer = gm.get_submodule(node.target) if node.op == "call_module" else None
+        src = node.args[0] if isinstance(layer, WeightQuantizedModule) and node.args else None
+        key = key_of.get(plan.slots.find(plan.slot_of[src])) if isinstance(src, fx.Node) and src in plan.slot_of \
+            else None
+        if key is not None:
+            layer.link_input(quantizers[key])
     for p in plan.points:
         with gm.graph.inserting_after(p.anchor):
             q = gm.graph.call_module(f"{POINTS}.{p.anchor.name}", (p.anchor,))
