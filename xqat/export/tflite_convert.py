@@ -89,6 +89,9 @@ def keras_to_tflite(model, io_dtype: str = "int8", batch_size: int | None = 1) -
     fn = _concrete_function(model, batch_size)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], _trackable(model))
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    # A FULLY_CONNECTED kernel that several ops share (an unrolled LSTM's W_hh) reaches the converter without its
+    # FakeQuant; it then quantizes it itself: per tensor, max|w| / 127, the grid the weight is already on.
+    converter._experimental_disable_per_channel_quantization_for_dense_layers = True
     io_type = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}[io_dtype]
     converter.inference_input_type = io_type
     converter.inference_output_type = io_type
@@ -190,15 +193,33 @@ def locate_tensors(tfl: TFLiteModel, plan: QDQPlan, records: dict[str, Activatio
         consts = [i for i in by_layer.get(layer, []) if tfl.tensors[i].data is not None]
         users = [op for i in consts for op in tfl.consumers.get(i, []) if len(op.inputs) > 1 and op.inputs[1] == i]
         consts = [i for i in consts if any(op.inputs[1] == i for op in users)]
-        if len(consts) == 1 and users:
-            weight_map[w.name] = consts[0]
+        # the op reading this weight's input activation (the converter stores identical kernels once, e.g. an
+        # LSTM's W_hh at every time step, so a shared kernel's name tells only one of its ops), else by name
+        op = _op_reading(tfl, tensor_map.get(w.input_activation), w)
+        if op is None and len(consts) == 1 and users:
             op = users[0]
-            b = 3 if op.name == "TRANSPOSE_CONV" else 2  # TRANSPOSE_CONV: (output shape, filter, input, bias)
-            if w.bias is not None and len(op.inputs) > b and op.inputs[b] >= 0:
-                bias_map[w.bias] = op.inputs[b]
-        else:
+        if op is None:
             unmapped.append(w.name)
+            continue
+        weight_map[w.name] = op.inputs[1]
+        b = 3 if op.name == "TRANSPOSE_CONV" else 2  # TRANSPOSE_CONV: (output shape, filter, input, bias)
+        if w.bias is not None and len(op.inputs) > b and op.inputs[b] >= 0:
+            bias_map[w.bias] = op.inputs[b]
     return TensorLocations(tensor_map, weight_map, bias_map, how, fused, tuple(unmapped))
+
+
+def _op_reading(tfl: TFLiteModel, input_tensor: int | None, w) -> Any:
+    """The one op that reads `input_tensor` with a constant kernel of `w`'s shape, or None.
+
+    The converter stores identical constants once: a weight several ops use (an LSTM's W_hh at every time
+    step) carries only one layer's name, so the others are found by the activation they read."""
+    if input_tensor is None or w.kind != "fc":
+        return None
+    shape = tuple(w.codes.shape) if w.gemm_trans_b else tuple(w.codes.shape)[::-1]  # FULLY_CONNECTED: [O, I]
+    ops = [op for op in tfl.consumers.get(input_tensor, []) if op.name == "FULLY_CONNECTED" and len(op.inputs) > 1
+           and op.inputs[0] == input_tensor and op.inputs[1] >= 0 and tfl.tensors[op.inputs[1]].data is not None
+           and tuple(tfl.tensors[op.inputs[1]].shape) == shape]
+    return ops[0] if len(ops) == 1 else None
 
 
 def _locate_activation(rec: ActivationRecord, activations_of, tfl: TFLiteModel) -> tuple[int, str] | None:

@@ -15,6 +15,7 @@ from torch import fx, nn
 from .modules import Act, QAdd, QConv2d, QLinear
 from .patterns import FIX, OpKind, arg, shape, tensor_inputs
 from .placement import Plan, label
+from .recurrent import unroll
 
 __all__ = ["HANDLERS", "decompose"]
 
@@ -153,7 +154,7 @@ def _add(plan: Plan, node: fx.Node, detail: str) -> None:
     plan.add_point(new, OpKind.ADD)
 
 
-@handles(OpKind.RELU, OpKind.RELU6, OpKind.MEAN, OpKind.MUL, OpKind.HARDSWISH, OpKind.HARDSIGMOID)
+@handles(OpKind.RELU, OpKind.RELU6, OpKind.MEAN, OpKind.MUL, OpKind.SUB, OpKind.HARDSWISH, OpKind.HARDSIGMOID)
 def _own_range(plan: Plan, node: fx.Node, detail: str) -> None:
     """An op whose output TFLite requantizes to a grid of its own."""
     plan.add_point(node, plan.kinds[node][0])
@@ -261,6 +262,7 @@ def decompose(plan: Plan) -> bool:
 
     - SiLU -> x * sigmoid(x): LOGISTIC (fixed 1/256 grid) then MUL (own grid).
     - channel shuffle -> reshape, transpose, reshape (ONNX has no channel-shuffle op).
+    - LSTM / GRU -> the unrolled time steps (recurrent.py).
     - grouped conv (not depthwise) [+BN][+ReLU] -> chunk + per-group conv[+BN][+ReLU] + concat: the form
       every TFLite backend runs in int8 and the EdgeTPU compiler accepts (it rejects grouped CONV_2D).
     """
@@ -272,6 +274,9 @@ def decompose(plan: Plan) -> bool:
             changed = True
         elif kind is OpKind.GROUPED_CONV:
             _split_groups(plan, node)
+            changed = True
+        elif kind is OpKind.RECURRENT:
+            unroll(plan.gm, node)
             changed = True
         elif _is_channel_shuffle(plan.gm, node) and kind is not None:
             _split_channel_shuffle(plan, node)
