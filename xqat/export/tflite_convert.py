@@ -219,6 +219,9 @@ def _op_reading(tfl: TFLiteModel, input_tensor: int | None, w) -> Any:
     ops = [op for op in tfl.consumers.get(input_tensor, []) if op.name == "FULLY_CONNECTED" and len(op.inputs) > 1
            and op.inputs[0] == input_tensor and op.inputs[1] >= 0 and tfl.tensors[op.inputs[1]].data is not None
            and tuple(tfl.tensors[op.inputs[1]].shape) == shape]
+    if len(ops) > 1:  # one activation feeding two kernels of one shape (a layer's h: next step and next layer)
+        codes = w.codes if w.gemm_trans_b else w.codes.T
+        ops = [op for op in ops if np.array_equal(tfl.tensors[op.inputs[1]].data.astype(np.int64), codes)]
     return ops[0] if len(ops) == 1 else None
 
 
