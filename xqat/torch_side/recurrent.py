@@ -33,6 +33,9 @@ def recurrent_problem(m: nn.Module, node: fx.Node) -> str:
         return "bidirectional recurrent layers are not unrolled by xqat; use two unidirectional layers"
     if getattr(m, "proj_size", 0):
         return "LSTM with proj_size is not unrolled by xqat"
+    if not m.batch_first:
+        return ("a time-major recurrent layer (batch_first=False) puts time on dim 0, where xqat and TFLite keep the "
+                "batch; build it with batch_first=True and feed (N, T, F)")
     if len(node.args) > 1 or node.kwargs:
         return "an explicit initial state (h0 / c0) is not supported: call it on the sequence alone (zero state)"
     x = node.args[0]
