@@ -27,6 +27,7 @@ from .onnx_fold import fold_constants
 from .onnx_layout import (
     channels_last_flatten,
     channels_last_shuffle,
+    sequence_inputs,
     slice_bounds_as_initializers,
     zero_pads_without_value,
 )
@@ -152,7 +153,8 @@ class TensorLocations:
 
 
 def locate_tensors(tfl: TFLiteModel, plan: QDQPlan, records: dict[str, ActivationRecord],
-                   model_name: str, kernel_layers: dict[str, str] | None = None) -> TensorLocations:
+                   model_name: str, kernel_layers: dict[str, str] | None = None,
+                   input_layers: frozenset[str] = frozenset()) -> TensorLocations:
     """Find the TFLite tensor of every activation DQ output and every weight / bias, by graph structure.
 
     The converter names each tensor after the TF ops fused into its producer. An activation FakeQuant
@@ -179,6 +181,8 @@ def locate_tensors(tfl: TFLiteModel, plan: QDQPlan, records: dict[str, Activatio
     for name in plan.activations:
         rec = records.get(name)
         found = _locate_activation(rec, activations_of, tfl) if rec is not None else None
+        if found is None and rec is not None and rec.producers[:1] and rec.producers[0] in input_layers:
+            found = _model_input(tfl, rec.shape)
         if found is None:
             unmapped.append(name)
         elif found[1] == "fused":
@@ -206,6 +210,20 @@ def locate_tensors(tfl: TFLiteModel, plan: QDQPlan, records: dict[str, Activatio
         if w.bias is not None and len(op.inputs) > b and op.inputs[b] >= 0:
             bias_map[w.bias] = op.inputs[b]
     return TensorLocations(tensor_map, weight_map, bias_map, how, fused, tuple(unmapped))
+
+
+def _model_input(tfl: TFLiteModel, shape: tuple[int | None, ...]) -> tuple[int, str] | None:
+    """The int8 tensor of the one model input of `shape` (the input itself, or what its QUANTIZE makes of
+    uint8 / float32 I/O): an input the converter names after nothing (a 3-D sequence input onnx2tf kept as is)."""
+    found = []
+    for i in tfl.inputs:
+        if not _shape_matches(tfl.tensors[i].shape, shape):
+            continue
+        if tfl.tensors[i].dtype == "INT8":
+            found.append(i)
+        found += [op.outputs[0] for op in tfl.consumers.get(i, []) if op.name == "QUANTIZE"
+                  and tfl.tensors[op.outputs[0]].dtype == "INT8"]
+    return (found[0], "input") if len(found) == 1 else None
 
 
 def _op_reading(tfl: TFLiteModel, input_tensor: int | None, w) -> Any:
@@ -296,6 +314,7 @@ class Conversion:
     onnx2tf_version: str
     seconds: dict[str, float] = field(default_factory=dict)
     weight_columns: dict[str, np.ndarray] = field(default_factory=dict)  # Linear weight -> column order (onnx_layout)
+    sequence_layout: bool = False  # 3-D tensors kept in torch's (N, T, F) order (onnx_layout.sequence_inputs)
 
     def io_tensor(self, onnx_name: str) -> int:
         """TFLite input/output tensor index of an ONNX graph input or output: the mapped int8 tensor itself
@@ -370,22 +389,24 @@ def convert_qdq_onnx(onnx_model: onnx.ModelProto | str | os.PathLike, *, io_dtyp
     t0 = time.perf_counter()
     model = channels_last_shuffle(slice_bounds_as_initializers(fold_constants(_load(onnx_model))))
     model = zero_pads_without_value(model)
-    model, weight_columns = channels_last_flatten(model)
+    sequences = sequence_inputs(model)
+    model, weight_columns = channels_last_flatten(model, sequence_layout=bool(sequences))
     plan = analyze_qdq(model)
     with scratch_dir(workdir) as scratch:  # removed on any end but SIGKILL; swept on the next run after that
         t1 = time.perf_counter()
-        graph = onnx_to_keras(model, plan, scratch, batch_size)
+        graph = onnx_to_keras(model, plan, scratch, batch_size, keep_shape_inputs=sequences)
         t2 = time.perf_counter()
         tflite = keras_to_tflite(graph.model, io_dtype, batch_size)
         t3 = time.perf_counter()
         if saved_model_dir:
             save_saved_model(graph.model, saved_model_dir, batch_size)
     tfl = read_tflite(tflite)
-    loc = locate_tensors(tfl, plan, graph.activation_records, graph.model.name, graph.kernel_layers)
+    loc = locate_tensors(tfl, plan, graph.activation_records, graph.model.name, graph.kernel_layers,
+                         frozenset(getattr(graph.model, "input_names", ())))
     seconds = {"analyze": t1 - t0, "onnx2tf": t2 - t1, "tflite_converter": t3 - t2,
                "total": time.perf_counter() - t0}
     return Conversion(tflite, tfl, plan, loc.tensor_map, loc.weight_map, loc.bias_map, loc.located_by, loc.fused,
-                      loc.unmapped, io_dtype, graph.onnx2tf_version, seconds, weight_columns)
+                      loc.unmapped, io_dtype, graph.onnx2tf_version, seconds, weight_columns, bool(sequences))
 
 
 def _load(onnx_model: Any) -> onnx.ModelProto:
