@@ -1,6 +1,7 @@
 """Torch layers that can never run on the EdgeTPU (docs/edgetpu.md, "PyTorch-side rules").
 
-What xqat rewrites itself is not refused: grouped convs (split per group), SiLU (LOGISTIC + MUL), a
+What xqat rewrites itself is not refused: grouped convs (split per group), SiLU (LOGISTIC + MUL), LSTM and
+GRU (unrolled into FULLY_CONNECTED, LOGISTIC, TANH, MUL, ADD, SUB per time step, all in the table), a
 ReLU after a ConvTranspose2d (kept as its own RELU under edgetpu=True: a fused TRANSPOSE_CONV is op
 version 4, which compiler 16 rejects).
 
@@ -54,7 +55,7 @@ def _upsample(m) -> str | None:
 
 
 def _bidirectional(m) -> str | None:
-    return "bidirectional LSTM is not supported (unidirectional only)" if m.bidirectional else None
+    return f"bidirectional {type(m).__name__} is not supported (unidirectional only)" if m.bidirectional else None
 
 
 def _always(reason: str) -> Callable[[nn.Module], str]:
@@ -77,8 +78,9 @@ _MODULE_RULES: tuple[_ModuleRule, ...] = (
     _ModuleRule((nn.Conv3d, nn.ConvTranspose3d, nn.MaxPool3d, nn.AvgPool3d, nn.BatchNorm3d),
                 _always("works on 5-D tensors; the EdgeTPU maps at most 3 dims > 1"),
                 "fold the extra dim into channels or batch-1 2-D layers"),
-    _ModuleRule((nn.LSTM,), _bidirectional, "use a unidirectional LSTM"),
-    _ModuleRule((nn.GRU, nn.RNN), _always("GRU/RNN ops are not in the EdgeTPU op table"), "use nn.LSTM"),
+    _ModuleRule((nn.LSTM, nn.GRU), _bidirectional, "use a unidirectional layer"),
+    _ModuleRule((nn.RNN,), _always("RNN ops are not in the EdgeTPU op table, and xqat unrolls only LSTM/GRU"),
+                "use nn.LSTM or nn.GRU"),
     _ModuleRule((nn.Embedding,), _always("GATHER is not in the EdgeTPU op table"),
                 "look embeddings up outside the model"),
 )
