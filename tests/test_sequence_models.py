@@ -1,8 +1,9 @@
-"""LSTM / GRU unrolled at prepare time (xqat/torch_side/recurrent.py) and Linear on (N, T, F) sequences: tiny
-models (hidden 8-12, 6-8 steps, one with a square 8x8 input like the digits rows)
-prepare, train a few steps, export strictly full-integer, match the interpreter on the three backends (outputs
-within 1 LSB, every tensor within 1 LSB when each layer is fed the file's inputs), the emulator is bit-exact
-on every tensor, and the EdgeTPU check maps every op. Conversions are shared by a module-scoped fixture."""
+"""LSTM / GRU unrolled at prepare time (xqat/torch_side/recurrent.py) and Linear on (N, T, F) sequences.
+
+Tiny models (hidden 8-12, 6-8 steps, one with a square 8x8 input like the digits rows) prepare, train a few
+steps, export strictly full-integer, match the interpreter on the three backends (every tensor within 1 LSB
+when each layer is fed the file's inputs), the emulator is bit-exact on every tensor, and the recurrent models
+map completely to the EdgeTPU. Conversions are shared by a module-scoped fixture."""
 
 import warnings
 

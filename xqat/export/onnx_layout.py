@@ -114,9 +114,10 @@ def sequence_inputs(model: onnx.ModelProto) -> list[str]:
     wrong for a sequence whose last axis is the features (Linear, LSTM/GRU): FULLY_CONNECTED would need a
     TRANSPOSE in front. A model with a Conv1d keeps onnx2tf's channels-last view of all its 3-D tensors, and so
     does one with a square (N, T, T) input: onnx2tf cannot tell its axes apart and transposes it anyway."""
-    inits = {i.name: len(i.dims) for i in model.graph.initializer}
-    if any(n.op_type == "Conv" and len(n.input) > 1 and inits.get(n.input[1]) == 3 for n in model.graph.node):
+    if any(n.op_type == "Conv" and len(a.ints) == 1 for n in model.graph.node for a in n.attribute
+           if a.name == "kernel_shape"):
         return []
+    inits = {i.name for i in model.graph.initializer}
     inputs = [(i.name, [d.dim_value for d in i.type.tensor_type.shape.dim]) for i in model.graph.input
               if i.name not in inits]
     if any(len(dims) == 3 and dims[1] == dims[2] for _, dims in inputs):
