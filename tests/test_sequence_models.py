@@ -223,3 +223,30 @@ def test_unsupported_recurrent_layers_are_refused_with_a_fix(bad, words):
 
     with pytest.raises(xqat.UnsupportedLayerError, match=words):
         xqat.prepare_qat(Net(), torch.rand(1, 4, 8))
+
+
+def test_checkpoint_round_trip_and_dropout_between_layers(tmp_path):
+    torch.manual_seed(0)
+    qat = xqat.prepare_qat(LastStep().eval(), torch.rand(1, 6, 8)).train()
+    for _ in range(3):
+        qat(torch.rand(4, 6, 8))
+    xqat.save_qat(qat.eval(), tmp_path / "lstm.pt", input_shape=(1, 6, 8))
+    loaded, _ = xqat.load_qat("tests.test_sequence_models:LastStep", tmp_path / "lstm.pt")
+    x = torch.rand(5, 6, 8)
+    assert torch.equal(loaded.eval()(x), qat(x))
+
+    class Deep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(8, 8, num_layers=2, dropout=0.5, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x):
+            _, (h, _) = self.rnn(x)
+            return self.fc(h[-1])
+
+    deep = Deep().eval()
+    q = xqat.prepare_qat(deep, torch.rand(1, 6, 8))
+    assert isinstance(q.get_submodule("rnn.l1_dropout"), nn.Dropout)
+    q.train()
+    assert not torch.equal(q(x), q(x))  # the dropout between the layers acts in training
+    torch.testing.assert_close(q.eval()(x), deep(x), atol=0.02, rtol=0)
