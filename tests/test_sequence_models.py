@@ -182,9 +182,11 @@ def test_unrolled_model_computes_the_recurrent_layer_and_keeps_its_parameter_nam
     torch.testing.assert_close(unrolled(x), float_model(x), atol=0.02, rtol=0)
 
 
-def test_edgetpu_config_accepts_the_unrolled_layers():
+def test_edgetpu_config_accepts_the_unrolled_layers_and_refuses_a_linear_on_a_sequence():
     for model in (LastStep(), StackedGRU()):
         xqat.prepare_qat(model.eval(), torch.rand(1, 5, 8), xqat.QATConfig(edgetpu=True))
+    with pytest.raises(xqat.UnsupportedLayerError, match=r"proj \(Linear\).*Conv1d\(kernel_size=1\)"):
+        xqat.prepare_qat(SequenceLinear().eval(), torch.rand(1, 6, 8), xqat.QATConfig(edgetpu=True))
 
 
 def test_gru_first_step_reset_bias_and_state_roles():

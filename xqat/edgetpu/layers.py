@@ -112,6 +112,20 @@ def _function_problem(node: torch.fx.Node) -> tuple[str, str] | None:
     return _FUNCTION_RULES.get(node.target)
 
 
+def _sequence_linear(module: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    """A Linear on (N, T, ..., F) with more than one non-unit dim before F: its FULLY_CONNECTED output has more
+    than one dim > 1, which compiler 16 leaves on the CPU (docs/sequence-models.md)."""
+    if node.op != "call_module" or not isinstance(module.get_submodule(node.target), nn.Linear) or not node.args:
+        return None
+    meta = getattr(node.args[0], "meta", {}).get("tensor_meta")
+    dims = [int(d) for d in getattr(meta, "shape", ())[1:-1]]
+    if sum(d > 1 for d in dims) < 1:
+        return None
+    return (f"{node.target} (Linear): on a {list(meta.shape)} tensor its FULLY_CONNECTED output has more than "
+            "one dim > 1, which the EdgeTPU compiler runs on the CPU; fix: a Conv1d(kernel_size=1) on (N, F, T) "
+            "(CONV_2D), or apply the Linear to each (N, F) step")
+
+
 def edgetpu_layer_problems(module: nn.Module) -> list[str]:
     """One line per layer that can never map to the EdgeTPU: module path, class, why, and the fix.
 
@@ -124,6 +138,8 @@ def edgetpu_layer_problems(module: nn.Module) -> list[str]:
                 problems.append(f"{path or '<root>'} ({type(m).__name__}): {why}; fix: {rule.fix}")
     if isinstance(module, torch.fx.GraphModule):
         for node in module.graph.nodes:
+            if (why := _sequence_linear(module, node)) is not None:
+                problems.append(why)
             if (found := _function_problem(node)) is not None:
                 name = getattr(node.target, "__name__", str(node.target))
                 problems.append(f"{node.name} (call to {name}): {found[0]}; fix: {found[1]}")
