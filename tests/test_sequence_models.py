@@ -66,7 +66,20 @@ class SequenceLinear(nn.Module):
         return self.fc(torch.relu(self.proj(x)).flatten(1))
 
 
-MODELS = {"lstm": (LastStep, (1, 6, 8)), "gru2": (StackedGRU, (1, 8, 8)), "linear": (SequenceLinear, (1, 6, 8))}
+class Attention(nn.Module):
+    """Single-head self-attention core: softmax(q k^T) v (the 1/sqrt(d) folded into q), flatten -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.fc = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(6 * 8, 10)
+
+    def forward(self, x):
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2), dim=-1)
+        return self.fc((a @ self.v(x)).flatten(1))
+
+
+MODELS = {"lstm": (LastStep, (1, 6, 8)), "gru2": (StackedGRU, (1, 8, 8)), "linear": (SequenceLinear, (1, 6, 8)),
+          "attention": (Attention, (1, 6, 8))}
 RECURRENT = ["lstm", "gru2"]
 
 
@@ -159,6 +172,16 @@ def test_linear_on_a_sequence_is_one_fully_connected_without_transpose(exported)
     assert read_mapping(path.read_bytes()).sequence_layout
     # the EdgeTPU compiler maps FULLY_CONNECTED only with one non-unit output dim: this one stays on the CPU
     assert xqat.check_edgetpu(path).codes("CPU") == {"O3"}
+
+
+def test_attention_is_batch_matmul_and_softmax_refused_for_the_edgetpu(exported):
+    _, qat, path, report, _ = exported["attention"]
+    assert report.ok and report.all_qparams_equal and not report.inner_transpose_ops, report.problems()
+    ops = [op.name for op in read_tflite(path).ops]
+    assert ops.count("BATCH_MATMUL") == 2 and "SOFTMAX" in ops and "TRANSPOSE" not in ops  # k^T: adj_y
+    assert "transpose" not in [p.label for p in xqat.quant_points(qat)]  # folded into BATCH_MATMUL: no tensor
+    with pytest.raises(xqat.UnsupportedLayerError, match="BATCH_MATMUL"):
+        xqat.prepare_qat(Attention().eval(), torch.rand(1, 6, 8), xqat.QATConfig(edgetpu=True))
 
 
 @pytest.mark.parametrize("name", RECURRENT)

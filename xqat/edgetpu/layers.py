@@ -11,6 +11,7 @@ architecture before spending compute; `xqat.check_edgetpu` judges the exported f
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -98,6 +99,9 @@ _FUNCTION_RULES: dict[object, tuple[str, str]] = {
     F.pixel_shuffle: ("DEPTH_TO_SPACE is not in the EdgeTPU op table", "use nearest upsampling + conv"),
     F.conv3d: ("works on 5-D tensors", "use 2-D layers"),
     torch.exp: ("EXP is not in the EdgeTPU op table", "avoid exp in the inference graph"),
+    **{f: ("a product of two activations (attention) is a BATCH_MATMUL, which is not in the EdgeTPU op table: "
+           "attention blocks run on the CPU", "keep attention out of EdgeTPU models (QATConfig(edgetpu=False))")
+       for f in (operator.matmul, torch.matmul, torch.bmm)},
 }
 
 

@@ -26,6 +26,7 @@ class OpKind(Enum):
     ADD = "add"  # add of two tensors: fuses a following ReLU/ReLU6
     MUL = "mul"  # mul of two tensors (SE gates, SiLU's x*sigmoid(x)): its own range
     SUB = "sub"  # difference of two tensors (a GRU's h - n): its own range
+    MATMUL = "matmul"  # product of two activations (attention scores, attention x values): BATCH_MATMUL, own range
     RECURRENT = "recurrent"  # nn.LSTM / nn.GRU: unrolled into the ops above before planning (recurrent.py)
     BN = "bn"  # BatchNorm: folded into the conv that feeds it, else a per-channel MUL+ADD of its own
     RELU = "relu"
@@ -235,6 +236,8 @@ _FUNCTIONS: dict[object, Callable[[fx.Node], Kind]] = {
     torch.add: _binary(OpKind.ADD, "add"), operator.mul: _binary(OpKind.MUL, "mul"),
     operator.imul: _binary(OpKind.MUL, "mul"), torch.mul: _binary(OpKind.MUL, "mul"),
     operator.sub: _binary(OpKind.SUB, "sub"), torch.sub: _binary(OpKind.SUB, "sub"),
+    operator.matmul: _binary(OpKind.MATMUL, "matmul"), torch.matmul: _binary(OpKind.MATMUL, "matmul"),
+    torch.bmm: _binary(OpKind.MATMUL, "matmul"),
     torch.cat: _cat, torch.concat: _cat,
     F.avg_pool2d: _pool(OpKind.AVGPOOL), F.max_pool2d: _pool(OpKind.SAME_SCALE),
     F.adaptive_avg_pool2d: _adaptive_avg, torch.mean: lambda n: _mean_rule(n),
