@@ -236,6 +236,7 @@ def test_whole_output_sequence_is_concatenated_on_one_grid_and_c_n_is_an_output(
     (lambda: nn.LSTM(8, 8, batch_first=True, bidirectional=True), "bidirectional"),
     (lambda: nn.LSTM(8, 8, batch_first=True, proj_size=4), "proj_size"),
     (lambda: nn.GRU(8, 8), "batch_first=True"),
+    (lambda: nn.RNN(8, 8, batch_first=True), "nn.GRU or nn.LSTM"),
 ])
 def test_unsupported_recurrent_layers_are_refused_with_a_fix(bad, words):
     class Net(nn.Module):

@@ -23,12 +23,14 @@ from ..errors import UnsupportedLayerError
 
 __all__ = ["RECURRENT", "recurrent_problem", "unroll", "UnrolledRecurrent", "GateLinear"]
 
-RECURRENT = (nn.LSTM, nn.GRU)
+RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)  # what patterns.py recognises; nn.RNN is refused with a fix
 _GATES = {"LSTM": 4, "GRU": 3}
 
 
 def recurrent_problem(m: nn.Module, node: fx.Node) -> str:
     """Why this LSTM/GRU call cannot be unrolled ('' if it can)."""
+    if isinstance(m, nn.RNN):
+        return "nn.RNN (Elman) is not unrolled by xqat; use nn.GRU or nn.LSTM"
     if m.bidirectional:
         return "bidirectional recurrent layers are not unrolled by xqat; use two unidirectional layers"
     if getattr(m, "proj_size", 0):
