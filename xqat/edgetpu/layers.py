@@ -1,6 +1,7 @@
 """Torch layers that can never run on the EdgeTPU (docs/edgetpu.md, "PyTorch-side rules").
 
-What xqat rewrites itself is not refused: grouped convs (split per group), SiLU (LOGISTIC + MUL), a
+What xqat rewrites itself is not refused: grouped convs (split per group), SiLU (LOGISTIC + MUL), LSTM and
+GRU (unrolled into FULLY_CONNECTED, LOGISTIC, TANH, MUL, ADD, SUB per time step, all in the table), a
 ReLU after a ConvTranspose2d (kept as its own RELU under edgetpu=True: a fused TRANSPOSE_CONV is op
 version 4, which compiler 16 rejects).
 
@@ -10,6 +11,7 @@ architecture before spending compute; `xqat.check_edgetpu` judges the exported f
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,7 +56,7 @@ def _upsample(m) -> str | None:
 
 
 def _bidirectional(m) -> str | None:
-    return "bidirectional LSTM is not supported (unidirectional only)" if m.bidirectional else None
+    return f"bidirectional {type(m).__name__} is not supported (unidirectional only)" if m.bidirectional else None
 
 
 def _always(reason: str) -> Callable[[nn.Module], str]:
@@ -77,8 +79,9 @@ _MODULE_RULES: tuple[_ModuleRule, ...] = (
     _ModuleRule((nn.Conv3d, nn.ConvTranspose3d, nn.MaxPool3d, nn.AvgPool3d, nn.BatchNorm3d),
                 _always("works on 5-D tensors; the EdgeTPU maps at most 3 dims > 1"),
                 "fold the extra dim into channels or batch-1 2-D layers"),
-    _ModuleRule((nn.LSTM,), _bidirectional, "use a unidirectional LSTM"),
-    _ModuleRule((nn.GRU, nn.RNN), _always("GRU/RNN ops are not in the EdgeTPU op table"), "use nn.LSTM"),
+    _ModuleRule((nn.LSTM, nn.GRU), _bidirectional, "use a unidirectional layer"),
+    _ModuleRule((nn.RNN,), _always("RNN ops are not in the EdgeTPU op table, and xqat unrolls only LSTM/GRU"),
+                "use nn.LSTM or nn.GRU"),
     _ModuleRule((nn.Embedding,), _always("GATHER is not in the EdgeTPU op table"),
                 "look embeddings up outside the model"),
 )
@@ -96,6 +99,9 @@ _FUNCTION_RULES: dict[object, tuple[str, str]] = {
     F.pixel_shuffle: ("DEPTH_TO_SPACE is not in the EdgeTPU op table", "use nearest upsampling + conv"),
     F.conv3d: ("works on 5-D tensors", "use 2-D layers"),
     torch.exp: ("EXP is not in the EdgeTPU op table", "avoid exp in the inference graph"),
+    **{f: ("a product of two activations (attention) is a BATCH_MATMUL, which is not in the EdgeTPU op table: "
+           "attention blocks run on the CPU", "keep attention out of EdgeTPU models (QATConfig(edgetpu=False))")
+       for f in (operator.matmul, torch.matmul, torch.bmm)},
 }
 
 
@@ -110,6 +116,20 @@ def _function_problem(node: torch.fx.Node) -> tuple[str, str] | None:
     return _FUNCTION_RULES.get(node.target)
 
 
+def _sequence_linear(module: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    """A Linear on (N, T, ..., F) with more than one non-unit dim before F: its FULLY_CONNECTED output has more
+    than one dim > 1, which compiler 16 leaves on the CPU (docs/sequence-models.md)."""
+    if node.op != "call_module" or not isinstance(module.get_submodule(node.target), nn.Linear) or not node.args:
+        return None
+    meta = getattr(node.args[0], "meta", {}).get("tensor_meta")
+    dims = [int(d) for d in getattr(meta, "shape", ())[1:-1]]
+    if sum(d > 1 for d in dims) < 1:
+        return None
+    return (f"{node.target} (Linear): on a {list(meta.shape)} tensor its FULLY_CONNECTED output has more than "
+            "one dim > 1, which the EdgeTPU compiler runs on the CPU; fix: a Conv1d(kernel_size=1) on (N, F, T) "
+            "(CONV_2D), or apply the Linear to each (N, F) step")
+
+
 def edgetpu_layer_problems(module: nn.Module) -> list[str]:
     """One line per layer that can never map to the EdgeTPU: module path, class, why, and the fix.
 
@@ -122,6 +142,8 @@ def edgetpu_layer_problems(module: nn.Module) -> list[str]:
                 problems.append(f"{path or '<root>'} ({type(m).__name__}): {why}; fix: {rule.fix}")
     if isinstance(module, torch.fx.GraphModule):
         for node in module.graph.nodes:
+            if (why := _sequence_linear(module, node)) is not None:
+                problems.append(why)
             if (found := _function_problem(node)) is not None:
                 name = getattr(node.target, "__name__", str(node.target))
                 problems.append(f"{node.name} (call to {name}): {found[0]}; fix: {found[1]}")

@@ -88,17 +88,18 @@ def export_tflite(model: nn.Module, example_inputs, path: str | os.PathLike, io_
         if not tpu.fully_mapped:
             raise ExportError("the .tflite would not run fully on the EdgeTPU, nothing was written:\n"
                               + tpu.table())
-    mapping = tflite_mapping(model, report, [tuple(x.shape) for x in example])
+    mapping = tflite_mapping(model, report, [tuple(x.shape) for x in example], conversion.sequence_layout)
     atomic_write_bytes(target, write_mapping(conversion.tflite, mapping))
     if snap_model:
         snap_ranges(model)
     return report
 
 
-def tflite_mapping(model: fx.GraphModule, report: ExportReport,
-                   input_shapes: list[tuple[int, ...]]) -> TFLiteMapping:
+def tflite_mapping(model: fx.GraphModule, report: ExportReport, input_shapes: list[tuple[int, ...]],
+                   sequence_layout: bool = False) -> TFLiteMapping:
     """What the .tflite carries for parity and emulation: every fake-quant point's TFLite tensor in graph order,
-    with its torch label and range group, and which points are the model's inputs and outputs."""
+    with its torch label and range group, and which points are the model's inputs and outputs.
+    `sequence_layout`: the conversion kept 3-D tensors in torch's order (`Conversion.sequence_layout`)."""
     points = tuple(MappedPoint(p.key, report.point_tensors.get(p.key), p.label, p.group) for p in quant_points(model))
     nodes = list(model.graph.nodes)
     inputs = []
@@ -116,7 +117,8 @@ def tflite_mapping(model: fx.GraphModule, report: ExportReport,
             raise ExportError(f"model output {i} is not quantized (its last op '{getattr(arg, 'name', arg)}' has no "
                               "fake-quant point)")
         outputs.append(key)
-    return TFLiteMapping(points, tuple(inputs), tuple(outputs), report.io_dtype, tuple(map(tuple, input_shapes)))
+    return TFLiteMapping(points, tuple(inputs), tuple(outputs), report.io_dtype, tuple(map(tuple, input_shapes)),
+                         sequence_layout)
 
 
 def _input_point(node: fx.Node) -> str | None:

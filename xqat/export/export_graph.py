@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from ..tflite.qtypes import QRANGE, int8_zero_point
-from ..torch_side.modules import WeightQuantizedModule, _activate
+from ..torch_side.modules import QLinear, WeightQuantizedModule, _activate
 from ..torch_side.prepare import POINTS, point_module, quant_points
 from .snapping import SnapRecord, planned_snaps
 
@@ -58,6 +58,7 @@ class WeightQDQ(nn.Module):
         self.per_channel = bool(layer.weight_quant.per_channel)
         self.axis, self.act = int(layer.weight_axis), layer.act
         self._functional: Callable = layer.functional
+        self.linear = isinstance(layer, QLinear)
 
     def extra_repr(self) -> str:
         return f"{'per-channel axis ' + str(self.axis) if self.per_channel else 'per-tensor'}, act={self.act}"
@@ -69,6 +70,9 @@ class WeightQDQ(nn.Module):
         else:
             w = torch.fake_quantize_per_tensor_affine(self.weight, self.scales.reshape(()),
                                                       torch.tensor(0, dtype=torch.int32), _QMIN, _QMAX)
+        if self.linear and x.dim() > 2:  # (N, T, ..., F): Gemm on the (N*T*..., F) view -> FULLY_CONNECTED
+            y = self._functional(x.reshape(-1, x.shape[-1]), w, self.bias)  # (a 3-D MatMul has no int8 FC form)
+            return _activate(y.reshape(*x.shape[:-1], y.shape[-1]), self.act)
         return _activate(self._functional(x, w, self.bias), self.act)
 
 

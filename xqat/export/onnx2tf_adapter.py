@@ -48,7 +48,7 @@ ONNX2TF_VERSION = "1.28.8"  # the handlers below are written against this releas
 _KERNEL_OPS = ("Conv", "ConvTranspose")  # onnx2tf handlers that fetch their kernel via get_weights_constant_or_variable
 _LOCK = threading.Lock()  # handlers are module globals of onnx2tf: one conversion at a time
 _CONVERT_ARGS = ("input_onnx_file_path", "output_folder_path", "not_use_onnxsim", "batch_size",
-                 "param_replacement_file", "disable_model_save", "verbosity")
+                 "param_replacement_file", "disable_model_save", "verbosity", "keep_shape_absolutely_input_names")
 
 
 def _import_onnx2tf():
@@ -442,8 +442,10 @@ class KerasGraph:
     onnx2tf_version: str
 
 
-def onnx_to_keras(model: onnx.ModelProto, plan: QDQPlan, workdir: Path, batch_size: int | None) -> KerasGraph:
-    """Run onnx2tf (no onnxsim, no file output) with xqat's handlers; all scratch files stay in `workdir`."""
+def onnx_to_keras(model: onnx.ModelProto, plan: QDQPlan, workdir: Path, batch_size: int | None,
+                  keep_shape_inputs: list[str] | None = None) -> KerasGraph:
+    """Run onnx2tf (no onnxsim, no file output) with xqat's handlers; all scratch files stay in `workdir`.
+    `keep_shape_inputs`: inputs onnx2tf must not transpose to channels-last (3-D sequences)."""
     onnx_path = workdir / "model.onnx"  # onnx2tf rewrites its input file in place (op names)
     onnx.save(model, onnx_path)
     no_replacements = workdir / "no_replacements.json"  # also stops onnx2tf's auto-JSON search on errors
@@ -454,7 +456,8 @@ def onnx_to_keras(model: onnx.ModelProto, plan: QDQPlan, workdir: Path, batch_si
             keras_model = impl.convert(
                 input_onnx_file_path=str(onnx_path), output_folder_path=str(workdir / "onnx2tf"),
                 not_use_onnxsim=True, batch_size=batch_size, param_replacement_file=str(no_replacements),
-                disable_model_save=True, verbosity="error")
+                disable_model_save=True, verbosity="error",
+                keep_shape_absolutely_input_names=list(keep_shape_inputs or []) or None)
         except SystemExit as e:  # onnx2tf calls sys.exit(1) on some input errors
             raise ExportError(f"onnx2tf rejected the model (exit status {e.code}); see its message above") from e
         except ExportError:

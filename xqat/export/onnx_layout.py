@@ -20,8 +20,8 @@ from onnx import helper, numpy_helper
 
 from .onnx_fold import onnx_constants
 
-__all__ = ["NCHW_VIEW", "NHWC_VIEW", "channels_last_flatten", "channels_last_shuffle", "slice_bounds_as_initializers",
-           "zero_pads_without_value"]
+__all__ = ["NCHW_VIEW", "NHWC_VIEW", "sequence_inputs", "channels_last_flatten", "channels_last_shuffle",
+           "slice_bounds_as_initializers", "zero_pads_without_value"]
 
 # name suffixes of the Transposes inserted here, which the onnx2tf adapter passes through as they are in TF:
 NHWC_VIEW = "__xqat_nhwc_view"  # Transpose(0, 2, ..., 1) to channels-last: onnx2tf holds the data that way already
@@ -107,10 +107,29 @@ def _weight_initializer(dq_output: str, consumers: dict, inits: dict) -> str | N
     return None
 
 
-def channels_last_flatten(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def sequence_inputs(model: onnx.ModelProto) -> list[str]:
+    """The 3-D graph inputs to keep in torch's (N, T, F) layout: all of them when no Conv reads a 3-D tensor.
+
+    onnx2tf takes every 3-D tensor for channels-first (N, C, W) and stores it as (N, W, C); right for Conv1d,
+    wrong for a sequence whose last axis is the features (Linear, LSTM/GRU): FULLY_CONNECTED would need a
+    TRANSPOSE in front. A model with a Conv1d keeps onnx2tf's channels-last view of all its 3-D tensors, and so
+    does one with a square (N, T, T) input: onnx2tf cannot tell its axes apart and transposes it anyway."""
+    if any(n.op_type == "Conv" and len(a.ints) == 1 for n in model.graph.node for a in n.attribute
+           if a.name == "kernel_shape"):
+        return []
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [(i.name, [d.dim_value for d in i.type.tensor_type.shape.dim]) for i in model.graph.input
+              if i.name not in inits]
+    if any(len(dims) == 3 and dims[1] == dims[2] for _, dims in inputs):
+        return []
+    return [name for name, dims in inputs if len(dims) == 3]
+
+
+def channels_last_flatten(model: onnx.ModelProto, sequence_layout: bool = False
+                          ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The model with each channel-major Flatten that only feeds Linear layers made channels-last (see the
     module docstring), and for each rewritten weight initializer its new column order (new column j = old
-    column order[j])."""
+    column order[j]). In the sequence layout (`sequence_inputs`), 3-D tensors are already in torch's order."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -125,7 +144,7 @@ def channels_last_flatten(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict
     for n in g.node:
         shape = shapes.get(n.input[0]) if n.input else None
         flat = n.op_type == "Flatten" and all(a.i == 1 for a in n.attribute if a.name == "axis")
-        if not flat or not shape or len(shape) < 3 or -1 in shape or int(np.prod(shape[2:])) == 1:
+        if not flat or not shape or len(shape) < 3 + sequence_layout or -1 in shape or int(np.prod(shape[2:])) == 1:
             new_nodes.append(n)
             continue
         weights = _gemm_weights(n.output[0], consumers, inits)

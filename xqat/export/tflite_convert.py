@@ -27,6 +27,7 @@ from .onnx_fold import fold_constants
 from .onnx_layout import (
     channels_last_flatten,
     channels_last_shuffle,
+    sequence_inputs,
     slice_bounds_as_initializers,
     zero_pads_without_value,
 )
@@ -89,6 +90,9 @@ def keras_to_tflite(model, io_dtype: str = "int8", batch_size: int | None = 1) -
     fn = _concrete_function(model, batch_size)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], _trackable(model))
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    # A FULLY_CONNECTED kernel that several ops share (an unrolled LSTM's W_hh) reaches the converter without its
+    # FakeQuant; it then quantizes it itself: per tensor, max|w| / 127, the grid the weight is already on.
+    converter._experimental_disable_per_channel_quantization_for_dense_layers = True
     io_type = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}[io_dtype]
     converter.inference_input_type = io_type
     converter.inference_output_type = io_type
@@ -149,7 +153,8 @@ class TensorLocations:
 
 
 def locate_tensors(tfl: TFLiteModel, plan: QDQPlan, records: dict[str, ActivationRecord],
-                   model_name: str, kernel_layers: dict[str, str] | None = None) -> TensorLocations:
+                   model_name: str, kernel_layers: dict[str, str] | None = None,
+                   input_layers: frozenset[str] = frozenset()) -> TensorLocations:
     """Find the TFLite tensor of every activation DQ output and every weight / bias, by graph structure.
 
     The converter names each tensor after the TF ops fused into its producer. An activation FakeQuant
@@ -176,6 +181,8 @@ def locate_tensors(tfl: TFLiteModel, plan: QDQPlan, records: dict[str, Activatio
     for name in plan.activations:
         rec = records.get(name)
         found = _locate_activation(rec, activations_of, tfl) if rec is not None else None
+        if found is None and rec is not None and rec.producers[:1] and rec.producers[0] in input_layers:
+            found = _model_input(tfl, rec.shape)
         if found is None:
             unmapped.append(name)
         elif found[1] == "fused":
@@ -191,14 +198,18 @@ def locate_tensors(tfl: TFLiteModel, plan: QDQPlan, records: dict[str, Activatio
         consts = [i for i in by_layer.get(layer, []) if tfl.tensors[i].data is not None]
         users = [op for i in consts for op in tfl.consumers.get(i, []) if len(op.inputs) > 1 and op.inputs[1] == i]
         consts = [i for i in consts if any(op.inputs[1] == i for op in users)]
-        if len(consts) == 1 and users:
-            weight_map[w.name] = consts[0]
+        # the op reading this weight's input activation (the converter stores identical kernels once, e.g. an
+        # LSTM's W_hh at every time step, so a shared kernel's name tells only one of its ops), else by name
+        op = _op_reading(tfl, tensor_map.get(w.input_activation), w)
+        if op is None and len(consts) == 1 and users:
             op = users[0]
-            b = 3 if op.name == "TRANSPOSE_CONV" else 2  # TRANSPOSE_CONV: (output shape, filter, input, bias)
-            if w.bias is not None and len(op.inputs) > b and op.inputs[b] >= 0:
-                bias_map[w.bias] = op.inputs[b]
-        else:
+        if op is None:
             unmapped.append(w.name)
+            continue
+        weight_map[w.name] = op.inputs[1]
+        b = 3 if op.name == "TRANSPOSE_CONV" else 2  # TRANSPOSE_CONV: (output shape, filter, input, bias)
+        if w.bias is not None and len(op.inputs) > b and op.inputs[b] >= 0:
+            bias_map[w.bias] = op.inputs[b]
     return TensorLocations(tensor_map, weight_map, bias_map, how, fused, tuple(unmapped))
 
 
@@ -222,6 +233,37 @@ def _int8_of_input(tfl: TFLiteModel, index: int) -> int | None:
         return index
     quantize = [op for op in tfl.consumers.get(index, []) if op.name == "QUANTIZE"]
     return quantize[0].outputs[0] if len(quantize) == 1 else None
+
+
+def _model_input(tfl: TFLiteModel, shape: tuple[int | None, ...]) -> tuple[int, str] | None:
+    """The int8 tensor of the one model input of `shape` (the input itself, or what its QUANTIZE makes of
+    uint8 / float32 I/O): an input the converter names after nothing (a 3-D sequence input onnx2tf kept as is)."""
+    found = []
+    for i in tfl.inputs:
+        if not _shape_matches(tfl.tensors[i].shape, shape):
+            continue
+        if tfl.tensors[i].dtype == "INT8":
+            found.append(i)
+        found += [op.outputs[0] for op in tfl.consumers.get(i, []) if op.name == "QUANTIZE"
+                  and tfl.tensors[op.outputs[0]].dtype == "INT8"]
+    return (found[0], "input") if len(found) == 1 else None
+
+
+def _op_reading(tfl: TFLiteModel, input_tensor: int | None, w) -> Any:
+    """The one op that reads `input_tensor` with a constant kernel of `w`'s shape, or None.
+
+    The converter stores identical constants once: a weight several ops use (an LSTM's W_hh at every time
+    step) carries only one layer's name, so the others are found by the activation they read."""
+    if input_tensor is None or w.kind != "fc":
+        return None
+    shape = tuple(w.codes.shape) if w.gemm_trans_b else tuple(w.codes.shape)[::-1]  # FULLY_CONNECTED: [O, I]
+    ops = [op for op in tfl.consumers.get(input_tensor, []) if op.name == "FULLY_CONNECTED" and len(op.inputs) > 1
+           and op.inputs[0] == input_tensor and op.inputs[1] >= 0 and tfl.tensors[op.inputs[1]].data is not None
+           and tuple(tfl.tensors[op.inputs[1]].shape) == shape]
+    if len(ops) > 1:  # one activation feeding two kernels of one shape (a layer's h: next step and next layer)
+        codes = w.codes if w.gemm_trans_b else w.codes.T
+        ops = [op for op in ops if np.array_equal(tfl.tensors[op.inputs[1]].data.astype(np.int64), codes)]
+    return ops[0] if len(ops) == 1 else None
 
 
 def _locate_activation(rec: ActivationRecord, activations_of, tfl: TFLiteModel) -> tuple[int, str] | None:
@@ -295,6 +337,7 @@ class Conversion:
     onnx2tf_version: str
     seconds: dict[str, float] = field(default_factory=dict)
     weight_columns: dict[str, np.ndarray] = field(default_factory=dict)  # Linear weight -> column order (onnx_layout)
+    sequence_layout: bool = False  # 3-D tensors kept in torch's (N, T, F) order (onnx_layout.sequence_inputs)
 
     def io_tensor(self, onnx_name: str) -> int:
         """TFLite input/output tensor index of an ONNX graph input or output: the mapped int8 tensor itself
@@ -369,22 +412,24 @@ def convert_qdq_onnx(onnx_model: onnx.ModelProto | str | os.PathLike, *, io_dtyp
     t0 = time.perf_counter()
     model = channels_last_shuffle(slice_bounds_as_initializers(fold_constants(_load(onnx_model))))
     model = zero_pads_without_value(model)
-    model, weight_columns = channels_last_flatten(model)
+    sequences = sequence_inputs(model)
+    model, weight_columns = channels_last_flatten(model, sequence_layout=bool(sequences))
     plan = analyze_qdq(model)
     with scratch_dir(workdir) as scratch:  # removed on any end but SIGKILL; swept on the next run after that
         t1 = time.perf_counter()
-        graph = onnx_to_keras(model, plan, scratch, batch_size)
+        graph = onnx_to_keras(model, plan, scratch, batch_size, keep_shape_inputs=sequences)
         t2 = time.perf_counter()
         tflite = keras_to_tflite(graph.model, io_dtype, batch_size)
         t3 = time.perf_counter()
         if saved_model_dir:
             save_saved_model(graph.model, saved_model_dir, batch_size)
     tfl = read_tflite(tflite)
-    loc = locate_tensors(tfl, plan, graph.activation_records, graph.model.name, graph.kernel_layers)
+    loc = locate_tensors(tfl, plan, graph.activation_records, graph.model.name, graph.kernel_layers,
+                         frozenset(getattr(graph.model, "input_names", ())))
     seconds = {"analyze": t1 - t0, "onnx2tf": t2 - t1, "tflite_converter": t3 - t2,
                "total": time.perf_counter() - t0}
     return Conversion(tflite, tfl, plan, loc.tensor_map, loc.weight_map, loc.bias_map, loc.located_by, loc.fused,
-                      loc.unmapped, io_dtype, graph.onnx2tf_version, seconds, weight_columns)
+                      loc.unmapped, io_dtype, graph.onnx2tf_version, seconds, weight_columns, bool(sequences))
 
 
 def _load(onnx_model: Any) -> onnx.ModelProto:

@@ -38,6 +38,7 @@ class TFLiteMapping:
     output_points: tuple[str, ...]  # point key on each model output, in output order
     io_dtype: str  # "int8" | "uint8" | "float32"
     input_shapes: tuple[tuple[int, ...], ...]  # NCHW (torch) shape of each input at export
+    sequence_layout: bool = False  # 3-D tensors are in torch's (N, T, F) order, not channels-last (no Conv1d)
 
     def __post_init__(self) -> None:
         keys = [p.key for p in self.points]
@@ -82,7 +83,8 @@ class TFLiteMapping:
             return cls(tuple(MappedPoint(str(p["key"]), None if p["tensor"] is None else int(p["tensor"]),
                                          str(p["label"]), str(p["group"])) for p in d["points"]),
                        tuple(d["input_points"]), tuple(d["output_points"]), str(d["io_dtype"]),
-                       tuple(tuple(int(n) for n in s) for s in d["input_shapes"]))
+                       tuple(tuple(int(n) for n in s) for s in d["input_shapes"]),
+                       bool(d.get("sequence_layout", False)))
         except (KeyError, TypeError, ValueError) as e:
             raise TFLiteFileError(f"{where}: the xqat mapping is incomplete or malformed ({type(e).__name__}: {e}); "
                                   "re-export the model") from e

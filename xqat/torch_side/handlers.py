@@ -15,6 +15,7 @@ from torch import fx, nn
 from .modules import Act, QAdd, QConv2d, QLinear
 from .patterns import FIX, OpKind, arg, shape, tensor_inputs
 from .placement import Plan, label
+from .recurrent import unroll
 
 __all__ = ["HANDLERS", "decompose"]
 
@@ -153,7 +154,8 @@ def _add(plan: Plan, node: fx.Node, detail: str) -> None:
     plan.add_point(new, OpKind.ADD)
 
 
-@handles(OpKind.RELU, OpKind.RELU6, OpKind.MEAN, OpKind.MUL, OpKind.HARDSWISH, OpKind.HARDSIGMOID)
+@handles(OpKind.RELU, OpKind.RELU6, OpKind.MEAN, OpKind.MUL, OpKind.SUB, OpKind.MATMUL, OpKind.HARDSWISH,
+         OpKind.HARDSIGMOID)
 def _own_range(plan: Plan, node: fx.Node, detail: str) -> None:
     """An op whose output TFLite requantizes to a grid of its own."""
     plan.add_point(node, plan.kinds[node][0])
@@ -186,7 +188,7 @@ def _resize(plan: Plan, node: fx.Node, detail: str) -> None:
 @handles(OpKind.SAME_SCALE)
 def _same_scale(plan: Plan, node: fx.Node, detail: str) -> None:
     src = tensor_inputs(node)[0]
-    if _folds_into_fully_connected(plan, node, src):
+    if _folds_into_fully_connected(plan, node, src) or _folds_into_batch_matmul(plan, node):
         plan.alias(node, src)
         return
     plan.add_point(node, OpKind.SAME_SCALE, slot=plan.slot_of[src], observe=False, passthrough=True)
@@ -216,6 +218,16 @@ def _folds_into_fully_connected(plan: Plan, node: fx.Node, src: fx.Node) -> bool
     if not users or any(plan.kind(_through_pass(plan, u)) is not OpKind.LINEAR for u in users):
         return False
     return plan.kind(_producer(plan, src)) is not OpKind.MEAN
+
+
+def _folds_into_batch_matmul(plan: Plan, node: fx.Node) -> bool:
+    """A swap of the last two dims that only matmuls read (q @ k.transpose(-2, -1)): BATCH_MATMUL reads the
+    untransposed tensor (adj_y), so the converter drops the TRANSPOSE and its tensor."""
+    if node.target not in ("transpose", torch.transpose) or not node.users:
+        return False
+    rank = len(shape(node))
+    dims = {d % rank for d in (arg(node, 1, "dim0"), arg(node, 2, "dim1"))}
+    return dims == {rank - 2, rank - 1} and all(plan.kind(u) is OpKind.MATMUL for u in node.users)
 
 
 @handles(OpKind.PASS_THROUGH)
@@ -261,6 +273,7 @@ def decompose(plan: Plan) -> bool:
 
     - SiLU -> x * sigmoid(x): LOGISTIC (fixed 1/256 grid) then MUL (own grid).
     - channel shuffle -> reshape, transpose, reshape (ONNX has no channel-shuffle op).
+    - LSTM / GRU -> the unrolled time steps (recurrent.py).
     - grouped conv (not depthwise) [+BN][+ReLU] -> chunk + per-group conv[+BN][+ReLU] + concat: the form
       every TFLite backend runs in int8 and the EdgeTPU compiler accepts (it rejects grouped CONV_2D).
     """
@@ -272,6 +285,9 @@ def decompose(plan: Plan) -> bool:
             changed = True
         elif kind is OpKind.GROUPED_CONV:
             _split_groups(plan, node)
+            changed = True
+        elif kind is OpKind.RECURRENT:
+            unroll(plan.gm, node)
             changed = True
         elif _is_channel_shuffle(plan.gm, node) and kind is not None:
             _split_channel_shuffle(plan, node)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .recurrent import RECURRENT, recurrent_problem
+
 
 class OpKind(Enum):
     CONV = "conv"  # Conv1d/Conv2d/depthwise/ConvTranspose2d: fuses a following BN and ReLU/ReLU6
@@ -23,6 +25,9 @@ class OpKind(Enum):
     LINEAR = "linear"  # Linear: fuses a following ReLU/ReLU6
     ADD = "add"  # add of two tensors: fuses a following ReLU/ReLU6
     MUL = "mul"  # mul of two tensors (SE gates, SiLU's x*sigmoid(x)): its own range
+    SUB = "sub"  # difference of two tensors (a GRU's h - n): its own range
+    MATMUL = "matmul"  # product of two activations (attention scores, attention x values): BATCH_MATMUL, own range
+    RECURRENT = "recurrent"  # nn.LSTM / nn.GRU: unrolled into the ops above before planning (recurrent.py)
     BN = "bn"  # BatchNorm: folded into the conv that feeds it, else a per-channel MUL+ADD of its own
     RELU = "relu"
     RELU6 = "relu6"
@@ -230,6 +235,9 @@ _FUNCTIONS: dict[object, Callable[[fx.Node], Kind]] = {
     operator.add: _binary(OpKind.ADD, "add"), operator.iadd: _binary(OpKind.ADD, "add"),
     torch.add: _binary(OpKind.ADD, "add"), operator.mul: _binary(OpKind.MUL, "mul"),
     operator.imul: _binary(OpKind.MUL, "mul"), torch.mul: _binary(OpKind.MUL, "mul"),
+    operator.sub: _binary(OpKind.SUB, "sub"), torch.sub: _binary(OpKind.SUB, "sub"),
+    operator.matmul: _binary(OpKind.MATMUL, "matmul"), torch.matmul: _binary(OpKind.MATMUL, "matmul"),
+    torch.bmm: _binary(OpKind.MATMUL, "matmul"),
     torch.cat: _cat, torch.concat: _cat,
     F.avg_pool2d: _pool(OpKind.AVGPOOL), F.max_pool2d: _pool(OpKind.SAME_SCALE),
     F.adaptive_avg_pool2d: _adaptive_avg, torch.mean: lambda n: _mean_rule(n),
@@ -245,7 +253,7 @@ _FUNCTIONS: dict[object, Callable[[fx.Node], Kind]] = {
 _METHODS: dict[str, Callable[[fx.Node], Kind]] = {
     "relu": _const(OpKind.RELU), "relu_": _const(OpKind.RELU), "clamp": _clamp, "clamp_": _clamp, "clip": _clamp,
     "add": _binary(OpKind.ADD, "add"), "add_": _binary(OpKind.ADD, "add"),
-    "mul": _binary(OpKind.MUL, "mul"), "mul_": _binary(OpKind.MUL, "mul"),
+    "mul": _binary(OpKind.MUL, "mul"), "mul_": _binary(OpKind.MUL, "mul"), "sub": _binary(OpKind.SUB, "sub"),
     "mean": lambda n: _mean_rule(n), "sigmoid": _const(OpKind.FIXED, FixedGrid.SIGMOID),
     "tanh": _const(OpKind.FIXED, FixedGrid.TANH), "softmax": _softmax,
     "permute": _permute, "transpose": _permute,
@@ -302,6 +310,10 @@ def classify(gm: fx.GraphModule, node: fx.Node) -> Kind:
     """(kind, detail) of a call node; detail names the fixed-range function or why it is unsupported."""
     if node.op == "call_module" and is_pass_through_module(gm.get_submodule(node.target)):
         return OpKind.PASS_THROUGH, ""
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), RECURRENT):  # returns a tuple
+        problem = recurrent_problem(gm.get_submodule(node.target), node)
+        return (OpKind.UNSUPPORTED, problem + FIX + "see docs/sequence-models.md") if problem else \
+            (OpKind.RECURRENT, "")
     if not is_tensor(node):
         return OpKind.NON_TENSOR, ""
     if node.op == "call_module":

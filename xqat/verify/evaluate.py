@@ -132,8 +132,10 @@ def _emulator_runner(tflite, backend: str, device):
         ins = [io_tensor(tfl, mapping.point(k).tensor, tfl.inputs, where) for k in mapping.input_points]
         outs = [io_tensor(tfl, mapping.point(k).tensor, tfl.outputs, where) for k in mapping.output_points]
         labels = [mapping.point(k).label for k in mapping.output_points]
+        sequence_layout = mapping.sequence_layout
     else:  # any other int8 .tflite: the file's order
         ins, outs, labels = list(tfl.inputs), list(tfl.outputs), [tfl.tensor(t).name for t in tfl.outputs]
+        sequence_layout = False
     order_out = [list(tfl.outputs).index(t) for t in outs]  # torch output position -> file output position
 
     def run(xs):
@@ -142,7 +144,8 @@ def _emulator_runner(tflite, backend: str, device):
         feeds = []
         for idx in tfl.inputs:  # the file's input order
             t = tfl.tensor(idx)
-            a = to_tflite_layout(torch.as_tensor(xs[ins.index(idx)]).detach().float().cpu().numpy(), t.shape)
+            a = to_tflite_layout(torch.as_tensor(xs[ins.index(idx)]).detach().float().cpu().numpy(), t.shape,
+                                 sequence_layout)
             if t.dtype != "FLOAT32":
                 a = quantize_input(a, float(t.scales[0]), int(t.zero_points[0]), t.np_dtype, backend)
             feeds.append(torch.from_numpy(a))

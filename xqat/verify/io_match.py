@@ -59,13 +59,14 @@ def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(d) for d in shape if d != 1)
 
 
-def to_tflite_layout(a: np.ndarray, tfl_shape: Sequence[int]) -> np.ndarray:
+def to_tflite_layout(a: np.ndarray, tfl_shape: Sequence[int], sequence_layout: bool = False) -> np.ndarray:
     """A torch-layout batch in the layout of a TFLite tensor of shape `tfl_shape` (batch may differ): channels
     last ((N, C, H, W) -> NHWC, (N, C, T) -> (N, T, C), as onnx2tf converts convolutions) whenever that fits the
     TFLite shape up to unit dimensions (so equal C and T count as channels-last); otherwise torch's element
-    order, reshaped to the TFLite shape when only the element count agrees. 2-D and 1-D tensors are unchanged."""
+    order, reshaped to the TFLite shape when only the element count agrees. 2-D and 1-D tensors are unchanged,
+    and 3-D ones too in a model exported in the sequence layout (`TFLiteMapping.sequence_layout`)."""
     want = tuple(int(d) for d in tfl_shape[1:])
-    if a.ndim in (3, 4):
+    if a.ndim == 4 or (a.ndim == 3 and not sequence_layout):
         last = np.moveaxis(a, 1, -1)
         if _squeezed(last.shape[1:]) == _squeezed(want):
             a = last
@@ -74,10 +75,10 @@ def to_tflite_layout(a: np.ndarray, tfl_shape: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def to_torch_layout(a: np.ndarray, torch_shape: Sequence[int]) -> np.ndarray:
+def to_torch_layout(a: np.ndarray, torch_shape: Sequence[int], sequence_layout: bool = False) -> np.ndarray:
     """The inverse of `to_tflite_layout`: a TFLite-layout batch in the layout of a torch tensor `torch_shape`."""
     torch_shape = tuple(int(d) for d in torch_shape)
-    if len(torch_shape) in (3, 4):
+    if len(torch_shape) == 4 or (len(torch_shape) == 3 and not sequence_layout):
         last = (torch_shape[0], *torch_shape[2:], torch_shape[1])  # the channels-last form of torch_shape
         if _squeezed(a.shape[1:]) == _squeezed(last[1:]):
             a = np.moveaxis(a.reshape(last), -1, 1)

@@ -169,7 +169,7 @@ def _run_interpreter(raw: bytes, tfl: TFLiteModel, mapping: TFLiteMapping, xs: l
     feeds = []
     for key, x in zip(mapping.input_points, xs):
         d = ins[io_tensor(tfl, mapping.point(key).tensor, list(ins), where)]
-        a = to_tflite_layout(x.numpy(), d["shape"])
+        a = to_tflite_layout(x.numpy(), d["shape"], mapping.sequence_layout)
         feeds.append((d, a if d["dtype"] == np.float32 else
                       quantize_input(a, *d["quantization"], d["dtype"], backend)))
     fetch = [(key, outs[io_tensor(tfl, mapping.point(key).tensor, list(outs), where)])
@@ -206,8 +206,8 @@ def _first_line(e: Exception) -> str:
 
 
 def _compare(label: str, index: int, torch_out: torch.Tensor, scale: float, zp: int, tfl_codes: np.ndarray,
-             classifier: bool) -> TensorParity:
-    tc = to_tflite_layout(_codes(torch_out, scale, zp), tfl_codes.shape)
+             classifier: bool, sequence_layout: bool = False) -> TensorParity:
+    tc = to_tflite_layout(_codes(torch_out, scale, zp), tfl_codes.shape, sequence_layout)
     if tc.shape != tfl_codes.shape:
         raise ParityError(f"'{label}': torch shape {tuple(torch_out.shape)} vs tflite {tfl_codes.shape}")
     return _stats(label, index, tc, tfl_codes, classifier)
@@ -257,25 +257,28 @@ def parity(model: nn.Module, tflite: str | os.PathLike | bytes, inputs, backend:
                           mode=("local" if local else "end-to-end") if layerwise else "output")
     for key in mapping.output_points:
         p = mapping.point(key)
-        report.outputs.append(_compare(p.label, p.tensor, own[key], *_point_grid(model, key), t_out[key], True))
+        report.outputs.append(_compare(p.label, p.tensor, own[key], *_point_grid(model, key), t_out[key], True,
+                                       mapping.sequence_layout))
     if not io_float:
         descr = [f"{k}: scale {s:.6g}, zero point {zp}" for k in mapping.input_points
                  for s, zp in [_point_grid(model, k)]]
         report.input_rule += f" (input {'; '.join(descr)})"
     if local:
-        own = run_recording(model, xs, keys, _teacher(tfl, {p.key: p.tensor for p in points}, t_layers))
+        own = run_recording(model, xs, keys, _teacher(tfl, {p.key: p.tensor for p in points}, t_layers,
+                                                      mapping.sequence_layout))
     for p in points if layerwise else ():
         report.layers.append(_compare(p.label, p.tensor, own[p.key], *_point_grid(model, p.key),
-                                      t_layers[p.tensor], False))
+                                      t_layers[p.tensor], False, mapping.sequence_layout))
     report.first_divergent = next((t.name for t in report.layers if t.diverges(tolerance)), None)
     return report
 
 
-def _teacher(tfl: TFLiteModel, tensors: dict[str, int], codes: dict[int, np.ndarray]):
+def _teacher(tfl: TFLiteModel, tensors: dict[str, int], codes: dict[int, np.ndarray], sequence_layout: bool = False):
     """Teacher for `run_recording`: the interpreter's tensor at each point, dequantized with the file's grid."""
 
     def forced(key: str, own: torch.Tensor) -> torch.Tensor:
         s, zp = _file_grid(tfl, tensors[key])
-        return torch.from_numpy(((to_torch_layout(codes[tensors[key]], own.shape) - zp) * s).astype(np.float32))
+        a = to_torch_layout(codes[tensors[key]], own.shape, sequence_layout)
+        return torch.from_numpy(((a - zp) * s).astype(np.float32))
 
     return forced
