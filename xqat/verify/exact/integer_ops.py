@@ -99,9 +99,11 @@ def conv_kernel(m: QConv2d, label: str, x_shape: Sequence[int], y_shape: Sequenc
     wq, scales, bias = m.export_weights(None if fold is None else (fold.weight, fold.shift))
     codes = _weight_codes(wq, scales, 0)
     s_w = scales.detach().cpu().numpy().astype(np.float32).reshape(-1)
-    if fold is not None:
+    if fold is None:
+        w_conv = weight_converter_scales(s_w, f"layer {label}")
+    else:  # a training step's layer is never converted: its float32 scales are the bias scale's factors
         s_w = (s_w * fold.scale.detach().cpu().numpy().astype(np.float32)).astype(np.float32)
-    w_conv = weight_converter_scales(s_w, f"layer {label}")
+        w_conv = s_w.astype(np.float64)
     c = m.conv
     depthwise = m.is_depthwise
     filt = codes.transpose(1, 2, 3, 0) if depthwise else codes.transpose(0, 2, 3, 1)  # (1,kh,kw,C*M) / OHWI
