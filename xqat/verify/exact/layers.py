@@ -62,6 +62,9 @@ class _Refused(Exception):
 def _inputs(gm: fx.GraphModule, anchor: fx.Node) -> tuple[list[str], list[fx.Node]]:
     keys, nodes = [], []
     for n in tensor_inputs(anchor):
+        # identities in eval (Identity, Dropout, DropPath): the device has no such op, its input is read instead
+        while point_key(n) is None and n.op.startswith("call_") and classify(gm, n)[0] is OpKind.PASS_THROUGH:
+            n = tensor_inputs(n)[0]
         k = point_key(n)
         if k is None:
             raise _Refused(f"its input '{n.name}' ({describe(gm, n)}) is not a quantized tensor of the model")
