@@ -21,7 +21,7 @@ from ...torch_side.modules import QConv2d, QLinear
 from ..emulate.base import Kernel
 from ..emulate.kernels import build
 from ..emulate.quantize import float_quantizer
-from ..emulate.rounding import INT32_MAX, INT32_MIN, round_half_away
+from ..emulate.rounding import INT32_MAX, round_half_away
 from ..emulate.rules import rules_for
 
 __all__ = ["Grid", "grid_of", "conv_kernel", "fc_kernel", "op_kernel", "input_quantizer", "requantize_kernel",
@@ -75,12 +75,12 @@ def nhwc(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def _bias_codes(bias: torch.Tensor | None, channels: int, s_in: Grid, w_scales: np.ndarray) -> np.ndarray:
-    """The converter's int32 bias: round_half_away(b / float32(s_in * s_w)) with its double scales
-    (docs/numerics.md#bias)."""
-    bias_scale = (np.float64(s_in.converter_scale) * w_scales).astype(np.float32).astype(np.float64)
+    """The converter's int32 bias (docs/numerics.md#bias): round_half_away(b / (s_in * s_w)) with its *double*
+    scales, before the product is stored as float32 (dividing by the stored float32 scale differs at near-ties:
+    4674.49984 -> 4674 where the converter writes 4675)."""
     b = np.zeros(channels) if bias is None else bias.detach().cpu().double().numpy()
-    q = round_half_away(torch.from_numpy(b / bias_scale)).numpy()
-    return np.clip(q, INT32_MIN, INT32_MAX).astype(np.int32)
+    q = round_half_away(torch.from_numpy(b / (np.float64(s_in.converter_scale) * w_scales))).numpy()
+    return np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32)
 
 
 def _weight_codes(wq: torch.Tensor, scales: torch.Tensor, axis: int) -> np.ndarray:
