@@ -43,6 +43,8 @@ def set_numerics(model: nn.Module, name: str) -> nn.Module:
         hooks = {key: (ExactPoint(name, layer, point_module(model, key),
                                   [point_module(model, k) for k in layer.inputs]), layer.nodes)
                  for key, layer in layers.items()}
+        for key, layer in layers.items():  # each hook reads its inputs' codes from the hooks that made them
+            hooks[key][0].producers[:] = [hooks[k][0] for k in layer.inputs]
         attach_point_hooks(model, hooks)
     qat_config(model).numerics = name
     return model

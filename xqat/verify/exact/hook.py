@@ -4,6 +4,8 @@ from the integer codes of the layer's inputs by the backend's kernel, with the "
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,6 +58,8 @@ class ExactPoint(nn.Module):
         object.__setattr__(self, "_point", point)
         object.__setattr__(self, "_in_points", list(in_points))
         object.__setattr__(self, "_cache", (None, None))
+        object.__setattr__(self, "producers", [])  # the hooks of `in_points` (set_numerics links them)
+        object.__setattr__(self, "_last", (None, None, None))  # weakref to the last output, its codes and grid
 
     def extra_repr(self) -> str:
         return f"{self.label}: {self.kind} on backend {self.backend!r}"
@@ -69,11 +73,27 @@ class ExactPoint(nn.Module):
         if not all(_active(q) for q in quantizers) or (self.kind in ("conv", "fc") and not self._weights_active()):
             return y  # no integer model exists yet (ranges not observed, quant_delay): the float path
         g_out = grid_of(self._point.quantizer)
-        g_ins = [grid_of(p.quantizer) for p in self._in_points]
         with torch.no_grad():
-            codes = self._codes(y, inputs, g_ins, g_out)
+            codes = self._codes(y, inputs, g_out)
             exact = from_codes(codes, g_out, y.shape).to(y.dtype)
-        return exact + (y - y.detach())  # the device's value, the "tf" path's gradient
+        out = exact + (y - y.detach())  # the device's value, the "tf" path's gradient
+        object.__setattr__(self, "_last", (weakref.ref(out), codes, g_out))
+        return out
+
+    def _input_codes(self, inputs) -> tuple[list[torch.Tensor], list[Grid]]:
+        """Codes and grids of the inputs: the producing hook's own codes when the input is its last output
+        (on the grid it was produced with, even if its range moved since), else the values' codes."""
+        xs, grids = [], []
+        for i, x in enumerate(inputs):
+            last = self.producers[i]._last if i < len(self.producers) else (None, None, None)
+            if last[0] is not None and last[0]() is x:
+                xs.append(last[1])
+                grids.append(last[2])
+            else:  # values from elsewhere (a teacher-forced run): on the input point's grid
+                g = grid_of(self._in_points[i].quantizer)
+                xs.append(to_codes(x, g))
+                grids.append(g)
+        return xs, grids
 
     def _kernel(self, key, make):
         """One cached kernel: rebuilt when the grids, shapes or weights (tensor versions) change."""
@@ -83,7 +103,7 @@ class ExactPoint(nn.Module):
         object.__setattr__(self, "_cache", (key, k))
         return k
 
-    def _codes(self, y, inputs, g_ins: list[Grid], g_out: Grid) -> torch.Tensor:
+    def _codes(self, y, inputs, g_out: Grid) -> torch.Tensor:
         dev, kind = y.device, self.kind
         if kind == "input":
             x = inputs[0].detach().float()
@@ -93,7 +113,7 @@ class ExactPoint(nn.Module):
             return fn(x.contiguous()).to(torch.int8)
         if kind == "copy":  # max pool / reshape of grid values: the float op already gave the device's codes
             return to_codes(y, g_out)
-        xs = [to_codes(x, g) for x, g in zip(inputs, g_ins)]
+        xs, g_ins = self._input_codes(inputs)
         shapes = [tuple(x.shape) for x in inputs]
         key = (g_out, tuple(g_ins), tuple(s[1:] for s in shapes), dev)
         if kind == "conv":
@@ -122,6 +142,9 @@ class ExactPoint(nn.Module):
                                                     out_shape, g_out, opts, self.backend, dev))
             return k(xs)
         if kind == "avgpool":
+            if g_ins[0] != g_out:  # the input's range moved this step: the converter's requantize first
+                xs = [requantize_kernel(self.label, tfl_shapes[0], g_ins[0], g_out, self.backend, dev)(xs)]
+                g_ins = [g_out]
             (kh, kw), (sh, sw) = self.params["kernel"], self.params["stride"]
             opts = {"filterHeight": kh, "filterWidth": kw, "strideH": sh, "strideW": sw, "padding": "VALID",
                     "fusedActivationFunction": "NONE"}
