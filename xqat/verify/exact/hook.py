@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import weakref
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,8 +66,9 @@ class ExactPoint(nn.Module):
         return f"{self.label}: {self.kind} on backend {self.backend!r}"
 
     def _weights_active(self) -> bool:
+        """The layer's weights are fake-quantized this step (past quant_delay in training)."""
         m = self._layer_module
-        return not getattr(m, "training", False) or not hasattr(m, "quant_delay") or int(m.step) > m.quant_delay
+        return not m.training or int(m.step) > m.quant_delay
 
     def forward(self, y: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         quantizers = [self._point.quantizer] + [p.quantizer for p in self._in_points]
@@ -152,7 +154,7 @@ class ExactPoint(nn.Module):
                                                     g_out, opts, self.backend, dev))
             return k(xs)
         if kind == "mean":
-            axes = torch.tensor([1, 2], dtype=torch.int32).numpy()
+            axes = np.array([1, 2], np.int32)  # NHWC spatial axes
             keep = self.params["keep"]
             k = self._kernel(key, lambda: op_kernel("MEAN", self.label, tfl_shapes, g_ins, out_shape, g_out,
                                                     {"keepDims": keep}, self.backend, dev, consts=[axes]))

@@ -13,7 +13,7 @@ from torch.nn.modules.utils import _pair
 from ...errors import UnsupportedLayerError
 from ...torch_side.capture import check_input
 from ...torch_side.modules import QAdd, QConv2d, QLinear
-from ...torch_side.patterns import OpKind, classify, describe, tensor_inputs
+from ...torch_side.patterns import OpKind, arg, classify, describe, tensor_inputs
 from ...torch_side.prepare import point_key, point_module
 
 __all__ = ["Layer", "plan_layers"]
@@ -73,12 +73,6 @@ def _inputs(gm: fx.GraphModule, anchor: fx.Node) -> tuple[list[str], list[fx.Nod
     return keys, nodes
 
 
-def _arg(node: fx.Node, i: int, name: str, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
 def _layer(gm: fx.GraphModule, anchor: fx.Node, point) -> Layer:
     label = point.label
     if anchor.op == "placeholder" or (anchor.op == "call_function" and anchor.target is check_input):
@@ -104,7 +98,7 @@ def _layer(gm: fx.GraphModule, anchor: fx.Node, point) -> Layer:
         return Layer("copy", label, keys, nodes)
     if kind is OpKind.CAT:
         rank = len(shape)
-        dim = int(_arg(anchor, 1, "dim", 0)) % rank
+        dim = int(arg(anchor, 1, "dim", 0)) % rank
         axis = _TFLITE_AXIS_4D[dim] if rank == 4 else dim
         if dim == 0:
             raise _Refused("concat along the batch dimension")
@@ -119,15 +113,16 @@ def _layer(gm: fx.GraphModule, anchor: fx.Node, point) -> Layer:
 def _pooling(anchor: fx.Node, module: nn.Module | None, keys, nodes, label: str, shape) -> Layer:
     in_shape = tuple(anchor.args[0].meta["tensor_meta"].shape)
     adaptive = isinstance(module, nn.AdaptiveAvgPool2d) or anchor.target is F.adaptive_avg_pool2d
-    if adaptive or anchor.target == "mean" or str(anchor.target).endswith("mean"):
+    name = anchor.target if isinstance(anchor.target, str) else getattr(anchor.target, "__name__", "")
+    if adaptive or name == "mean":
         if adaptive:
             dims, keep = {2, 3}, True
             if tuple(shape[2:]) != (1, 1):
                 raise _Refused(f"adaptive average pooling to {tuple(shape[2:])}; only global (1, 1)")
         else:
-            d = _arg(anchor, 1, "dim")
+            d = arg(anchor, 1, "dim")
             dims = {int(v) % len(in_shape) for v in (d if isinstance(d, (list, tuple)) else [d])}
-            keep = bool(_arg(anchor, 2, "keepdim", False))
+            keep = bool(arg(anchor, 2, "keepdim", False))
         if len(in_shape) != 4 or dims != {2, 3}:
             raise _Refused(f"mean over dims {sorted(dims)} of a rank-{len(in_shape)} tensor; only the spatial mean "
                            "of an NCHW tensor")
@@ -136,8 +131,8 @@ def _pooling(anchor: fx.Node, module: nn.Module | None, keys, nodes, label: str,
         k, s, p = module.kernel_size, module.stride, module.padding
         ceil, div = module.ceil_mode, module.divisor_override
     else:
-        k, s, p = _arg(anchor, 1, "kernel_size"), _arg(anchor, 2, "stride"), _arg(anchor, 3, "padding", 0)
-        ceil, div = _arg(anchor, 4, "ceil_mode", False), _arg(anchor, 6, "divisor_override")
+        k, s, p = arg(anchor, 1, "kernel_size"), arg(anchor, 2, "stride"), arg(anchor, 3, "padding", 0)
+        ceil, div = arg(anchor, 4, "ceil_mode", False), arg(anchor, 6, "divisor_override")
     k = _pair(k)
     s = _pair(s) if s not in (None, []) else k
     if _pair(p) != (0, 0) or ceil or div:
