@@ -61,15 +61,22 @@ class _Refused(Exception):
 
 def _inputs(gm: fx.GraphModule, anchor: fx.Node) -> tuple[list[str], list[fx.Node]]:
     keys, nodes = [], []
-    for n in tensor_inputs(anchor):
-        # identities in eval (Identity, Dropout, DropPath): the device has no such op, its input is read instead
-        while point_key(n) is None and n.op.startswith("call_") and classify(gm, n)[0] is OpKind.PASS_THROUGH:
+    for first in tensor_inputs(anchor):
+        # Between the input's point and this op: identities in eval (Identity, Dropout, DropPath; no device op, the
+        # point's value is read instead) and same-scale copies without a point of their own (a flatten the
+        # converter folds: the copied grid values are read, on the point's grid)
+        n, copies = first, False
+        while point_key(n) is None and n.op.startswith("call_") and tensor_inputs(n):
+            kind = classify(gm, n)[0]
+            if kind not in (OpKind.PASS_THROUGH, OpKind.SAME_SCALE):
+                break
+            copies = copies or kind is OpKind.SAME_SCALE
             n = tensor_inputs(n)[0]
         k = point_key(n)
         if k is None:
-            raise _Refused(f"its input '{n.name}' ({describe(gm, n)}) is not a quantized tensor of the model")
+            raise _Refused(f"its input '{first.name}' ({describe(gm, first)}) is not a quantized tensor of the model")
         keys.append(k)
-        nodes.append(n)
+        nodes.append(first if copies else n)
     return keys, nodes
 
 
