@@ -202,3 +202,29 @@ def test_unsupported_layers_are_refused_by_name():
     assert xqat.numerics(qat) == "tf"
     with pytest.raises(UnsupportedLayerError, match="hswish"):
         xqat.prepare_qat(_Unsupported().eval(), torch.randn(INPUT_SHAPE), xqat.QATConfig(numerics="builtin"))
+
+
+class _FoldedHead(nn.Module):
+    """A ResNet-style head at a 1x1 map: the global pool folds away and the flatten has no point of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 8, 3, 4, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(8, 16, 4, 4, 0), nn.ReLU6())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.conv2(self.conv1(x))), 1))
+
+
+def test_inputs_read_through_folded_pool_and_flatten(tmp_path):
+    qat = calibrate(xqat.prepare_qat(_FoldedHead().eval(), torch.randn(INPUT_SHAPE)))
+    assert [p.label for p in xqat.quant_points(qat)] == ["input:x", "conv1.0", "conv2.0", "fc"]
+    xqat.set_numerics(qat, "builtin")
+    path = tmp_path / "head.tflite"
+    xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), path)
+    xs = torch.rand(16, *INPUT_SHAPE[1:])
+    for backend in BACKENDS:
+        xqat.set_numerics(qat, backend)
+        assert _all_identical(xqat.parity(qat, path, xs, backend=backend, layerwise=True)) == [], backend
