@@ -15,17 +15,24 @@ from ...torch_side.config import NUMERICS, QATConfig, check_numerics
 from ...torch_side.point_hooks import attach_point_hooks, detach_point_hooks, point_hooks
 from ...torch_side.prepare import point_module, qat_config, require_qat_model
 from ...torch_side.prepare import prepare_qat as _prepare_qat
-from .hook import ExactPoint
 from .layers import plan_layers
 
-__all__ = ["set_numerics", "numerics", "prepare_qat", "NUMERICS", "ExactPoint"]
+__all__ = ["set_numerics", "numerics", "prepare_qat", "NUMERICS"]
+
+# The kernels (`.hook`: emulate, the flatbuffer schema, onnx via export) load on the first exact model only, so
+# `xqat.prepare_qat` in "tf" numerics costs no more imports than torch_side's.
 
 
 def numerics(model: nn.Module) -> str:
     """The numerics a QAT model computes now: "tf" or a TFLite backend name."""
     require_qat_model(model, "read its numerics")
-    hooks = [h for h in point_hooks(model).values() if isinstance(h, ExactPoint)]
-    return hooks[0].backend if hooks else "tf"
+    hooks = point_hooks(model)
+    if not hooks:
+        return "tf"
+    from .hook import ExactPoint
+
+    exact = [h for h in hooks.values() if isinstance(h, ExactPoint)]
+    return exact[0].backend if exact else "tf"
 
 
 def set_numerics(model: nn.Module, name: str) -> nn.Module:
@@ -38,6 +45,8 @@ def set_numerics(model: nn.Module, name: str) -> nn.Module:
     if name == "tf":
         detach_point_hooks(model)
     else:
+        from .hook import ExactPoint
+
         detach_point_hooks(model)  # plan on the plain graph
         layers = plan_layers(model)
         hooks = {key: (ExactPoint(name, layer, point_module(model, key),
