@@ -1,6 +1,7 @@
 """Training-step time of a MobileNetV2-style model on CPU: float vs xqat QAT vs torch.ao eager QAT.
 
 Run: .venv/bin/python -m benchmarks.qat_step [--batch 16] [--size 96] [--width 0.5]
+     .venv/bin/python -m benchmarks.qat_step --exact   # float vs numerics "tf" vs exact "xnnpack" (`exact_numerics`)
 Same batch, same model, interleaved repeats; prints median ms and the ratios
 (targets: xqat <= 1.5x float, and no slower than torch.ao QAT). "xqat_fused" runs the same numerics
 through torch.compile-fused fake-quant kernels (xqat.use_fused_kernels).
@@ -94,5 +95,50 @@ def main() -> dict[str, float]:
             "xqat_fused_vs_torch_ao": t["xqat_fused"] / t["torch.ao"]}
 
 
+def exact_numerics() -> dict[str, float]:
+    """Step time of exact numerics (QATConfig(numerics="xnnpack"): the integer kernels in the forward) vs the
+    "tf" fake quant vs float, same run (goal: exact <= 2x "tf"; docs/benchmarks.md)."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--width", type=float, default=0.5)
+    ap.add_argument("--repeats", type=int, default=10)
+    args, _ = ap.parse_known_args()
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    y = torch.randint(0, 10, (args.batch,))
+    base = MobileNetV2(num_classes=10, width_mult=args.width).eval()
+    models = {"float": copy.deepcopy(base).train(),
+              "tf": xqat.prepare_qat(base, x[:1]).train(),
+              "xnnpack": xqat.prepare_qat(base, x[:1], xqat.QATConfig(numerics="xnnpack")).train()}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in models.items()}
+
+    def step(k):
+        def run():
+            loss = F.cross_entropy(models[k](x), y)
+            opts[k].zero_grad()
+            loss.backward()
+            opts[k].step()
+        return run
+
+    def forward(k):
+        def run():
+            with torch.no_grad():
+                models[k].eval()(x)
+            models[k].train()
+        return run
+
+    t = compare({k: step(k) for k in models}, repeats=args.repeats, warmup=2)
+    e = compare({k: forward(k) for k in models}, repeats=args.repeats, warmup=1)
+    print(f"QAT numerics, MobileNetV2 width {args.width}, batch {args.batch}x3x{args.size}x{args.size}, CPU "
+          f"({machine()})")
+    for k in models:
+        print(f"  {k:8s}: training step {t[k] * 1e3:8.1f} ms ({t[k] / t['tf']:.2f}x tf)   "
+              f"eval forward {e[k] * 1e3:8.1f} ms ({e[k] / e['tf']:.2f}x tf)")
+    return {"exact_vs_tf_step": t["xnnpack"] / t["tf"], "exact_vs_tf_eval": e["xnnpack"] / e["tf"]}
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    exact_numerics() if "--exact" in sys.argv else main()

@@ -28,7 +28,9 @@ _LAZY = {
     "freeze_bn": ("xqat.torch_side.prepare", "freeze_bn"),
     "freeze_ranges": ("xqat.torch_side.prepare", "freeze_ranges"),
     "is_qat_model": ("xqat.torch_side.prepare", "is_qat_model"),
-    "prepare_qat": ("xqat.torch_side.prepare", "prepare_qat"),
+    "prepare_qat": ("xqat.verify.exact", "prepare_qat"),  # torch_side's, then QATConfig.numerics applied
+    "set_numerics": ("xqat.verify.exact", "set_numerics"),
+    "numerics": ("xqat.verify.exact", "numerics"),
     "qat_config": ("xqat.torch_side.prepare", "qat_config"),
     "quant_points": ("xqat.torch_side.prepare", "quant_points"),
     "TFLiteQParams": ("xqat.torch_side.qparams", "TFLiteQParams"),
@@ -65,7 +67,8 @@ def __dir__() -> list[str]:
 __all__ = [
     "fake_quant", "fake_quant_per_channel", "use_fused_kernels",
     "nudge", "tflite_qparams", "snap_range", "TFLiteQParams",
-    "QATConfig", "prepare_qat", "freeze_ranges", "freeze_bn", "is_qat_model", "quant_points", "qat_config",
+    "QATConfig", "prepare_qat", "set_numerics", "numerics",
+    "freeze_ranges", "freeze_bn", "is_qat_model", "quant_points", "qat_config",
     "XQATError", "UnsupportedLayerError", "QATConfigError", "ExportError", "TFLiteFileError", "ParityError",
     "check_edgetpu", "EdgeTPUReport", "save_qat", "load_qat",
     "export_tflite", "ExportReport", "snap_ranges", "parity", "ParityReport", "evaluate", "EvaluationResult",

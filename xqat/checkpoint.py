@@ -25,7 +25,8 @@ from torch import nn
 
 from .errors import XQATError
 from .torch_side.config import QATConfig
-from .torch_side.prepare import prepare_qat, qat_config, require_qat_model
+from .torch_side.prepare import qat_config, require_qat_model
+from .verify.exact import prepare_qat  # QATConfig.numerics applied too
 
 __all__ = ["save_qat", "load_qat", "load_factory", "state_hash"]
 

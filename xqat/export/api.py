@@ -14,6 +14,7 @@ from torch import fx, nn
 from ..errors import ExportError
 from ..tflite.mapping import MappedPoint, TFLiteMapping, write_mapping
 from ..tflite.qtypes import IO_DTYPES
+from ..torch_side.point_hooks import hook_key
 from ..torch_side.prepare import point_key, quant_points
 from .atomic import atomic_write_bytes, check_writable
 from .report import ExportReport, build_report
@@ -112,7 +113,7 @@ def tflite_mapping(model: fx.GraphModule, report: ExportReport, input_shapes: li
             inputs.append(key)
     outputs = []
     for i, arg in enumerate(_flat_outputs(nodes)):
-        key = point_key(arg) if isinstance(arg, fx.Node) else None
+        key = (point_key(arg) or hook_key(arg)) if isinstance(arg, fx.Node) else None  # hook: exact numerics
         if key is None:
             raise ExportError(f"model output {i} is not quantized (its last op '{getattr(arg, 'name', arg)}' has no "
                               "fake-quant point)")
@@ -124,9 +125,10 @@ def tflite_mapping(model: fx.GraphModule, report: ExportReport, input_shapes: li
 def _input_point(node: fx.Node) -> str | None:
     """The fake-quant point an input placeholder feeds, through single-use checks (prepare's input check)."""
     for _ in range(4):
-        if len(node.users) != 1:
+        users = [u for u in node.users if hook_key(u) is None]  # exact numerics' hooks read the input too
+        if len(users) != 1:
             return None
-        node = next(iter(node.users))
+        node = users[0]
         if point_key(node) is not None:
             return point_key(node)
     return None

@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from ..tflite.qtypes import QRANGE, int8_zero_point
 from ..torch_side.modules import QLinear, WeightQuantizedModule, _activate
+from ..torch_side.point_hooks import detach_point_hooks
 from ..torch_side.prepare import POINTS, point_module, quant_points
 from .snapping import SnapRecord, planned_snaps
 
@@ -97,6 +98,7 @@ def build_export_graph(model: fx.GraphModule) -> ExportGraph:
     """A deep copy of a (validated) QAT model converted for export; `model` itself is left as it is."""
     snaps = planned_snaps(model)
     gm = copy.deepcopy(model).eval()
+    detach_point_hooks(gm)  # exact numerics' hooks: the deployed graph is the "tf" one with Q/DQ points
     points: dict[str, ActivationQDQ] = {}
     labels: dict[str, str] = {}
     for info in quant_points(gm):

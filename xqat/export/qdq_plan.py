@@ -22,7 +22,7 @@ from ..tflite.qtypes import QRANGE, int8_zero_point
 from ..torch_side.qparams import canonical_range, nudge_numpy, quant_bounds, tflite_qparams
 from .onnx_fold import onnx_constants
 
-__all__ = ["ActivationQ", "WeightQ", "QDQPlan", "analyze_qdq"]
+__all__ = ["ActivationQ", "WeightQ", "QDQPlan", "analyze_qdq", "weight_converter_scales"]
 
 _WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm")  # the ops whose constant weight input (1) is quantized
 
@@ -303,6 +303,17 @@ def _canonical_ranges(scales: np.ndarray, zero_point: int, narrow_range: bool):
         else:
             lo[c], hi[c] = rng
     return lo, hi, bad
+
+
+def weight_converter_scales(scales: np.ndarray, where: str) -> np.ndarray:
+    """The converter's double per-channel scales (max - min) / 254 of the canonical narrow-range FakeQuant ranges
+    the export writes for float32 weight `scales` (`WeightQ.converter_scales`; the int32 bias scale is
+    float32(s_in * this), docs/numerics.md#bias)."""
+    lo, hi, bad = _canonical_ranges(np.atleast_1d(np.asarray(scales, np.float32)), 128, narrow_range=True)
+    if bad:
+        raise ExportError(f"{where}: weight channel {bad[0]}: no float32 range gives TF and the converter the scale "
+                          f"{float(np.atleast_1d(scales)[bad[0]])!r} (docs/numerics.md#converter-qparams)")
+    return (hi.astype(np.float64) - lo.astype(np.float64)) / 254.0
 
 
 def _weight(n, src, consts, codes, scale, zp, users, where, index) -> WeightQ:

@@ -8,9 +8,20 @@ from enum import StrEnum
 
 from ..errors import QATConfigError
 
-__all__ = ["QATConfig", "EMA_MODES", "EmaMode", "BNStats", "OUTLIER_POLICIES"]
+__all__ = ["QATConfig", "EMA_MODES", "EmaMode", "BNStats", "OUTLIER_POLICIES", "NUMERICS", "check_numerics"]
 
 OUTLIER_POLICIES = ("skip", "warn", "off")
+# "tf": TF's float fake quant; a TFLite backend name (verify/backends.py BACKENDS, checked equal by the tests):
+# the integer kernels of that backend (docs/numerics.md#exact-training-numerics)
+NUMERICS = ("tf", "xnnpack", "builtin", "reference")
+
+
+def check_numerics(name) -> str:
+    """`name` if it is one of NUMERICS; otherwise QATConfigError naming the choices."""
+    if name not in NUMERICS:
+        raise QATConfigError(f"numerics must be one of {', '.join(map(repr, NUMERICS))} (\"tf\": TF's fake quant; "
+                             f"a backend name: that TFLite backend's integer kernels); got {name!r}")
+    return name
 
 
 class EmaMode(StrEnum):
@@ -51,6 +62,10 @@ class QATConfig:
       exactly as tf.contrib.quantize and Jacob et al.).
     - `sync_ranges`: under torch.distributed, all-reduce batch min/max before each EMA update, so every
       rank keeps the same ranges (those of the global batch).
+    - `numerics`: "tf" (default; TF's float fake quant) or a TFLite backend ("xnnpack", "builtin",
+      "reference"): the forward then computes, bit for bit, the integer model export would produce for that
+      backend, with straight-through gradients of the "tf" path (docs/numerics.md#exact-training-numerics).
+      Applied by `xqat.prepare_qat` / `xqat.set_numerics` / `xqat.load_qat`.
     - `sync_bn`: under torch.distributed, compute the BN batch statistics of the training-time fold over
       all ranks, as torch.nn.SyncBatchNorm does (forward and gradient). Off by default, like plain
       BatchNorm under DDP: each rank then folds with its own batch's statistics.
@@ -75,6 +90,7 @@ class QATConfig:
     sync_bn: bool = False
     range_outliers: str = "skip"
     range_outlier_factor: float = 1000.0
+    numerics: str = "tf"
 
     def __post_init__(self) -> None:
         for name in ("activation_bits", "weight_bits"):
@@ -105,4 +121,5 @@ class QATConfig:
         if not self.range_outlier_factor > 1.0:
             raise QATConfigError(f"QATConfig.range_outlier_factor must be > 1, got {self.range_outlier_factor}")
         self.bn_stats = BNStats(self.bn_stats).value
+        check_numerics(self.numerics)
         self.skip = list(self.skip)

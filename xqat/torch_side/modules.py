@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from enum import StrEnum
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,7 @@ from torch import nn
 from .qparams import int32_bias
 from .quantizers import ActivationQuantizer, WeightQuantizer
 
-__all__ = ["WeightQuantizedModule", "QConv2d", "QLinear", "QAdd", "ACTIVATIONS", "Act"]
+__all__ = ["BatchFold", "WeightQuantizedModule", "QConv2d", "QLinear", "QAdd", "ACTIVATIONS", "Act"]
 
 
 class Act(StrEnum):
@@ -76,6 +77,15 @@ def _sync_var_mean(var: torch.Tensor, mean: torch.Tensor, n: int) -> tuple[torch
     return m2 / count, mean_g, int(count)
 
 
+class BatchFold(NamedTuple):
+    """One training step's BN fold with batch statistics: y = conv(x, FQ(weight)) * scale + shift, per channel
+    (docs/numerics.md#bn-folding); kept, detached, so exact numerics can build that step's integer layer."""
+
+    weight: torch.Tensor  # w * gamma / sigma_moving, before fake quant
+    scale: torch.Tensor  # sigma_moving / sigma_batch
+    shift: torch.Tensor  # beta - mean_batch * gamma / sigma_batch
+
+
 class WeightQuantizedModule(nn.Module):
     """Base of every module with quantized weights (QConv2d, QLinear, ...): its step counter drives quant_delay
     and freeze_bn_delay; `export_weights()` gives what the deployed model holds.
@@ -118,10 +128,12 @@ class WeightQuantizedModule(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def export_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def export_weights(self, folded: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(fake-quantized folded weight, its TF scale(s), bias on its int32 grid as float): what the deployed
-        model holds, the converter then stores that bias's codes exactly."""
-        w, b = self.folded()
+        model holds, for the eval fold or a given (weight, bias) fold (a training step's, `BatchFold`); the
+        converter then stores that bias's codes exactly."""
+        w, b = self.folded() if folded is None else folded
         b = self.deployed_bias(w, b)
         return self.weight_quant(w).detach(), self._weight_scales(w), (b.detach().clone() if b is not None else None)
 
@@ -217,7 +229,8 @@ class QConv2d(WeightQuantizedModule):
         bn, w = self.bn, self.conv.weight
         sigma_mv = torch.sqrt(bn.running_var + bn.eps)
         gamma_over_mv = bn.weight / sigma_mv
-        y_q = self._conv(x, wq(w * gamma_over_mv.reshape(_per_channel_shape(w, self.weight_axis))), None)
+        w_fold = w * gamma_over_mv.reshape(_per_channel_shape(w, self.weight_axis))
+        y_q = self._conv(x, wq(w_fold), None)
         dims = (0, *range(2, y_q.dim()))
         bshape = _per_channel_shape(y_q, 1)
         if self.bn_stats == "float":
@@ -232,7 +245,10 @@ class QConv2d(WeightQuantizedModule):
         self._update_running_stats(mean_b, var_b, n)
         sigma_b = torch.sqrt(var_b + bn.eps)
         scale = (sigma_mv / sigma_b).reshape(bshape)
-        return torch.addcmul((bn.bias - mean_b * bn.weight / sigma_b).reshape(bshape), y_q, scale)
+        shift = (bn.bias - mean_b * bn.weight / sigma_b).reshape(bshape)
+        # this step's fold (a plain attribute, not state): exact numerics build the same step's integer layer
+        self.batch_fold = BatchFold(w_fold.detach(), scale.detach().reshape(-1), shift.detach().reshape(-1))
+        return torch.addcmul(shift, y_q, scale)
 
     @torch.no_grad()
     def _update_running_stats(self, mean_b, var_b, n: int) -> None:

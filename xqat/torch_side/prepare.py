@@ -49,7 +49,8 @@ def prepare_qat(model: nn.Module, example_inputs, config: QATConfig | None = Non
     `example_inputs` (a tensor or a tuple of tensors) is run once, in eval mode, to learn shapes: the model
     is captured at that shape (shape-dependent Python becomes static). The result refuses inputs of another
     rank, channel count (dim 1) or dtype with an `InputError`, and warns on another spatial size.
-    Every unsupported op is reported at once, each with a fix.
+    Every unsupported op is reported at once, each with a fix. This builds the "tf" numerics; `xqat.prepare_qat`
+    then applies `config.numerics` (exact numerics live above torch_side, docs/architecture.md).
     """
     config = config or QATConfig()
     was_training = model.training

@@ -17,8 +17,10 @@ from ..errors import InputError
 from ..tflite.mapping import TFLiteMapping
 from ..tflite.metadata import XQAT_KEY, read_metadata
 from ..tflite.model import read_tflite
+from ..torch_side.point_hooks import hook_key
 from ..torch_side.prepare import point_key, point_module
 from .backends import check_backend
+from .exact import numerics
 from .interpreter import quantize_input
 from .io_match import io_tensor, read_model_bytes, to_tflite_layout
 
@@ -108,14 +110,15 @@ def _torch_runner(model: nn.Module):
             model.train(was_training)
         return (list(y) if isinstance(y, (tuple, list)) else [y]), 1  # torch layout: classes along dim 1
 
-    return run, labels, "QAT model (eval forward)"
+    name = numerics(model)
+    return run, labels, "QAT model (eval forward)" if name == "tf" else f"QAT model, exact {name} numerics"
 
 
 def _output_labels(model: nn.Module) -> list[str]:
     """The label of the fake-quant point on each output of a QAT GraphModule ('output i' where there is none)."""
     out = next(n for n in model.graph.nodes if n.op == "output").args[0]
     nodes = list(out) if isinstance(out, (tuple, list)) else [out]
-    keys = [point_key(n) if hasattr(n, "op") else None for n in nodes]
+    keys = [(point_key(n) or hook_key(n)) if hasattr(n, "op") else None for n in nodes]  # hook: exact numerics
     return [point_module(model, k).label if k else f"output {i}" for i, k in enumerate(keys)]
 
 

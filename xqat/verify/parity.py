@@ -24,6 +24,7 @@ from ..tflite.mapping import TFLiteMapping, read_mapping
 from ..tflite.model import TFLiteModel, read_tflite
 from ..tflite.qtypes import UINT8_ZERO_POINT_SHIFT, int8_zero_point
 from ..tflite.validate import validate_model
+from ..torch_side.point_hooks import point_hooks
 from ..torch_side.prepare import POINTS, point_module, require_qat_model
 from .backends import check_backend
 from .interpreter import QUANTIZE_RULES, make_interpreter, quantize_input
@@ -142,7 +143,11 @@ class ParityReport:
 
 
 def _point_grid(model: nn.Module, key: str) -> tuple[float, int]:
-    s, zp = point_module(model, key).quantizer.scale_zero_point()
+    q = point_module(model, key).quantizer
+    if key in point_hooks(model):  # exact numerics compute on the deployed (snapped) grid
+        r = q.snapped()
+        return r.scale, int8_zero_point(r.zero_point)
+    s, zp = q.scale_zero_point()
     return s, int8_zero_point(zp)
 
 

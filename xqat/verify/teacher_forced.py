@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx, nn
 
+from ..torch_side.point_hooks import HOOKS, point_hooks
 from ..torch_side.prepare import POINTS
 
 __all__ = ["run_recording"]
@@ -22,11 +23,16 @@ class _Recorder(fx.Interpreter):
     def __init__(self, model: fx.GraphModule, keys: set[str], teacher: Teacher | None):
         super().__init__(model)
         self.keys, self.teacher, self.own = keys, teacher, {}
+        self.hooked = set(point_hooks(model))
 
     def call_module(self, target, args, kwargs):
         out = super().call_module(target, args, kwargs)
         name = str(target)
         key = name[len(POINTS) + 1:] if name.startswith(POINTS + ".") else None
+        if key in self.hooked:  # exact numerics: the point's hook that follows gives its value
+            return out
+        if key is None and name.startswith(HOOKS + "."):
+            key = name[len(HOOKS) + 1:]
         if key is None or key not in self.keys:
             return out
         self.own[key] = out

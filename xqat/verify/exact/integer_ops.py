@@ -1,0 +1,160 @@
+"""One QAT layer as the one-op TFLite model export would write for it, compiled by the emulator's own kernel
+registry (`emulate/kernels.build`): the same kernel rules serve the emulator and exact numerics.
+
+Each builder takes the layer's grids at this moment (`Grid`: the snapped float32 scale and int8 zero point the
+.tflite stores, and the converter's double scale that fixes the int32 bias scale) and returns a kernel of
+integer codes in TFLite layout (NHWC), batched along dim 0 (docs/numerics.md#exact-training-numerics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ...export.qdq_plan import weight_converter_scales
+from ...tflite.model import TFLiteModel, TFLiteOp, TFLiteTensor
+from ...tflite.qtypes import int8_zero_point
+from ...torch_side.modules import QConv2d, QLinear
+from ..emulate.base import Kernel
+from ..emulate.kernels import build
+from ..emulate.quantize import float_quantizer
+from ..emulate.rounding import INT32_MAX, round_half_away
+from ..emulate.rules import rules_for
+
+__all__ = ["Grid", "grid_of", "conv_kernel", "fc_kernel", "op_kernel", "input_quantizer", "requantize_kernel",
+           "FUSED"]
+
+FUSED = {None: "NONE", "relu": "RELU", "relu6": "RELU6"}
+
+
+class Grid(NamedTuple):
+    """An int8 tensor's deployed grid: float32 scale, int8 zero point, the converter's double scale."""
+
+    scale: float
+    zero_point: int
+    converter_scale: float
+
+
+def grid_of(quantizer) -> Grid:
+    """The grid export writes for an activation quantizer now: its snapped range (docs/numerics.md#snapping);
+    the converter's double scale is (max - min) / 255 of that range (`ActivationQ.converter_scale`)."""
+    r = quantizer.snapped()
+    return Grid(float(np.float32(r.scale)), int8_zero_point(r.zero_point), (float(r.max) - float(r.min)) / 255.0)
+
+
+def _tensor(index: int, name: str, shape: Sequence[int], grid: Grid | None = None, *, dtype: str = "INT8",
+            scales=None, data: np.ndarray | None = None, qdim: int = 0) -> TFLiteTensor:
+    if grid is not None:
+        scales, zps = np.array([grid.scale], np.float32), np.array([grid.zero_point], np.int64)
+    elif scales is not None:
+        scales = np.atleast_1d(np.asarray(scales, np.float32))
+        zps = np.zeros(scales.size, np.int64)
+    else:
+        scales, zps = np.zeros(0, np.float32), np.zeros(0, np.int64)
+    shape = tuple(int(d) for d in shape)
+    return TFLiteTensor(index, name, dtype, shape, shape, scales, zps, qdim, data)
+
+
+def _kernel(name: str, label: str, ins: list[tuple], out: tuple, options: dict, backend: str,
+            device: torch.device) -> Kernel:
+    """A one-op model: `ins` / `out` are `_tensor` argument tuples (name, shape, grid, kwargs)."""
+    tensors = [_tensor(i, *a[:-1], **a[-1]) for i, a in enumerate([*ins, out])]
+    op = TFLiteOp(0, name, 1, tuple(range(len(ins))), (len(ins),), options)
+    model = TFLiteModel((op,), tuple(tensors), tuple(i for i, t in enumerate(tensors[:-1]) if t.data is None),
+                        (len(ins),), 1, f"<layer {label}>")
+    return build(op, model, backend, device)
+
+
+def nhwc(shape: Sequence[int]) -> tuple[int, ...]:
+    """A torch shape (batch 1) in TFLite layout: channels last for 4-D."""
+    shape = (1, *shape[1:])
+    return (shape[0], *shape[2:], shape[1]) if len(shape) == 4 else tuple(shape)
+
+
+def _bias_codes(bias: torch.Tensor | None, channels: int, s_in: Grid, w_scales: np.ndarray) -> np.ndarray:
+    """The converter's int32 bias (docs/numerics.md#bias): round_half_away(b / (s_in * s_w)) with its *double*
+    scales, before the product is stored as float32 (dividing by the stored float32 scale differs at near-ties:
+    4674.49984 -> 4674 where the converter writes 4675)."""
+    b = np.zeros(channels) if bias is None else bias.detach().cpu().double().numpy()
+    q = round_half_away(torch.from_numpy(b / (np.float64(s_in.converter_scale) * w_scales))).numpy()
+    return np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32)
+
+
+def _weight_codes(wq: torch.Tensor, scales: torch.Tensor, axis: int) -> np.ndarray:
+    """The int8 codes of a weight on TF's grid (w / s recovers them exactly, docs/numerics.md#weights)."""
+    shape = [1] * wq.dim()
+    if scales.numel() > 1:
+        shape[axis] = -1
+    return torch.round(wq.detach().float() / scales.float().reshape(shape)).cpu().numpy().astype(np.int8)
+
+
+def conv_kernel(m: QConv2d, label: str, x_shape: Sequence[int], y_shape: Sequence[int], s_in: Grid, s_out: Grid,
+                backend: str, device: torch.device, fold=None) -> Kernel:
+    """CONV_2D / DEPTHWISE_CONV_2D of a QConv2d (Conv2d only) on input codes already padded with the input zero
+    point (the converter writes torch's padding as SAME or PAD + VALID: the same integer sums). `fold`: a
+    training step's `BatchFold` (weight codes of FQ(w·γ/σ_mv), scales · σ_mv/σ_B, bias β − μ_B·γ/σ_B)."""
+    wq, scales, bias = m.export_weights(None if fold is None else (fold.weight, fold.shift))
+    codes = _weight_codes(wq, scales, 0)
+    s_w = scales.detach().cpu().numpy().astype(np.float32).reshape(-1)
+    if fold is None:
+        w_conv = weight_converter_scales(s_w, f"layer {label}")
+    else:  # a training step's layer is never converted: its float32 scales are the bias scale's factors
+        s_w = (s_w * fold.scale.detach().cpu().numpy().astype(np.float32)).astype(np.float32)
+        w_conv = s_w.astype(np.float64)
+    c = m.conv
+    depthwise = m.is_depthwise
+    filt = codes.transpose(1, 2, 3, 0) if depthwise else codes.transpose(0, 2, 3, 1)  # (1,kh,kw,C*M) / OHWI
+    cout = codes.shape[0]
+    pad = c._reversed_padding_repeated_twice
+    in_shape = (1, x_shape[2] + pad[2] + pad[3], x_shape[3] + pad[0] + pad[1], x_shape[1])
+    options = {"padding": "VALID", "strideH": c.stride[0], "strideW": c.stride[1], "dilationHFactor": c.dilation[0],
+               "dilationWFactor": c.dilation[1], "fusedActivationFunction": FUSED[m.act]}
+    if depthwise:
+        options["depthMultiplier"] = cout // c.in_channels
+    ins = [("input", in_shape, s_in, {}),
+           ("filter", filt.shape, None, {"scales": s_w, "data": filt, "qdim": 3 if depthwise else 0}),
+           ("bias", (cout,), None, {"dtype": "INT32", "data": _bias_codes(bias, cout, s_in, w_conv), "qdim": 0,
+                                    "scales": (np.float64(s_in.converter_scale) * w_conv).astype(np.float32)})]
+    return _kernel("DEPTHWISE_CONV_2D" if depthwise else "CONV_2D", label, ins,
+                   (label, nhwc(y_shape), s_out, {}), options, backend, device)
+
+
+def fc_kernel(m: QLinear, label: str, x_shape: Sequence[int], s_in: Grid, s_out: Grid, backend: str,
+              device: torch.device) -> Kernel:
+    """FULLY_CONNECTED of a QLinear: per-tensor int8 weights (docs/numerics.md#weights), int32 bias."""
+    wq, scales, bias = m.export_weights()
+    codes = _weight_codes(wq, scales, 0)
+    s_w = scales.detach().cpu().numpy().astype(np.float32).reshape(-1)
+    w_conv = weight_converter_scales(s_w, f"layer {label}")
+    cout, depth = codes.shape
+    ins = [("input", (1, depth), s_in, {}), ("weights", codes.shape, None, {"scales": s_w, "data": codes}),
+           ("bias", (cout,), None, {"dtype": "INT32", "data": _bias_codes(bias, cout, s_in, w_conv),
+                                    "scales": (np.float64(s_in.converter_scale) * w_conv).astype(np.float32)})]
+    options = {"fusedActivationFunction": FUSED[m.act], "weightsFormat": 0, "keepNumDims": False}
+    return _kernel("FULLY_CONNECTED", label, ins, (label, (1, cout), s_out, {}), options, backend, device)
+
+
+def op_kernel(name: str, label: str, in_shapes: Sequence[Sequence[int]], s_ins: Sequence[Grid],
+              out_shape: Sequence[int], s_out: Grid, options: dict, backend: str, device: torch.device,
+              consts: Sequence[np.ndarray] = ()) -> Kernel:
+    """A kernel of int8 activations (ADD, pools, MEAN, CONCATENATION, LOGISTIC, ...); shapes in TFLite layout,
+    `consts` appended as constant INT32 inputs (MEAN's axes)."""
+    ins = [(f"input{i}", s, g, {}) for i, (s, g) in enumerate(zip(in_shapes, s_ins))]
+    ins += [(f"const{i}", c.shape, None, {"dtype": "INT32", "data": c}) for i, c in enumerate(consts)]
+    return _kernel(name, label, ins, (label, out_shape, s_out, {}), options, backend, device)
+
+
+def requantize_kernel(label: str, shape: Sequence[int], s_in: Grid, s_out: Grid, backend: str,
+                      device: torch.device) -> Kernel:
+    """The int8 -> int8 QUANTIZE the converter inserts where a same-scale op's input grid differs from its output's."""
+    return op_kernel("QUANTIZE", label, [shape], [s_in], shape, s_out, {}, backend, device)
+
+
+def input_quantizer(grid: Grid, sample_numel: int, backend: str, device: torch.device):
+    """float32 (TFLite layout) -> int8 codes as the interpreter's input QUANTIZE rule on `backend` (the rule
+    parity uses to feed the interpreter, `interpreter.quantize_input`)."""
+    return float_quantizer(rules_for(backend, "QUANTIZE")["quantize"], grid.scale, grid.zero_point, -128, 127,
+                           sample_numel, device)
