@@ -1,6 +1,6 @@
 """Tiny models, one per class of layers that real architectures use (torchvision / timm patterns written out
 so the unit tests need neither package): pass-through regularisers, timm's functional layers and dynamic
-SAME padding, squeeze-excitation with SiLU, upsampling with skip concats, grouped convs and channel shuffle,
+SAME padding, squeeze-excitation with SiLU, MobileNetV3's hard swish and hard-sigmoid SE gate, upsampling with skip concats, grouped convs and channel shuffle,
 Conv1d, several outputs, and the degenerate shapes of small inputs."""
 
 from __future__ import annotations
@@ -120,6 +120,54 @@ class SENet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class HardActivations(nn.Module):
+    """Hardswish and Hardsigmoid as modules and as functions, on feature maps and after a global pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8, stride=2, act=nn.Hardswish)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.gate = nn.Hardsigmoid()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = F.hardswish(self.conv(x))
+        z = torch.cat([self.gate(y), F.hardsigmoid(x)], 1)
+        return F.hardswish(self.fc(z.mean((2, 3))))
+
+
+class SqueezeExcitation(nn.Module):
+    """torchvision's SqueezeExcitation with MobileNetV3's gate: pool -> conv -> ReLU -> conv -> Hardsigmoid."""
+
+    def __init__(self, c: int, squeeze: int):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Conv2d(c, squeeze, 1), nn.Conv2d(squeeze, c, 1)
+        self.activation, self.scale_activation = nn.ReLU(), nn.Hardsigmoid()
+
+    def forward(self, x):
+        return self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x))))) * x
+
+
+class MobileNetV3Block(nn.Module):
+    """MobileNetV3's inverted residual: expand (Hardswish), depthwise (Hardswish), SE gate, project, residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8, stride=2, act=nn.Hardswish)
+        self.expand = conv_bn(8, 16, k=1, act=nn.Hardswish)
+        self.dw = conv_bn(16, 16, groups=16, act=nn.Hardswish)
+        self.se = SqueezeExcitation(16, 8)
+        self.project = conv_bn(16, 8, k=1, act=None)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.se(self.dw(self.expand(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 class UNet(nn.Module):
     """A small U-Net: strided encoder, nearest and bilinear upsampling, skip concats, a segmentation output."""
 
@@ -218,6 +266,8 @@ OP_MODELS = {
     "pass_through": (PassThroughNet, (1, 3, 16, 16)),
     "timm_style": (TimmStyleNet, (1, 3, 15, 15)),
     "squeeze_excitation": (SENet, (1, 3, 16, 16)),
+    "hard_activations": (HardActivations, (1, 3, 16, 16)),
+    "mobilenet_v3_block": (MobileNetV3Block, (1, 3, 16, 16)),
     "unet": (UNet, (1, 3, 16, 16)),
     "shuffle": (ShuffleNet, (1, 3, 16, 16)),
     "conv1d": (Conv1dNet, (1, 2, 32)),

@@ -10,7 +10,10 @@ from torch import nn
 
 import xqat
 from tests.op_models import OP_MODELS, make_op_model
+from tests.zoo_check import emulator_matches
 from xqat.tflite.model import read_tflite
+from xqat.torch_side.decomposed import hardsigmoid_relu6, hardsigmoid_scale
+from xqat.torch_side.prepare import point_module
 from xqat.verify.interpreter import BACKENDS
 
 
@@ -96,6 +99,14 @@ def test_parity_within_one_lsb(exported, name, backend):
     assert r.outputs and all(o.max_abs <= tol and not o.diverges(1) for o in r.outputs), r.table()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", _cases(_PARITY_GAPS))
+def test_emulator_is_bit_exact(exported, name, backend):
+    _, path, _, shape = _get(exported, name)
+    x = torch.rand(16, *shape[1:], generator=torch.Generator().manual_seed(4))
+    assert emulator_matches(path, (x,), backend)
+
+
 def test_pass_through_ops_get_no_point_and_fusion_looks_through_them():
     model, shape = make_op_model("pass_through")
     qat = xqat.prepare_qat(model, torch.rand(shape))
@@ -121,14 +132,22 @@ def test_functional_layers_are_recognised_like_modules_and_same_padding_is_captu
     torch.testing.assert_close(qat.eval()(x), model(x), atol=0.3, rtol=0)  # same function, quantized
 
 
-def test_silu_is_logistic_then_mul_and_hardswish_gets_its_own_range():
+def test_silu_is_logistic_then_mul_hardswish_gets_its_own_range_and_hardsigmoid_two_fixed_grids():
     model, shape = make_op_model("squeeze_excitation")
     qat = xqat.prepare_qat(model, torch.rand(shape))
     roles = [(p.label, p.role) for p in xqat.quant_points(qat)]
     assert ("stem.2.sigmoid", "fixed") in roles and ("stem.2", "own") in roles and ("mul", "own") in roles
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardswish(), nn.Conv2d(4, 4, 1), nn.Hardsigmoid())
-    roles = [(p.label, p.role) for p in xqat.quant_points(xqat.prepare_qat(net, torch.rand(1, 3, 8, 8)))]
-    assert roles == [("input:input_1", "own"), ("0", "own"), ("1", "own"), ("2", "own"), ("3", "own")]
+    qat = xqat.prepare_qat(net, torch.rand(1, 3, 8, 8))
+    roles = [(p.label, p.role) for p in xqat.quant_points(qat)]
+    assert roles == [("input:input_1", "own"), ("0", "own"), ("1", "own"), ("2", "own"), ("3.relu6", "fixed"),
+                     ("3", "fixed")]
+    relu6_point, out_point = (point_module(qat, p.key) for p in xqat.quant_points(qat)[-2:])
+    x = torch.linspace(-4, 4, 1001)  # hard sigmoid through both points, the clamp included
+    shifted = relu6_point(hardsigmoid_relu6(x))
+    codes = torch.round(out_point(hardsigmoid_scale(shifted)) * 255)
+    assert torch.equal(codes, torch.round(shifted * 255 / 6))  # the * 1/6 never rounds: the same codes
+    assert (codes - nn.functional.hardsigmoid(x) * 255).abs().max() <= 0.5 + 1e-4
 
 
 def test_every_unsupported_node_is_reported_at_once_with_a_fix():

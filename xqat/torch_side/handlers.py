@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
+from .decomposed import hardsigmoid_relu6, hardsigmoid_scale
 from .modules import Act, QAdd, QConv2d, QLinear
 from .patterns import FIX, OpKind, arg, shape, tensor_inputs
 from .placement import Plan, label
@@ -153,7 +154,7 @@ def _add(plan: Plan, node: fx.Node, detail: str) -> None:
     plan.add_point(new, OpKind.ADD)
 
 
-@handles(OpKind.RELU, OpKind.RELU6, OpKind.MEAN, OpKind.MUL, OpKind.HARDSWISH, OpKind.HARDSIGMOID)
+@handles(OpKind.RELU, OpKind.RELU6, OpKind.MEAN, OpKind.MUL, OpKind.HARDSWISH)
 def _own_range(plan: Plan, node: fx.Node, detail: str) -> None:
     """An op whose output TFLite requantizes to a grid of its own."""
     plan.add_point(node, plan.kinds[node][0])
@@ -260,6 +261,7 @@ def decompose(plan: Plan) -> bool:
     kinds are then computed again).
 
     - SiLU -> x * sigmoid(x): LOGISTIC (fixed 1/256 grid) then MUL (own grid).
+    - hard sigmoid -> relu6(x + 3) then * 1/6: ADD+RELU6 and MUL, fixed grids [0, 6] and [0, 1] (decomposed.py).
     - channel shuffle -> reshape, transpose, reshape (ONNX has no channel-shuffle op).
     - grouped conv (not depthwise) [+BN][+ReLU] -> chunk + per-group conv[+BN][+ReLU] + concat: the form
       every TFLite backend runs in int8 and the EdgeTPU compiler accepts (it rejects grouped CONV_2D).
@@ -269,6 +271,9 @@ def decompose(plan: Plan) -> bool:
         kind = plan.kind(node)
         if kind is OpKind.SILU:
             _split_silu(plan, node)
+            changed = True
+        elif kind is OpKind.HARDSIGMOID:
+            _split_hardsigmoid(plan, node)
             changed = True
         elif kind is OpKind.GROUPED_CONV:
             _split_groups(plan, node)
@@ -295,6 +300,20 @@ def _split_silu(plan: Plan, node: fx.Node) -> None:
     if node.op == "call_module":  # labels follow the SiLU module's path
         sig.meta["xqat_label"], mul.meta["xqat_label"] = f"{node.target}.sigmoid", str(node.target)
     node.replace_all_uses_with(mul)
+    gm.graph.erase_node(node)
+
+
+def _split_hardsigmoid(plan: Plan, node: fx.Node) -> None:
+    gm = plan.gm
+    with gm.graph.inserting_before(node):
+        shifted = gm.graph.call_function(hardsigmoid_relu6, (arg(node, 0, "input"),))
+        out = gm.graph.call_function(hardsigmoid_scale, (shifted,))
+    for new, name in ((shifted, "hardsigmoid_relu6"), (out, "hardsigmoid")):
+        new.meta = {k: v for k, v in node.meta.items() if k != "tensor_meta"}
+        new.meta["xqat_functional"] = name
+    if node.op == "call_module":  # labels follow the module's path
+        shifted.meta["xqat_label"], out.meta["xqat_label"] = f"{node.target}.relu6", str(node.target)
+    node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
 
 

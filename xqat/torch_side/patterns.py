@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .decomposed import hardsigmoid_relu6, hardsigmoid_scale
+
 
 class OpKind(Enum):
     CONV = "conv"  # Conv1d/Conv2d/depthwise/ConvTranspose2d: fuses a following BN and ReLU/ReLU6
@@ -27,7 +29,7 @@ class OpKind(Enum):
     RELU = "relu"
     RELU6 = "relu6"
     HARDSWISH = "hardswish"  # TFLite HARD_SWISH: its own range
-    HARDSIGMOID = "hardsigmoid"  # relu6(x + 3) / 6: its own range
+    HARDSIGMOID = "hardsigmoid"  # relu6(x + 3) / 6: decomposed into ADD+RELU6 and MUL, fixed grids (decomposed.py)
     SILU = "silu"  # x * sigmoid(x): LOGISTIC (fixed grid) + MUL (own range)
     CAT = "cat"  # same-scale: inputs and output share one range
     AVGPOOL = "avgpool"  # same-scale, re-rounds: output fake-quant with the input's range
@@ -46,6 +48,8 @@ class FixedGrid(StrEnum):
     SIGMOID = "sigmoid"
     TANH = "tanh"
     SOFTMAX = "softmax"
+    HARDSIGMOID_RELU6 = "hardsigmoid_relu6"  # relu6(x + 3) inside a hard sigmoid: [0, 6]
+    HARDSIGMOID = "hardsigmoid"  # [0, 1], codes equal to the [0, 6] grid's before it
 
 
 Kind = tuple[OpKind, str]  # (kind, detail): the fixed grid's name, or why the op is unsupported
@@ -241,6 +245,8 @@ _FUNCTIONS: dict[object, Callable[[fx.Node], Kind]] = {
     torch.sigmoid: _const(OpKind.FIXED, FixedGrid.SIGMOID), F.sigmoid: _const(OpKind.FIXED, FixedGrid.SIGMOID),
     torch.tanh: _const(OpKind.FIXED, FixedGrid.TANH), F.tanh: _const(OpKind.FIXED, FixedGrid.TANH),
     torch.softmax: _softmax, F.softmax: _softmax,
+    hardsigmoid_relu6: _const(OpKind.FIXED, FixedGrid.HARDSIGMOID_RELU6),
+    hardsigmoid_scale: _const(OpKind.FIXED, FixedGrid.HARDSIGMOID),
 }
 _METHODS: dict[str, Callable[[fx.Node], Kind]] = {
     "relu": _const(OpKind.RELU), "relu_": _const(OpKind.RELU), "clamp": _clamp, "clamp_": _clamp, "clip": _clamp,

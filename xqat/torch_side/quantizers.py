@@ -20,8 +20,10 @@ __all__ = ["ActivationQuantizer", "WeightQuantizer", "QuantPoint", "FIXED_RANGES
 
 # TFLite's fixed output grids (quantization_spec.md, docs/numerics.md#fixed-output-grids), as FakeQuant ranges that
 # nudge to them:
-# LOGISTIC/SOFTMAX: scale 1/256, int8 zero point -128; TANH: scale 1/128, zero point 0.
-FIXED_RANGES = {"sigmoid": (0.0, 255.0 / 256.0), "softmax": (0.0, 255.0 / 256.0), "tanh": (-1.0, 127.0 / 128.0)}
+# LOGISTIC/SOFTMAX: scale 1/256, int8 zero point -128; TANH: scale 1/128, zero point 0. Hard sigmoid's two ops
+# (decomposed.py): xqat's own choice, the exact value ranges [0, 6] and [0, 1] (scales 6/255 and 1/255).
+FIXED_RANGES = {"sigmoid": (0.0, 255.0 / 256.0), "softmax": (0.0, 255.0 / 256.0), "tanh": (-1.0, 127.0 / 128.0),
+                "hardsigmoid_relu6": (0.0, 6.0), "hardsigmoid": (0.0, 1.0)}
 
 
 def _all_reduce_(t: torch.Tensor, op) -> None:
