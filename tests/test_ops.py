@@ -257,3 +257,25 @@ def test_edgetpu_config_refuses_exactly_what_cannot_map_and_the_fixes_work():
     labels = [p.label for p in xqat.quant_points(qat)]
     assert "deconv" in labels and "relu" in labels  # no fused TRANSPOSE_CONV activation (op version 4)
     assert qat.get_submodule("deconv").act is None
+
+
+def test_hardsigmoid_gate_maps_fully_on_the_edgetpu(tmp_path):
+    """Hard sigmoid runs as ADD+RELU6 and MUL with constants, both EdgeTPU ops: QATConfig(edgetpu=True) takes it
+    (unlike Hardswish, whose HARD_SWISH is a CPU op) and the export is fully mapped."""
+    from tests.op_models import SqueezeExcitation, conv_bn, randomize_bn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.se, self.fc = conv_bn(3, 8, stride=2), SqueezeExcitation(8, 4), nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(nn.functional.hardsigmoid(self.se(self.stem(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    shape = (1, 3, 16, 16)
+    qat = _train(xqat.prepare_qat(randomize_bn(Net(), 0), torch.rand(shape), xqat.QATConfig(edgetpu=True)), shape)
+    report = xqat.export_tflite(qat, torch.rand(shape), tmp_path / "gate.tflite", edgetpu=True)
+    assert report.ok and report.all_qparams_equal, report.problems()
+    assert {"ADD", "MUL"} <= {op.name for op in read_tflite(tmp_path / "gate.tflite").ops}
+    assert xqat.check_edgetpu(tmp_path / "gate.tflite").fully_mapped
