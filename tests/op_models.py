@@ -1,7 +1,8 @@
 """Tiny models, one per class of layers that real architectures use (torchvision / timm patterns written out
 so the unit tests need neither package): pass-through regularisers, timm's functional layers and dynamic
-SAME padding, squeeze-excitation with SiLU, MobileNetV3's hard swish and hard-sigmoid SE gate, upsampling with skip concats, grouped convs and channel shuffle,
-Conv1d, several outputs, and the degenerate shapes of small inputs."""
+SAME padding, squeeze-excitation with SiLU, MobileNetV3's hard swish and hard-sigmoid SE gate, upsampling
+with skip concats, grouped convs and channel shuffle, Conv1d, several outputs, and the degenerate shapes of
+small inputs."""
 
 from __future__ import annotations
 

@@ -279,3 +279,33 @@ def test_hardsigmoid_gate_maps_fully_on_the_edgetpu(tmp_path):
     assert report.ok and report.all_qparams_equal, report.problems()
     assert {"ADD", "MUL"} <= {op.name for op in read_tflite(tmp_path / "gate.tflite").ops}
     assert xqat.check_edgetpu(tmp_path / "gate.tflite").fully_mapped
+
+
+def test_near_zero_weights_of_a_zero_init_bn_export_with_the_converters_grid(tmp_path):
+    """timm's zero_init_last: the last BN of a residual block starts with gamma 0, so the folded weights of its
+    conv are ~0 (one channel exactly 0). The converter widens every range narrower than 1e-6 to
+    [-5e-7, 5e-7]; the weight grid xqat trains and exports must already be what the converter writes."""
+    from tests.op_models import conv_bn, randomize_bn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.conv, self.fc = conv_bn(3, 8, stride=2), conv_bn(8, 8, act=None), nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.fc(torch.relu(x + self.conv(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = randomize_bn(Block(), 0)
+    with torch.no_grad():
+        net.conv[1].weight.copy_(torch.tensor([0.0, 1e-7, -3e-8, 2e-9, 1e-6, 1e-5, 1e-4, 1.0]))
+    shape = (1, 3, 16, 16)
+    qat = xqat.prepare_qat(net, torch.rand(shape)).train()
+    with torch.no_grad():  # observe ranges, no optimizer step: gamma stays near zero
+        for _ in range(3):
+            qat(torch.rand(8, *shape[1:]))
+    report = xqat.export_tflite(qat.eval(), torch.rand(shape), tmp_path / "zero_init.tflite")
+    assert report.ok and report.all_qparams_equal, report.problems()
+    r = xqat.parity(qat, tmp_path / "zero_init.tflite", torch.rand(16, *shape[1:]), backend="reference")
+    assert r.outputs[0].max_abs <= 1, r.table()

@@ -97,13 +97,10 @@ class WeightQuantizedModule(nn.Module):
 
     @torch.no_grad()
     def export_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(fake-quantized folded weight, its TF scale(s), float bias): what the deployed model holds.
-
-        An all-zero channel has scale 0; any positive scale gives it code 0, so 1e-8 is used (TFLite
-        needs positive scales), which keeps the int32 bias of that channel exact."""
+        """(fake-quantized folded weight, its TF scale(s), float bias): what the deployed model holds. Scales are
+        positive (an all-zero channel gets the smallest weight range, `qparams.MIN_WEIGHT_ABSMAX`)."""
         w, b = self.folded()
         scales = self.weight_quant.scales(w)
-        scales = torch.where(scales > 0, scales, torch.full_like(scales, 1e-8))
         return self.weight_quant(w).detach(), scales, (b.detach().clone() if b is not None else None)
 
     def _tick(self) -> bool:

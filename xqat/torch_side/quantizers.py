@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .fake_quant import fake_quant, fake_quant_per_channel
-from .qparams import nudge, snap_range
+from .qparams import MIN_WEIGHT_ABSMAX, nudge, snap_range
 
 __all__ = ["ActivationQuantizer", "WeightQuantizer", "QuantPoint", "FIXED_RANGES"]
 
@@ -264,10 +264,14 @@ class WeightQuantizer(nn.Module):
         return f"{f'per-channel axis {self.axis}' if self.per_channel else 'per-tensor'}, bits={self.num_bits}, narrow"
 
     def absmax(self, w: torch.Tensor) -> torch.Tensor:
+        """max|w| per channel (or tensor), at least MIN_WEIGHT_ABSMAX: the grid the converter keeps (near-zero
+        channels, e.g. after a zero-initialised BN gamma, and all-zero ones)."""
         w = w.detach()
         if self.per_channel:
-            return w.abs().transpose(0, self.axis).reshape(w.shape[self.axis], -1).amax(dim=1).float()
-        return w.abs().max().float()
+            m = w.abs().transpose(0, self.axis).reshape(w.shape[self.axis], -1).amax(dim=1).float()
+        else:
+            m = w.abs().max().float()
+        return m.clamp_min(MIN_WEIGHT_ABSMAX)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         m = self.absmax(w)
