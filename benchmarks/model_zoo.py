@@ -114,15 +114,19 @@ def write_doc(results: dict[tuple[int, int], list[ZooResult]], seconds: float) -
 
 
 def _load(paths: list[str]) -> tuple[dict[tuple[int, int], list[ZooResult]], float]:
-    """Results saved by --save, grouped by size in model order; total seconds of the runs."""
-    results: dict[tuple[int, int], list[ZooResult]] = {}
+    """Results saved by --save, grouped by size in model order; total seconds of the runs. A model run at the
+    same size in several files keeps the result of the last file given (a rerun replaces the old result)."""
+    latest: dict[tuple[tuple[int, int], str], ZooResult] = {}
     seconds = 0.0
     for p in paths:
         data = json.loads(Path(p).read_text())
         seconds += data["seconds"]
         for r in data["results"]:
             r["size"] = tuple(r["size"])
-            results.setdefault(r["size"], []).append(ZooResult(**r))
+            latest[r["size"], r["model"]] = ZooResult(**r)
+    results: dict[tuple[int, int], list[ZooResult]] = {}
+    for (size, _), r in latest.items():
+        results.setdefault(size, []).append(r)
     names = [z.name for z in ZOO]
     return {s: sorted(rs, key=lambda r: names.index(r.model)) for s, rs in results.items()}, seconds
 

@@ -228,13 +228,13 @@ class TwoHeads(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(conv_bn(3, 8, stride=2), conv_bn(8, 16, stride=2))
-        self.cls = nn.Conv2d(16, 4, 1)
+        self.cls = nn.Conv2d(16, 8, 1)
         self.box = nn.Conv2d(16, 4, 1)
 
-    def forward(self, x):  # torchvision SSDLite head layout: NCHW -> NHWC -> (N, anchors, k)
+    def forward(self, x):  # torchvision SSD head layouts: (N, A*K, H, W) -> (N, H*W*A, K)
         f = self.body(x)
-        n = f.shape[0]
-        scores = self.cls(f).permute(0, 2, 3, 1).reshape(n, -1, 4)
+        n, _, h, w = f.shape
+        scores = self.cls(f).view(n, -1, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)  # SSDScoringHead
         return torch.softmax(scores, dim=-1), self.box(f).permute(0, 2, 3, 1).reshape(n, -1, 4)
 
 

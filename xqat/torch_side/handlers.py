@@ -263,6 +263,8 @@ def decompose(plan: Plan) -> bool:
     - SiLU -> x * sigmoid(x): LOGISTIC (fixed 1/256 grid) then MUL (own grid).
     - hard sigmoid -> relu6(x + 3) then * 1/6: ADD+RELU6 and MUL, fixed grids [0, 6] and [0, 1] (decomposed.py).
     - channel shuffle -> reshape, transpose, reshape (ONNX has no channel-shuffle op).
+    - (N, A*K, H, W) -> view (N, A, K, H, W) -> permute (0, 3, 4, 1, 2) (SSD heads) -> permute (0, 2, 3, 1) then
+      reshape (N, H, W, A, K): the same values, with the transpose TFLite's NHWC layout already is (no TRANSPOSE).
     - grouped conv (not depthwise) [+BN][+ReLU] -> chunk + per-group conv[+BN][+ReLU] + concat: the form
       every TFLite backend runs in int8 and the EdgeTPU compiler accepts (it rejects grouped CONV_2D).
     """
@@ -280,6 +282,9 @@ def decompose(plan: Plan) -> bool:
             changed = True
         elif _is_channel_shuffle(plan.gm, node) and kind is not None:
             _split_channel_shuffle(plan, node)
+            changed = True
+        elif _is_channels_to_last(node):
+            _channels_last_first(plan, node)
             changed = True
     if changed:
         plan.gm.graph.eliminate_dead_code()
@@ -334,6 +339,45 @@ def _split_channel_shuffle(plan: Plan, node: fx.Node) -> None:
         new.meta = {"nn_module_stack": node.meta.get("nn_module_stack", {})}
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
+
+
+def _permute_dims(node: fx.Node) -> list[int] | None:
+    if node.op == "call_method" and node.target == "permute":
+        dims = node.args[1:]
+    elif node.op == "call_function" and node.target is torch.permute:
+        dims = (arg(node, 1, "dims"),)
+    else:
+        return None
+    dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+    return [int(d) for d in dims] if all(isinstance(d, int) for d in dims) else None
+
+
+def _is_channels_to_last(node: fx.Node) -> bool:
+    """permute(0, 3, 4, 1, 2) of a view that split the channels of an (N, C, H, W) tensor into (A, K)."""
+    dims = _permute_dims(node)
+    src = node.args[0] if node.args else None
+    if dims is None or len(dims) != 5 or [d % 5 for d in dims] != [0, 3, 4, 1, 2] or not isinstance(src, fx.Node):
+        return False
+    if not (src.op == "call_method" and src.target in ("view", "reshape") and len(src.users) == 1):
+        return False
+    x = src.args[0]
+    if not (isinstance(x, fx.Node) and "tensor_meta" in x.meta and "tensor_meta" in src.meta):
+        return False
+    (_, c, h, w), split = shape(x), shape(src)
+    return len(shape(x)) == 4 and len(split) == 5 and split[3:] == (h, w) and split[1] * split[2] == c
+
+
+def _channels_last_first(plan: Plan, node: fx.Node) -> None:
+    gm, view = plan.gm, node.args[0]
+    _, a, k, h, w = shape(view)
+    with gm.graph.inserting_before(node):
+        nhwc = gm.graph.call_method("permute", (view.args[0], 0, 2, 3, 1))
+        out = gm.graph.call_method("reshape", (nhwc, (-1, h, w, a, k)))
+    for new in (nhwc, out):
+        new.meta = {"nn_module_stack": node.meta.get("nn_module_stack", {})}
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    gm.graph.erase_node(view)
 
 
 def _split_groups(plan: Plan, node: fx.Node) -> None:
