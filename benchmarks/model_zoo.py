@@ -33,11 +33,6 @@ OUT_OF_SCOPE = {
 
 # Why the failing entries fail (found with the export report and local parity; see the closing notes of the work).
 KNOWN_CAUSES = {
-    "MobileNetV3 family (mobilenet_v3_*, timm mobilenetv3, lraspp, ssdlite)": "Hardswish/Hardsigmoid: at ONNX "
-    "opset 13 torch writes HardSigmoid+Mul, which onnx2tf builds from float ops with no ranges in between, so the "
-    ".tflite keeps float tensors and strict export refuses it",
-    "timm/resnet18d": "timm zero-initialises the last BN gamma of each block: weight scales of ~5e-10, which the "
-    "converter widens (so the int32 bias fits), so weight codes differ and strict export refuses it",
     "vgg11_bn at 64 px": "AdaptiveAvgPool2d(7) over a 2x2 map has unequal windows, which no TFLite op computes "
     "(the error says so; at 224 px, or with AdaptiveAvgPool2d(1), it prepares)",
     "regnet_x_400mf": "not in this run: onnx2tf's conversion ends in a ValueError after about 10 minutes",

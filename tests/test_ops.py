@@ -252,22 +252,26 @@ def test_edgetpu_config_refuses_exactly_what_cannot_map_and_the_fixes_work():
     with pytest.raises(xqat.UnsupportedLayerError) as e:
         xqat.prepare_qat(Net(nn.Hardswish, "bilinear"), x, xqat.QATConfig(edgetpu=True))
     msg = str(e.value)
-    assert "act (Hardswish)" in msg and "up (Upsample)" in msg and "grouped" not in msg and "SiLU)" not in msg
-    qat = xqat.prepare_qat(Net(nn.ReLU6, "nearest"), x, xqat.QATConfig(edgetpu=True))  # the fixes the error names
+    assert "up (Upsample)" in msg and "grouped" not in msg and "SiLU)" not in msg and "Hardswish" not in msg
+    with pytest.raises(xqat.UnsupportedLayerError, match=r"act \(LeakyReLU\)"):
+        xqat.prepare_qat(Net(nn.LeakyReLU, "nearest"), x, xqat.QATConfig(edgetpu=True))
+    qat = xqat.prepare_qat(Net(nn.Hardswish, "nearest"), x, xqat.QATConfig(edgetpu=True))  # the fix the error names
     labels = [p.label for p in xqat.quant_points(qat)]
     assert "deconv" in labels and "relu" in labels  # no fused TRANSPOSE_CONV activation (op version 4)
+    assert ["act.relu6", "act.gate", "act"] == [lb for lb in labels if lb.startswith("act")]  # x * hardsigmoid(x)
     assert qat.get_submodule("deconv").act is None
 
 
-def test_hardsigmoid_gate_maps_fully_on_the_edgetpu(tmp_path):
-    """Hard sigmoid runs as ADD+RELU6 and MUL with constants, both EdgeTPU ops: QATConfig(edgetpu=True) takes it
-    (unlike Hardswish, whose HARD_SWISH is a CPU op) and the export is fully mapped."""
+def test_hard_swish_and_sigmoid_map_fully_on_the_edgetpu(tmp_path):
+    """Hard sigmoid runs as ADD+RELU6 and MUL with constants, EdgeTPU ops; under QATConfig(edgetpu=True) hard swish
+    runs as x times that (HARD_SWISH is a CPU op there): a MobileNetV3 block exports fully mapped."""
     from tests.op_models import SqueezeExcitation, conv_bn, randomize_bn
 
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.stem, self.se, self.fc = conv_bn(3, 8, stride=2), SqueezeExcitation(8, 4), nn.Linear(8, 10)
+            self.stem, self.se = conv_bn(3, 8, stride=2, act=nn.Hardswish), SqueezeExcitation(8, 4)
+            self.fc = nn.Linear(8, 10)
 
         def forward(self, x):
             return self.fc(nn.functional.hardsigmoid(self.se(self.stem(x))).mean((2, 3)))
@@ -277,7 +281,8 @@ def test_hardsigmoid_gate_maps_fully_on_the_edgetpu(tmp_path):
     qat = _train(xqat.prepare_qat(randomize_bn(Net(), 0), torch.rand(shape), xqat.QATConfig(edgetpu=True)), shape)
     report = xqat.export_tflite(qat, torch.rand(shape), tmp_path / "gate.tflite", edgetpu=True)
     assert report.ok and report.all_qparams_equal, report.problems()
-    assert {"ADD", "MUL"} <= {op.name for op in read_tflite(tmp_path / "gate.tflite").ops}
+    ops = {op.name for op in read_tflite(tmp_path / "gate.tflite").ops}
+    assert {"ADD", "MUL"} <= ops and "HARD_SWISH" not in ops
     assert xqat.check_edgetpu(tmp_path / "gate.tflite").fully_mapped
 
 

@@ -262,6 +262,8 @@ def decompose(plan: Plan) -> bool:
 
     - SiLU -> x * sigmoid(x): LOGISTIC (fixed 1/256 grid) then MUL (own grid).
     - hard sigmoid -> relu6(x + 3) then * 1/6: ADD+RELU6 and MUL, fixed grids [0, 6] and [0, 1] (decomposed.py).
+    - hard swish, with QATConfig(edgetpu=True) only -> x * hardsigmoid(x): HARD_SWISH is a CPU op on the EdgeTPU,
+      ADD, MUL, MUL map (elsewhere the one HARD_SWISH op is cheaper and finer).
     - channel shuffle -> reshape, transpose, reshape (ONNX has no channel-shuffle op).
     - (N, A*K, H, W) -> view (N, A, K, H, W) -> permute (0, 3, 4, 1, 2) (SSD heads) -> permute (0, 2, 3, 1) then
       reshape (N, H, W, A, K): the same values, with the transpose TFLite's NHWC layout already is (no TRANSPOSE).
@@ -274,8 +276,8 @@ def decompose(plan: Plan) -> bool:
         if kind is OpKind.SILU:
             _split_silu(plan, node)
             changed = True
-        elif kind is OpKind.HARDSIGMOID:
-            _split_hardsigmoid(plan, node)
+        elif kind is OpKind.HARDSIGMOID or (kind is OpKind.HARDSWISH and plan.config.edgetpu):
+            _split_hard(plan, node, swish=kind is OpKind.HARDSWISH)
             changed = True
         elif kind is OpKind.GROUPED_CONV:
             _split_groups(plan, node)
@@ -308,16 +310,21 @@ def _split_silu(plan: Plan, node: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
-def _split_hardsigmoid(plan: Plan, node: fx.Node) -> None:
+def _split_hard(plan: Plan, node: fx.Node, swish: bool) -> None:
+    """Hard sigmoid (or hard swish: x times it) as the ops of decomposed.py; labels follow a module's path."""
     gm = plan.gm
+    x = arg(node, 0, "input")
     with gm.graph.inserting_before(node):
-        shifted = gm.graph.call_function(hardsigmoid_relu6, (arg(node, 0, "input"),))
-        out = gm.graph.call_function(hardsigmoid_scale, (shifted,))
-    for new, name in ((shifted, "hardsigmoid_relu6"), (out, "hardsigmoid")):
+        shifted = gm.graph.call_function(hardsigmoid_relu6, (x,))
+        gate = gm.graph.call_function(hardsigmoid_scale, (shifted,))
+        out = gm.graph.call_function(operator.mul, (x, gate)) if swish else gate
+    parts = [(shifted, "hardsigmoid_relu6", "relu6"), (gate, "hardsigmoid", "gate")] + \
+        ([(out, "hardswish", "")] if swish else [])
+    for new, name, suffix in parts:
         new.meta = {k: v for k, v in node.meta.items() if k != "tensor_meta"}
         new.meta["xqat_functional"] = name
-    if node.op == "call_module":  # labels follow the module's path
-        shifted.meta["xqat_label"], out.meta["xqat_label"] = f"{node.target}.relu6", str(node.target)
+        if node.op == "call_module":
+            new.meta["xqat_label"] = f"{node.target}.{suffix}" if suffix and new is not out else str(node.target)
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
 
