@@ -370,8 +370,10 @@ def _is_channels_to_last(node: fx.Node) -> bool:
     x = src.args[0]
     if not (isinstance(x, fx.Node) and "tensor_meta" in x.meta and "tensor_meta" in src.meta):
         return False
+    if len(shape(x)) != 4 or len(shape(src)) != 5:
+        return False
     (_, c, h, w), split = shape(x), shape(src)
-    return len(shape(x)) == 4 and len(split) == 5 and split[3:] == (h, w) and split[1] * split[2] == c
+    return split[3:] == (h, w) and split[1] * split[2] == c
 
 
 def _channels_last_first(plan: Plan, node: fx.Node) -> None:
