@@ -284,6 +284,11 @@ def test_hard_swish_and_sigmoid_map_fully_on_the_edgetpu(tmp_path):
     ops = {op.name for op in read_tflite(tmp_path / "gate.tflite").ops}
     assert {"ADD", "MUL"} <= ops and "HARD_SWISH" not in ops
     assert xqat.check_edgetpu(tmp_path / "gate.tflite").fully_mapped
+    x = torch.rand(16, *shape[1:], generator=torch.Generator().manual_seed(3))
+    for backend in BACKENDS:
+        r = xqat.parity(qat, tmp_path / "gate.tflite", x, backend=backend)
+        assert r.outputs[0].max_abs <= 1, r.table()
+        assert emulator_matches(tmp_path / "gate.tflite", (x,), backend)
 
 
 def test_near_zero_weights_of_a_zero_init_bn_export_with_the_converters_grid(tmp_path):
