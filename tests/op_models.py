@@ -240,8 +240,8 @@ class TwoHeads(nn.Module):
 
 class Degenerate(nn.Module):
     """The shapes of small inputs: a 1x1 last map (global pool = identity), a pad of 0, a concat of one, a max
-    pool whose stride exceeds the map, an adaptive pool to the same size, a resize to the same size, a no-op
-    reshape."""
+    pool whose stride exceeds the map, a keepdim mean over one pixel, an adaptive pool to the same size, a resize
+    to the same size, a no-op reshape."""
 
     def __init__(self):
         super().__init__()
@@ -256,7 +256,7 @@ class Degenerate(nn.Module):
     def forward(self, x):
         x = F.pad(self.c1(x), [0, 0, 0, 0])
         x = torch.cat([self.c2(x)], 1)
-        x = self.pool(self.c3(x))  # 1x1 -> 1x1
+        x = self.pool(self.c3(x)).mean((2, 3), keepdim=True)  # 1x1 -> 1x1, a mean over one pixel (timm SE)
         x = F.interpolate(self.same(x), size=x.shape[-2:], mode="nearest")
         x = self.gap(x).reshape(x.shape[0], 16, 1, 1)
         return self.fc(torch.flatten(x, 1))

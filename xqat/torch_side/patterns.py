@@ -265,6 +265,8 @@ def _mean_rule(node: fx.Node) -> Kind:
     dims = {dims} if isinstance(dims, int) else set(dims or ())
     rank = len(shape(tensor_inputs(node)[0])) if tensor_inputs(node) else 0
     if rank in (3, 4) and {d % rank for d in dims} == set(range(2, rank)):
+        if _same_shape(node):  # keepdim=True over a 1x1 map (timm SE at small inputs): the converter removes it
+            return OpKind.PASS_THROUGH, FOLDED
         return OpKind.MEAN, ""  # ReduceMean stays a MEAN in TFLite, also over a 1x1 map (1-D: over time)
     return OpKind.UNSUPPORTED, ("mean over dims other than all spatial ones ((2, 3) of a 4-D, 2 of a 3-D tensor) "
                                 "has no placement in xqat yet")
