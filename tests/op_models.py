@@ -1,7 +1,8 @@
 """Tiny models, one per class of layers that real architectures use (torchvision / timm patterns written out
 so the unit tests need neither package): pass-through regularisers, timm's functional layers and dynamic
-SAME padding, squeeze-excitation with SiLU, upsampling with skip concats, grouped convs and channel shuffle,
-Conv1d, several outputs, and the degenerate shapes of small inputs."""
+SAME padding, squeeze-excitation with SiLU, MobileNetV3's hard swish and hard-sigmoid SE gate, upsampling
+with skip concats, grouped convs and channel shuffle, Conv1d, several outputs, and the degenerate shapes of
+small inputs."""
 
 from __future__ import annotations
 
@@ -120,6 +121,54 @@ class SENet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class HardActivations(nn.Module):
+    """Hardswish and Hardsigmoid as modules and as functions, on feature maps and after a global pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8, stride=2, act=nn.Hardswish)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.gate = nn.Hardsigmoid()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = F.hardswish(self.conv(x))
+        z = torch.cat([self.gate(y), F.hardsigmoid(x)], 1)
+        return F.hardswish(self.fc(z.mean((2, 3))))
+
+
+class SqueezeExcitation(nn.Module):
+    """torchvision's SqueezeExcitation with MobileNetV3's gate: pool -> conv -> ReLU -> conv -> Hardsigmoid."""
+
+    def __init__(self, c: int, squeeze: int):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Conv2d(c, squeeze, 1), nn.Conv2d(squeeze, c, 1)
+        self.activation, self.scale_activation = nn.ReLU(), nn.Hardsigmoid()
+
+    def forward(self, x):
+        return self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x))))) * x
+
+
+class MobileNetV3Block(nn.Module):
+    """MobileNetV3's inverted residual: expand (Hardswish), depthwise (Hardswish), SE gate, project, residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8, stride=2, act=nn.Hardswish)
+        self.expand = conv_bn(8, 16, k=1, act=nn.Hardswish)
+        self.dw = conv_bn(16, 16, groups=16, act=nn.Hardswish)
+        self.se = SqueezeExcitation(16, 8)
+        self.project = conv_bn(16, 8, k=1, act=None)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.se(self.dw(self.expand(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 class UNet(nn.Module):
     """A small U-Net: strided encoder, nearest and bilinear upsampling, skip concats, a segmentation output."""
 
@@ -179,20 +228,20 @@ class TwoHeads(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(conv_bn(3, 8, stride=2), conv_bn(8, 16, stride=2))
-        self.cls = nn.Conv2d(16, 4, 1)
+        self.cls = nn.Conv2d(16, 8, 1)
         self.box = nn.Conv2d(16, 4, 1)
 
-    def forward(self, x):  # torchvision SSDLite head layout: NCHW -> NHWC -> (N, anchors, k)
+    def forward(self, x):  # torchvision SSD head layouts: (N, A*K, H, W) -> (N, H*W*A, K)
         f = self.body(x)
-        n = f.shape[0]
-        scores = self.cls(f).permute(0, 2, 3, 1).reshape(n, -1, 4)
+        n, _, h, w = f.shape
+        scores = self.cls(f).view(n, -1, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)  # SSDScoringHead
         return torch.softmax(scores, dim=-1), self.box(f).permute(0, 2, 3, 1).reshape(n, -1, 4)
 
 
 class Degenerate(nn.Module):
     """The shapes of small inputs: a 1x1 last map (global pool = identity), a pad of 0, a concat of one, a max
-    pool whose stride exceeds the map, an adaptive pool to the same size, a resize to the same size, a no-op
-    reshape."""
+    pool whose stride exceeds the map, a keepdim mean over one pixel, an adaptive pool to the same size, a resize
+    to the same size, a no-op reshape."""
 
     def __init__(self):
         super().__init__()
@@ -207,7 +256,7 @@ class Degenerate(nn.Module):
     def forward(self, x):
         x = F.pad(self.c1(x), [0, 0, 0, 0])
         x = torch.cat([self.c2(x)], 1)
-        x = self.pool(self.c3(x))  # 1x1 -> 1x1
+        x = self.pool(self.c3(x)).mean((2, 3), keepdim=True)  # 1x1 -> 1x1, a mean over one pixel (timm SE)
         x = F.interpolate(self.same(x), size=x.shape[-2:], mode="nearest")
         x = self.gap(x).reshape(x.shape[0], 16, 1, 1)
         return self.fc(torch.flatten(x, 1))
@@ -218,6 +267,8 @@ OP_MODELS = {
     "pass_through": (PassThroughNet, (1, 3, 16, 16)),
     "timm_style": (TimmStyleNet, (1, 3, 15, 15)),
     "squeeze_excitation": (SENet, (1, 3, 16, 16)),
+    "hard_activations": (HardActivations, (1, 3, 16, 16)),
+    "mobilenet_v3_block": (MobileNetV3Block, (1, 3, 16, 16)),
     "unet": (UNet, (1, 3, 16, 16)),
     "shuffle": (ShuffleNet, (1, 3, 16, 16)),
     "conv1d": (Conv1dNet, (1, 2, 32)),

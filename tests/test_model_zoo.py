@@ -23,14 +23,7 @@ OTHER_SIZES = [("resnet18", (32, 32)), ("mobilenet_v2", (32, 32)), ("squeezenet1
 
 # Known failures (causes in docs/model-zoo.md). Export-stage failures of big graphs are not run in CI (each costs a
 # full conversion); the cheap ones run as xfails, so a fix shows up as XPASS.
-_MOBILENET_V3 = "Hardswish/Hardsigmoid leave float ops in the .tflite (opset 13 HardSigmoid via onnx2tf)"
 KNOWN_FAILURES = {
-    "mobilenet_v3_small": (_MOBILENET_V3, False),
-    "mobilenet_v3_large": (_MOBILENET_V3, False),
-    "timm/mobilenetv3_large_100": (_MOBILENET_V3, False),
-    "ssdlite320_mobilenet_v3_large (backbone+head)": (_MOBILENET_V3, False),
-    "lraspp_mobilenet_v3_large": (_MOBILENET_V3, False),
-    "timm/resnet18d": ("zero-init BN gamma: weight scales the converter widens, so codes differ", False),
     "regnet_x_400mf": ("onnx2tf's conversion fails after ~10 minutes", False),
     "vgg11_bn": ("AdaptiveAvgPool2d(7) over a 2x2 map at 64 px has no TFLite op", True),
 }

@@ -10,7 +10,10 @@ from torch import nn
 
 import xqat
 from tests.op_models import OP_MODELS, make_op_model
+from tests.zoo_check import emulator_matches
 from xqat.tflite.model import read_tflite
+from xqat.torch_side.decomposed import hardsigmoid_relu6, hardsigmoid_scale
+from xqat.torch_side.prepare import point_module
 from xqat.verify.interpreter import BACKENDS
 
 
@@ -96,6 +99,14 @@ def test_parity_within_one_lsb(exported, name, backend):
     assert r.outputs and all(o.max_abs <= tol and not o.diverges(1) for o in r.outputs), r.table()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", _cases(_PARITY_GAPS))
+def test_emulator_is_bit_exact(exported, name, backend):
+    _, path, _, shape = _get(exported, name)
+    x = torch.rand(16, *shape[1:], generator=torch.Generator().manual_seed(4))
+    assert emulator_matches(path, (x,), backend)
+
+
 def test_pass_through_ops_get_no_point_and_fusion_looks_through_them():
     model, shape = make_op_model("pass_through")
     qat = xqat.prepare_qat(model, torch.rand(shape))
@@ -121,14 +132,22 @@ def test_functional_layers_are_recognised_like_modules_and_same_padding_is_captu
     torch.testing.assert_close(qat.eval()(x), model(x), atol=0.3, rtol=0)  # same function, quantized
 
 
-def test_silu_is_logistic_then_mul_and_hardswish_gets_its_own_range():
+def test_silu_is_logistic_then_mul_hardswish_gets_its_own_range_and_hardsigmoid_two_fixed_grids():
     model, shape = make_op_model("squeeze_excitation")
     qat = xqat.prepare_qat(model, torch.rand(shape))
     roles = [(p.label, p.role) for p in xqat.quant_points(qat)]
     assert ("stem.2.sigmoid", "fixed") in roles and ("stem.2", "own") in roles and ("mul", "own") in roles
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardswish(), nn.Conv2d(4, 4, 1), nn.Hardsigmoid())
-    roles = [(p.label, p.role) for p in xqat.quant_points(xqat.prepare_qat(net, torch.rand(1, 3, 8, 8)))]
-    assert roles == [("input:input_1", "own"), ("0", "own"), ("1", "own"), ("2", "own"), ("3", "own")]
+    qat = xqat.prepare_qat(net, torch.rand(1, 3, 8, 8))
+    roles = [(p.label, p.role) for p in xqat.quant_points(qat)]
+    assert roles == [("input:input_1", "own"), ("0", "own"), ("1", "own"), ("2", "own"), ("3.relu6", "fixed"),
+                     ("3", "fixed")]
+    relu6_point, out_point = (point_module(qat, p.key) for p in xqat.quant_points(qat)[-2:])
+    x = torch.linspace(-4, 4, 1001)  # hard sigmoid through both points, the clamp included
+    shifted = relu6_point(hardsigmoid_relu6(x))
+    codes = torch.round(out_point(hardsigmoid_scale(shifted)) * 255)
+    assert torch.equal(codes, torch.round(shifted * 255 / 6))  # the * 1/6 never rounds: the same codes
+    assert (codes - nn.functional.hardsigmoid(x) * 255).abs().max() <= 0.5 + 1e-4
 
 
 def test_every_unsupported_node_is_reported_at_once_with_a_fix():
@@ -233,8 +252,70 @@ def test_edgetpu_config_refuses_exactly_what_cannot_map_and_the_fixes_work():
     with pytest.raises(xqat.UnsupportedLayerError) as e:
         xqat.prepare_qat(Net(nn.Hardswish, "bilinear"), x, xqat.QATConfig(edgetpu=True))
     msg = str(e.value)
-    assert "act (Hardswish)" in msg and "up (Upsample)" in msg and "grouped" not in msg and "SiLU)" not in msg
-    qat = xqat.prepare_qat(Net(nn.ReLU6, "nearest"), x, xqat.QATConfig(edgetpu=True))  # the fixes the error names
+    assert "up (Upsample)" in msg and "grouped" not in msg and "SiLU)" not in msg and "Hardswish" not in msg
+    with pytest.raises(xqat.UnsupportedLayerError, match=r"act \(LeakyReLU\)"):
+        xqat.prepare_qat(Net(nn.LeakyReLU, "nearest"), x, xqat.QATConfig(edgetpu=True))
+    qat = xqat.prepare_qat(Net(nn.Hardswish, "nearest"), x, xqat.QATConfig(edgetpu=True))  # the fix the error names
     labels = [p.label for p in xqat.quant_points(qat)]
     assert "deconv" in labels and "relu" in labels  # no fused TRANSPOSE_CONV activation (op version 4)
+    assert ["act.relu6", "act.gate", "act"] == [lb for lb in labels if lb.startswith("act")]  # x * hardsigmoid(x)
     assert qat.get_submodule("deconv").act is None
+
+
+def test_hard_swish_and_sigmoid_map_fully_on_the_edgetpu(tmp_path):
+    """Hard sigmoid runs as ADD+RELU6 and MUL with constants, EdgeTPU ops; under QATConfig(edgetpu=True) hard swish
+    runs as x times that (HARD_SWISH is a CPU op there): a MobileNetV3 block exports fully mapped."""
+    from tests.op_models import SqueezeExcitation, conv_bn, randomize_bn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.se = conv_bn(3, 8, stride=2, act=nn.Hardswish), SqueezeExcitation(8, 4)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(nn.functional.hardsigmoid(self.se(self.stem(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    shape = (1, 3, 16, 16)
+    qat = _train(xqat.prepare_qat(randomize_bn(Net(), 0), torch.rand(shape), xqat.QATConfig(edgetpu=True)), shape)
+    report = xqat.export_tflite(qat, torch.rand(shape), tmp_path / "gate.tflite", edgetpu=True)
+    assert report.ok and report.all_qparams_equal, report.problems()
+    ops = {op.name for op in read_tflite(tmp_path / "gate.tflite").ops}
+    assert {"ADD", "MUL"} <= ops and "HARD_SWISH" not in ops
+    assert xqat.check_edgetpu(tmp_path / "gate.tflite").fully_mapped
+    x = torch.rand(16, *shape[1:], generator=torch.Generator().manual_seed(3))
+    for backend in BACKENDS:
+        r = xqat.parity(qat, tmp_path / "gate.tflite", x, backend=backend)
+        assert r.outputs[0].max_abs <= 1, r.table()
+        assert emulator_matches(tmp_path / "gate.tflite", (x,), backend)
+
+
+def test_near_zero_weights_of_a_zero_init_bn_export_with_the_converters_grid(tmp_path):
+    """timm's zero_init_last: the last BN of a residual block starts with gamma 0, so the folded weights of its
+    conv are ~0 (one channel exactly 0). The converter widens every range narrower than 1e-6 to
+    [-5e-7, 5e-7]; the weight grid xqat trains and exports must already be what the converter writes."""
+    from tests.op_models import conv_bn, randomize_bn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.conv, self.fc = conv_bn(3, 8, stride=2), conv_bn(8, 8, act=None), nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.fc(torch.relu(x + self.conv(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = randomize_bn(Block(), 0)
+    with torch.no_grad():
+        net.conv[1].weight.copy_(torch.tensor([0.0, 1e-7, -3e-8, 2e-9, 1e-6, 1e-5, 1e-4, 1.0]))
+    shape = (1, 3, 16, 16)
+    qat = xqat.prepare_qat(net, torch.rand(shape)).train()
+    with torch.no_grad():  # observe ranges, no optimizer step: gamma stays near zero
+        for _ in range(3):
+            qat(torch.rand(8, *shape[1:]))
+    report = xqat.export_tflite(qat.eval(), torch.rand(shape), tmp_path / "zero_init.tflite")
+    assert report.ok and report.all_qparams_equal, report.problems()
+    r = xqat.parity(qat, tmp_path / "zero_init.tflite", torch.rand(16, *shape[1:]), backend="reference")
+    assert r.outputs[0].max_abs <= 1, r.table()

@@ -1,9 +1,10 @@
 """Torch layers that can never run on the EdgeTPU (docs/edgetpu.md, "PyTorch-side rules").
 
-What xqat rewrites itself is not refused: grouped convs (split per group), SiLU (LOGISTIC + MUL), LSTM and
-GRU (unrolled into FULLY_CONNECTED, LOGISTIC, TANH, MUL, ADD, SUB per time step, all in the table), a
-ReLU after a ConvTranspose2d (kept as its own RELU under edgetpu=True: a fused TRANSPOSE_CONV is op
-version 4, which compiler 16 rejects).
+What xqat rewrites itself is not refused: grouped convs (split per group), SiLU (LOGISTIC + MUL), hard
+swish (x * hardsigmoid(x): ADD, MUL, MUL under QATConfig(edgetpu=True)), LSTM and GRU (unrolled into
+FULLY_CONNECTED, LOGISTIC, TANH, MUL, ADD, SUB per time step, all in the table), a ReLU after a
+ConvTranspose2d (kept as its own RELU under edgetpu=True: a fused TRANSPOSE_CONV is op version 4, which
+compiler 16 rejects).
 
 `edgetpu_layer_problems` finds them in a float or prepared model before training, so users change the
 architecture before spending compute; `xqat.check_edgetpu` judges the exported file afterwards.
@@ -66,7 +67,6 @@ def _always(reason: str) -> Callable[[nn.Module], str]:
 _MODULE_RULES: tuple[_ModuleRule, ...] = (
     _ModuleRule((nn.ConvTranspose2d,), _grouped, _GROUPED_FIX),
     _ModuleRule((nn.Conv2d,), _dilation, "use the same dilation in H and W"),
-    _ModuleRule((nn.Hardswish,), _always("HARD_SWISH is not in the EdgeTPU op table (edgetpu#272)"), _ACT_FIX),
     _ModuleRule((nn.LeakyReLU,), _always("LEAKY_RELU is not in the EdgeTPU op table (edgetpu#597)"), _ACT_FIX),
     _ModuleRule((nn.GELU,), _always("GELU (op code 150) is unknown to compiler 16 (edgetpu#818)"), _ACT_FIX),
     _ModuleRule((nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus),
@@ -88,7 +88,6 @@ _MODULE_RULES: tuple[_ModuleRule, ...] = (
 
 # Functional calls seen in torch.fx graphs: target -> (what is wrong, fix).
 _FUNCTION_RULES: dict[object, tuple[str, str]] = {
-    F.hardswish: ("HARD_SWISH is not in the EdgeTPU op table", _ACT_FIX),
     F.leaky_relu: ("LEAKY_RELU is not in the EdgeTPU op table", _ACT_FIX),
     F.gelu: ("GELU (op code 150) is unknown to compiler 16", _ACT_FIX),
     F.elu: ("needs EXP, which stays on the CPU", _ACT_FIX),

@@ -43,7 +43,8 @@ UNVERIFIED_OPS = {
 # Ops outside the table with a known reason or replacement, for a better O1 message.
 NOT_MAPPED = {
     "PADV2": "only PAD (zero padding) is; after a ReLU, a padded max-pool gives the same result with PAD",
-    "HARD_SWISH": "edgetpu#272, #597; use ReLU/ReLU6, or accept the CPU tail",
+    "HARD_SWISH": "edgetpu#272, #597; prepare with QATConfig(edgetpu=True) (hard swish then runs as ADD, MUL, MUL, "
+                  "which map), use ReLU/ReLU6, or accept the CPU tail",
     "LEAKY_RELU": "edgetpu#272; use ReLU, or PReLU with alpha shared over H and W",
     "GELU": "edgetpu#818; use ReLU/ReLU6",
     "DEQUANTIZE": "the EdgeTPU has no float",

@@ -18,6 +18,7 @@ from .onnx2tf_adapter import onnx_to_keras
 from .onnx_fold import fold_constants
 from .qdq_plan import analyze_qdq
 from .tflite_convert import _concrete_function, _trackable
+from .torch_to_onnx import OPSET
 
 __all__ = ["float_tflite"]
 
@@ -30,7 +31,7 @@ def float_tflite(model: nn.Module, example: torch.Tensor, representative: torch.
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (example[:1].float(),), buf, dynamo=False, opset_version=13,
+        torch.onnx.export(model.eval(), (example[:1].float(),), buf, dynamo=False, opset_version=OPSET,
                           input_names=["input"])
     proto = fold_constants(onnx.load_from_string(buf.getvalue()))
     scratch = Path(tempfile.mkdtemp(prefix="xqat-float-"))

@@ -28,7 +28,9 @@ from .snapping import SnapRecord, labels_by_group
 
 __all__ = ["OPSET", "OnnxExport", "validate_for_export", "export_onnx"]
 
-OPSET = 13  # the ONNX opset of the Q/DQ model (per-axis QuantizeLinear needs >= 13)
+# The ONNX opset of the Q/DQ model: per-axis QuantizeLinear needs >= 13; 14 writes Hardswish as one HardSwish op
+# (13: HardSigmoid + Mul, float ops that onnx2tf builds with no range between), which becomes int8 HARD_SWISH.
+OPSET = 14
 
 
 @dataclass

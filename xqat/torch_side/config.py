@@ -55,8 +55,9 @@ class QATConfig:
     - `learn_ranges`: after `range_warmup_steps` of EMA, activation min/max become trained parameters with
       TF's gradient (docs/numerics.md#gradients).
     - `skip`: module paths (or fx node names) left in float; the TFLite model is then not full-integer.
-    - `edgetpu`: refuse, at prepare time, layers that can never run on the EdgeTPU (grouped conv, GELU,
-      HardSwish, ...), so you learn it before training; `export_tflite(..., edgetpu=True)` checks again.
+    - `edgetpu`: refuse, at prepare time, layers that can never run on the EdgeTPU (grouped ConvTranspose2d,
+      GELU, LeakyReLU, ...), so you learn it before training; `export_tflite(..., edgetpu=True)` checks again.
+      Hardswish is then trained and exported as x * hardsigmoid(x) (ADD, MUL, MUL: EdgeTPU ops).
     - `bn_stats`: where BN batch statistics come from while folding in training: "quantized" (default; the
       quantized conv output rescaled, one conv per layer, as torch.ao) or "float" (a second, float conv,
       exactly as tf.contrib.quantize and Jacob et al.).

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
+from .decomposed import hardsigmoid_relu6, hardsigmoid_scale
 from .modules import Act, QAdd, QConv2d, QLinear
 from .patterns import FIX, OpKind, arg, shape, tensor_inputs
 from .placement import Plan, label
@@ -154,8 +155,7 @@ def _add(plan: Plan, node: fx.Node, detail: str) -> None:
     plan.add_point(new, OpKind.ADD)
 
 
-@handles(OpKind.RELU, OpKind.RELU6, OpKind.MEAN, OpKind.MUL, OpKind.SUB, OpKind.MATMUL, OpKind.HARDSWISH,
-         OpKind.HARDSIGMOID)
+@handles(OpKind.RELU, OpKind.RELU6, OpKind.MEAN, OpKind.MUL, OpKind.SUB, OpKind.MATMUL, OpKind.HARDSWISH)
 def _own_range(plan: Plan, node: fx.Node, detail: str) -> None:
     """An op whose output TFLite requantizes to a grid of its own."""
     plan.add_point(node, plan.kinds[node][0])
@@ -272,8 +272,13 @@ def decompose(plan: Plan) -> bool:
     kinds are then computed again).
 
     - SiLU -> x * sigmoid(x): LOGISTIC (fixed 1/256 grid) then MUL (own grid).
+    - hard sigmoid -> relu6(x + 3) then * 1/6: ADD+RELU6 and MUL, fixed grids [0, 6] and [0, 1] (decomposed.py).
+    - hard swish, with QATConfig(edgetpu=True) only -> x * hardsigmoid(x): HARD_SWISH is a CPU op on the EdgeTPU,
+      ADD, MUL, MUL map (elsewhere the one HARD_SWISH op is cheaper and finer).
     - channel shuffle -> reshape, transpose, reshape (ONNX has no channel-shuffle op).
     - LSTM / GRU -> the unrolled time steps (recurrent.py).
+    - (N, A*K, H, W) -> view (N, A, K, H, W) -> permute (0, 3, 4, 1, 2) (SSD heads) -> permute (0, 2, 3, 1) then
+      reshape (N, H, W, A, K): the same values, with the transpose TFLite's NHWC layout already is (no TRANSPOSE).
     - grouped conv (not depthwise) [+BN][+ReLU] -> chunk + per-group conv[+BN][+ReLU] + concat: the form
       every TFLite backend runs in int8 and the EdgeTPU compiler accepts (it rejects grouped CONV_2D).
     """
@@ -283,6 +288,9 @@ def decompose(plan: Plan) -> bool:
         if kind is OpKind.SILU:
             _split_silu(plan, node)
             changed = True
+        elif kind is OpKind.HARDSIGMOID or (kind is OpKind.HARDSWISH and plan.config.edgetpu):
+            _split_hard(plan, node, swish=kind is OpKind.HARDSWISH)
+            changed = True
         elif kind is OpKind.GROUPED_CONV:
             _split_groups(plan, node)
             changed = True
@@ -291,6 +299,9 @@ def decompose(plan: Plan) -> bool:
             changed = True
         elif _is_channel_shuffle(plan.gm, node) and kind is not None:
             _split_channel_shuffle(plan, node)
+            changed = True
+        elif _is_channels_to_last(node):
+            _channels_last_first(plan, node)
             changed = True
     if changed:
         plan.gm.graph.eliminate_dead_code()
@@ -314,6 +325,25 @@ def _split_silu(plan: Plan, node: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
+def _split_hard(plan: Plan, node: fx.Node, swish: bool) -> None:
+    """Hard sigmoid (or hard swish: x times it) as the ops of decomposed.py; labels follow a module's path."""
+    gm = plan.gm
+    x = arg(node, 0, "input")
+    with gm.graph.inserting_before(node):
+        shifted = gm.graph.call_function(hardsigmoid_relu6, (x,))
+        gate = gm.graph.call_function(hardsigmoid_scale, (shifted,))
+        out = gm.graph.call_function(operator.mul, (x, gate)) if swish else gate
+    parts = [(shifted, "hardsigmoid_relu6", "relu6"), (gate, "hardsigmoid", "gate")] + \
+        ([(out, "hardswish", "")] if swish else [])
+    for new, name, suffix in parts:
+        new.meta = {k: v for k, v in node.meta.items() if k != "tensor_meta"}
+        new.meta["xqat_functional"] = name
+        if node.op == "call_module":
+            new.meta["xqat_label"] = f"{node.target}.{suffix}" if suffix and new is not out else str(node.target)
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+
+
 def _is_channel_shuffle(gm: fx.GraphModule, node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target is torch.channel_shuffle) or \
         (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.ChannelShuffle))
@@ -331,6 +361,47 @@ def _split_channel_shuffle(plan: Plan, node: fx.Node) -> None:
         new.meta = {"nn_module_stack": node.meta.get("nn_module_stack", {})}
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
+
+
+def _permute_dims(node: fx.Node) -> list[int] | None:
+    if node.op == "call_method" and node.target == "permute":
+        dims = node.args[1:]
+    elif node.op == "call_function" and node.target is torch.permute:
+        dims = (arg(node, 1, "dims"),)
+    else:
+        return None
+    dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+    return [int(d) for d in dims] if all(isinstance(d, int) for d in dims) else None
+
+
+def _is_channels_to_last(node: fx.Node) -> bool:
+    """permute(0, 3, 4, 1, 2) of a view that split the channels of an (N, C, H, W) tensor into (A, K)."""
+    dims = _permute_dims(node)
+    src = node.args[0] if node.args else None
+    if dims is None or len(dims) != 5 or [d % 5 for d in dims] != [0, 3, 4, 1, 2] or not isinstance(src, fx.Node):
+        return False
+    if not (src.op == "call_method" and src.target in ("view", "reshape") and len(src.users) == 1):
+        return False
+    x = src.args[0]
+    if not (isinstance(x, fx.Node) and "tensor_meta" in x.meta and "tensor_meta" in src.meta):
+        return False
+    if len(shape(x)) != 4 or len(shape(src)) != 5:
+        return False
+    (_, c, h, w), split = shape(x), shape(src)
+    return split[3:] == (h, w) and split[1] * split[2] == c
+
+
+def _channels_last_first(plan: Plan, node: fx.Node) -> None:
+    gm, view = plan.gm, node.args[0]
+    _, a, k, h, w = shape(view)
+    with gm.graph.inserting_before(node):
+        nhwc = gm.graph.call_method("permute", (view.args[0], 0, 2, 3, 1))
+        out = gm.graph.call_method("reshape", (nhwc, (-1, h, w, a, k)))
+    for new in (nhwc, out):
+        new.meta = {"nn_module_stack": node.meta.get("nn_module_stack", {})}
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    gm.graph.erase_node(view)
 
 
 def _split_groups(plan: Plan, node: fx.Node) -> None:

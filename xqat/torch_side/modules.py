@@ -115,13 +115,7 @@ class WeightQuantizedModule(nn.Module):
         q = getattr(self, "_input_quantizer", None)  # absent in modules pickled before it existed
         if bias is None or q is None or not q.initialized or (q.training and int(q.step) <= q.quant_delay):
             return bias
-        return bias + (int32_bias(bias, q.scale_zero_point()[0], self._weight_scales(weight)) - bias).detach()
-
-    def _weight_scales(self, w: torch.Tensor) -> torch.Tensor:
-        """TF's weight scale(s) of `w`; an all-zero channel has scale 0, and any positive scale gives it code 0,
-        so 1e-8 is used (TFLite needs positive scales), which keeps the int32 bias of that channel exact."""
-        scales = self.weight_quant.scales(w)
-        return torch.where(scales > 0, scales, torch.full_like(scales, 1e-8))
+        return bias + (int32_bias(bias, q.scale_zero_point()[0], self.weight_quant.scales(weight)) - bias).detach()
 
     def functional(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The float op with this module's hyper-parameters, without the fused activation."""
@@ -132,10 +126,12 @@ class WeightQuantizedModule(nn.Module):
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(fake-quantized folded weight, its TF scale(s), bias on its int32 grid as float): what the deployed
         model holds, for the eval fold or a given (weight, bias) fold (a training step's, `BatchFold`); the
-        converter then stores that bias's codes exactly."""
+        converter then stores that bias's codes exactly. Scales are positive (an all-zero channel gets the
+        smallest weight range, `qparams.MIN_WEIGHT_ABSMAX`)."""
         w, b = self.folded() if folded is None else folded
         b = self.deployed_bias(w, b)
-        return self.weight_quant(w).detach(), self._weight_scales(w), (b.detach().clone() if b is not None else None)
+        return self.weight_quant(w).detach(), self.weight_quant.scales(w), (b.detach().clone() if b is not None
+                                                                           else None)
 
     def _tick(self) -> bool:
         """Count a training step; True when weights are fake-quantized in this forward."""

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .decomposed import hardsigmoid_relu6, hardsigmoid_scale
 from .recurrent import RECURRENT, recurrent_problem
 
 
@@ -32,7 +33,7 @@ class OpKind(Enum):
     RELU = "relu"
     RELU6 = "relu6"
     HARDSWISH = "hardswish"  # TFLite HARD_SWISH: its own range
-    HARDSIGMOID = "hardsigmoid"  # relu6(x + 3) / 6: its own range
+    HARDSIGMOID = "hardsigmoid"  # relu6(x + 3) / 6: decomposed into ADD+RELU6 and MUL, fixed grids (decomposed.py)
     SILU = "silu"  # x * sigmoid(x): LOGISTIC (fixed grid) + MUL (own range)
     CAT = "cat"  # same-scale: inputs and output share one range
     AVGPOOL = "avgpool"  # same-scale, re-rounds: output fake-quant with the input's range
@@ -51,6 +52,8 @@ class FixedGrid(StrEnum):
     SIGMOID = "sigmoid"
     TANH = "tanh"
     SOFTMAX = "softmax"
+    HARDSIGMOID_RELU6 = "hardsigmoid_relu6"  # relu6(x + 3) inside a hard sigmoid: [0, 6]
+    HARDSIGMOID = "hardsigmoid"  # [0, 1], codes equal to the [0, 6] grid's before it
 
 
 Kind = tuple[OpKind, str]  # (kind, detail): the fixed grid's name, or why the op is unsupported
@@ -249,6 +252,8 @@ _FUNCTIONS: dict[object, Callable[[fx.Node], Kind]] = {
     torch.sigmoid: _const(OpKind.FIXED, FixedGrid.SIGMOID), F.sigmoid: _const(OpKind.FIXED, FixedGrid.SIGMOID),
     torch.tanh: _const(OpKind.FIXED, FixedGrid.TANH), F.tanh: _const(OpKind.FIXED, FixedGrid.TANH),
     torch.softmax: _softmax, F.softmax: _softmax,
+    hardsigmoid_relu6: _const(OpKind.FIXED, FixedGrid.HARDSIGMOID_RELU6),
+    hardsigmoid_scale: _const(OpKind.FIXED, FixedGrid.HARDSIGMOID),
 }
 _METHODS: dict[str, Callable[[fx.Node], Kind]] = {
     "relu": _const(OpKind.RELU), "relu_": _const(OpKind.RELU), "clamp": _clamp, "clamp_": _clamp, "clip": _clamp,
@@ -267,6 +272,8 @@ def _mean_rule(node: fx.Node) -> Kind:
     dims = {dims} if isinstance(dims, int) else set(dims or ())
     rank = len(shape(tensor_inputs(node)[0])) if tensor_inputs(node) else 0
     if rank in (3, 4) and {d % rank for d in dims} == set(range(2, rank)):
+        if _same_shape(node):  # keepdim=True over a 1x1 map (timm SE at small inputs): the converter removes it
+            return OpKind.PASS_THROUGH, FOLDED
         return OpKind.MEAN, ""  # ReduceMean stays a MEAN in TFLite, also over a 1x1 map (1-D: over time)
     return OpKind.UNSUPPORTED, ("mean over dims other than all spatial ones ((2, 3) of a 4-D, 2 of a 3-D tensor) "
                                 "has no placement in xqat yet")

@@ -13,9 +13,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["nudge", "tflite_qparams", "quant_bounds", "check_num_bits", "Nudged", "TFLiteQParams", "int32_bias"]
+__all__ = ["nudge", "tflite_qparams", "quant_bounds", "check_num_bits", "Nudged", "TFLiteQParams", "int32_bias",
+           "MIN_WEIGHT_ABSMAX"]
 
 INT32_MAX = (1 << 31) - 1
+
+# The converter widens every FakeQuant range with max - min <= 1e-6 to [-5e-7, 5e-7] before deriving its grid, so
+# a weight range that narrow would deploy on another grid than the one trained (all codes change). Weight ranges
+# start at +-1e-6 instead: wide enough that the converter keeps them (docs/numerics.md, converter qparams).
+MIN_WEIGHT_ABSMAX = 1.0e-6
 
 
 def check_num_bits(num_bits: int) -> None:

@@ -14,14 +14,16 @@ import torch.distributed as dist
 from torch import nn
 
 from .fake_quant import fake_quant, fake_quant_per_channel
-from .qparams import nudge, snap_range
+from .qparams import MIN_WEIGHT_ABSMAX, nudge, snap_range
 
 __all__ = ["ActivationQuantizer", "WeightQuantizer", "QuantPoint", "FIXED_RANGES"]
 
 # TFLite's fixed output grids (quantization_spec.md, docs/numerics.md#fixed-output-grids), as FakeQuant ranges that
 # nudge to them:
-# LOGISTIC/SOFTMAX: scale 1/256, int8 zero point -128; TANH: scale 1/128, zero point 0.
-FIXED_RANGES = {"sigmoid": (0.0, 255.0 / 256.0), "softmax": (0.0, 255.0 / 256.0), "tanh": (-1.0, 127.0 / 128.0)}
+# LOGISTIC/SOFTMAX: scale 1/256, int8 zero point -128; TANH: scale 1/128, zero point 0. Hard sigmoid's two ops
+# (decomposed.py): xqat's own choice, the exact value ranges [0, 6] and [0, 1] (scales 6/255 and 1/255).
+FIXED_RANGES = {"sigmoid": (0.0, 255.0 / 256.0), "softmax": (0.0, 255.0 / 256.0), "tanh": (-1.0, 127.0 / 128.0),
+                "hardsigmoid_relu6": (0.0, 6.0), "hardsigmoid": (0.0, 1.0)}
 
 
 def _all_reduce_(t: torch.Tensor, op) -> None:
@@ -262,10 +264,14 @@ class WeightQuantizer(nn.Module):
         return f"{f'per-channel axis {self.axis}' if self.per_channel else 'per-tensor'}, bits={self.num_bits}, narrow"
 
     def absmax(self, w: torch.Tensor) -> torch.Tensor:
+        """max|w| per channel (or tensor), at least MIN_WEIGHT_ABSMAX: the grid the converter keeps (near-zero
+        channels, e.g. after a zero-initialised BN gamma, and all-zero ones)."""
         w = w.detach()
         if self.per_channel:
-            return w.abs().transpose(0, self.axis).reshape(w.shape[self.axis], -1).amax(dim=1).float()
-        return w.abs().max().float()
+            m = w.abs().transpose(0, self.axis).reshape(w.shape[self.axis], -1).amax(dim=1).float()
+        else:
+            m = w.abs().max().float()
+        return m.clamp_min(MIN_WEIGHT_ABSMAX)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         m = self.absmax(w)
