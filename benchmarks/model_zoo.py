@@ -87,7 +87,12 @@ def write_doc(results: dict[tuple[int, int], list[ZooResult]], seconds: float) -
         "",
         f"Command: `.venv/bin/python -m benchmarks.model_zoo` ({platform.machine()}, {os.cpu_count()} cores, "
         f"{seconds / 60:.0f} min). Parity with the default `\"tf\"` numerics drifts in deep nets by design: the "
-        "float simulation and the integer kernels round differently at every layer and the differences compound.",
+        "float simulation and the integer kernels round differently at every layer and the differences compound; "
+        "`QATConfig(numerics=backend)` computes the device's integers instead "
+        "(docs/numerics.md#exact-training-numerics).",
+        "",
+        "Sequence models (LSTM, GRU, Linear on sequences, attention matmuls) on digits read row by row: "
+        "[docs/sequence-models.md](sequence-models.md).",
         "",
         "## Coverage by input size",
         "",
