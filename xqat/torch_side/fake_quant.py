@@ -254,3 +254,15 @@ def select(cond: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     """`a` where `cond` else `b`, with gradients bit-identical to an `if` on `cond`: how the torch.compile path of
     a QAT model turns a data-dependent branch (quant_delay, not yet observed) into graph code."""
     return _Select.apply(cond, a, b)
+
+
+def write_state(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Store a new value of a state tensor in the torch.compile form. A buffer is rebound, never written in place:
+    AOTAutograd may keep a graph input for the backward instead of a value computed from it, and an in-place update
+    of that input would then change the gradients. A Parameter (a learned range) is updated in place."""
+    current = getattr(module, name)
+    if isinstance(current, torch.nn.Parameter):
+        with torch.no_grad():
+            current.copy_(value)
+    else:
+        setattr(module, name, value)

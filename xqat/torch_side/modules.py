@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .fake_quant import compiling, exact_cuda_math, select
+from .fake_quant import compiling, exact_cuda_math, select, write_state
 from .quantizers import WeightQuantizer
 
 __all__ = ["WeightQuantizedModule", "QConv2d", "QLinear", "QAdd", "ACTIVATIONS", "Act"]
@@ -112,9 +112,10 @@ class WeightQuantizedModule(nn.Module):
         bool tensor while quant_delay can still hold)."""
         if not self.training:
             return True
-        self.step += 1
         if compiling():
+            write_state(self, "step", self.step + 1)
             return True if self.quant_delay == 0 else self.step > self.quant_delay
+        self.step += 1
         return int(self.step) > self.quant_delay
 
     def _weight_fq(self, quant: bool | torch.Tensor):
@@ -180,7 +181,7 @@ class QConv2d(WeightQuantizedModule):
             if self._bn_frozen or self.freeze_bn_delay is None:
                 return self._bn_frozen
             frozen = self.bn_frozen | (self.step > self.freeze_bn_delay)
-            self.bn_frozen.copy_(frozen)
+            write_state(self, "bn_frozen", frozen)
             return frozen
         if bool(self.bn_frozen):
             return True
@@ -283,7 +284,7 @@ class QConv2d(WeightQuantizedModule):
     def _update_running_stats_traced(self, mean_b, var_b, n: int, update: torch.Tensor | None) -> None:
         """`_update_running_stats` as graph code: the same formulas, the non-finite channels masked (no warning)."""
         bn = self.bn
-        bn.num_batches_tracked += 1 if update is None else update.long()
+        write_state(bn, "num_batches_tracked", bn.num_batches_tracked + (1 if update is None else update.long()))
         momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.double()
         mean = (mean_b + (self.conv.bias if self.conv.bias is not None else 0.0)).detach()
         var = var_b.detach() * (n / max(n - 1, 1))
@@ -292,8 +293,8 @@ class QConv2d(WeightQuantizedModule):
         keep = torch.isfinite(new_mean) & torch.isfinite(new_var)
         if update is not None:
             keep = keep & update
-        bn.running_mean.copy_(torch.where(keep, new_mean, bn.running_mean))
-        bn.running_var.copy_(torch.where(keep, new_var, bn.running_var))
+        write_state(bn, "running_mean", torch.where(keep, new_mean, bn.running_mean))
+        write_state(bn, "running_var", torch.where(keep, new_var, bn.running_var))
 
 
 class QLinear(WeightQuantizedModule):

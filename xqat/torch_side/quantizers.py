@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .fake_quant import compiling, fake_quant, fake_quant_per_channel, select
+from .fake_quant import compiling, fake_quant, fake_quant_per_channel, select, write_state
 from .qparams import nudge, snap_range
 
 __all__ = ["ActivationQuantizer", "WeightQuantizer", "QuantPoint", "FIXED_RANGES"]
@@ -180,7 +180,7 @@ class ActivationQuantizer(nn.Module):
         bad = ~finite.all()
         if active is not None:
             ok, bad = ok & active, bad & active
-        self.nan_count += bad.long()
+        write_state(self, "nan_count", self.nan_count + bad.long())
         bmin = torch.clamp(bmin.float(), max=0.0)
         bmax = torch.clamp(bmax.float(), min=0.0)
         if self.sync:
@@ -192,25 +192,25 @@ class ActivationQuantizer(nn.Module):
             absurd = ~(span <= 0) & ~((bmax - bmin).double() <= self.outlier_factor * span) & ok
             if self.ema != "tfmot":
                 absurd = absurd & (self.step > 0)  # not initialized yet: no range to compare with
-            self.outlier_count += absurd.long()
+            write_state(self, "outlier_count", self.outlier_count + absurd.long())
             streak = torch.where(absurd, self.outlier_streak + 1, 0)
-            self.outlier_streak.copy_(torch.where(ok, streak, self.outlier_streak))
+            write_state(self, "outlier_streak", torch.where(ok, streak, self.outlier_streak))
             if self.outliers == "skip":
                 update = ok & ~(absurd & (streak < 3))
-        self.step += update.long()
+        write_state(self, "step", self.step + update.long())
         one_minus_decay = torch.tensor(1.0 - self.decay, dtype=torch.float32, device=bmin.device)
         mn, mx = self.min.detach(), self.max.detach()
         if self.ema == "tfmot":
-            self.min.copy_(torch.where(update, mn - (mn - bmin) * one_minus_decay, mn))
-            self.max.copy_(torch.where(update, mx - (mx - bmax) * one_minus_decay, mx))
+            write_state(self, "min", torch.where(update, mn - (mn - bmin) * one_minus_decay, mn))
+            write_state(self, "max", torch.where(update, mx - (mx - bmax) * one_minus_decay, mx))
             return
         biased_min = self.biased_min - (self.biased_min - bmin) * one_minus_decay
         biased_max = self.biased_max - (self.biased_max - bmax) * one_minus_decay
         debias = 1.0 - torch.pow(1.0 - one_minus_decay, self.step.float())
-        self.min.copy_(torch.where(update, mn - (mn - biased_min / debias), mn))
-        self.max.copy_(torch.where(update, mx - (mx - biased_max / debias), mx))
-        self.biased_min.copy_(torch.where(update, biased_min, self.biased_min))
-        self.biased_max.copy_(torch.where(update, biased_max, self.biased_max))
+        write_state(self, "min", torch.where(update, mn - (mn - biased_min / debias), mn))
+        write_state(self, "max", torch.where(update, mx - (mx - biased_max / debias), mx))
+        write_state(self, "biased_min", torch.where(update, biased_min, self.biased_min))
+        write_state(self, "biased_max", torch.where(update, biased_max, self.biased_max))
 
     def _forward_traced(self, x: torch.Tensor, observe: bool) -> torch.Tensor:
         """`forward` as graph code: the frozen flag is a Python guard (it changes once), the step-dependent
@@ -222,7 +222,8 @@ class ActivationQuantizer(nn.Module):
         if training and observe:
             self._observe_traced(x, None if learning is None else ~learning)
         mn, mx = self.min.detach(), self.max.detach()
-        if learning is not None and training:
+        if learning is not None and training:  # asked again: this step's observation may end the warm-up
+            learning = self.step >= self.warmup
             mn, mx = select(learning, self.min, mn), select(learning, self.max, mx)
         out = fake_quant(x, mn, mx, self.num_bits)
         if self.training:
