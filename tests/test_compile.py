@@ -17,12 +17,17 @@ from xqat.torch_side.quantizers import ActivationQuantizer
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bit pattern (so -0.0 != 0.0 and NaN == NaN)."""
+    """The tensor's bit pattern (so -0.0 != 0.0)."""
     t = t.detach()
     return t.view(torch.int32) if t.dtype == torch.float32 else t
 
 
 def _assert_same_bits(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """Same bits, NaN payloads aside (a NaN is a NaN; its payload is no result)."""
+    if a.is_floating_point():
+        nan = torch.isnan(a)
+        assert torch.equal(nan, torch.isnan(b)), f"{what}: NaN positions differ between eager and torch.compile"
+        a, b = torch.where(nan, 0.0, a), torch.where(nan, 0.0, b)
     assert torch.equal(_bits(a), _bits(b)), f"{what} differs between eager and torch.compile"
 
 
@@ -151,7 +156,7 @@ def test_compiled_range_updates_match_eager_through_nan_and_outlier_batches(ema,
             for k, v in eager.state_dict().items():
                 _assert_same_bits(v, compiled.state_dict()[k], f"{k} after batch {i}")
             assert int(eager.outlier_streak) == int(compiled.outlier_streak)
-    assert int(compiled.nan_count) == 2 and int(compiled.outlier_count) >= 3
+    assert int(compiled.nan_count) == 2 and int(compiled.outlier_count) >= (3 if outliers == "skip" else 1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on a lent GPU machine)")
