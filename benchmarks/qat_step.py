@@ -104,10 +104,11 @@ def peak_step_memory(fn: Callable[[], None]) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
     live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
+    for e in events:  # nbytes: + for an allocation, - for a free
+        live += e.nbytes()
         peak = max(peak, live)
     return peak
 
