@@ -1,16 +1,18 @@
 """Training-step time and peak memory on CPU: float vs xqat QAT (eager and torch.compile) vs torch.ao eager QAT.
 
 Run: .venv/bin/python -m benchmarks.qat_step [--net mobilenet|resnet|both] [--batch 16] [--size 96] [--width 0.5]
-                                             [--no-compile] [--profile [--top 15]]
+                                             [--no-compile] [--profile [--top 15]] [--device cuda]
 Same batch, same model, interleaved repeats; prints median ms and the ratios to float. Targets (issue #16):
 xqat eager <= 2.0x float, xqat compiled <= 1.6x float, both faster than torch.ao eager QAT, and the peak memory of
 a training step within 1.5x float. `--profile` prints the top ops by self CPU time of a few training steps
-(torch.profiler, forward + backward + optimizer) for each variant instead of timing them.
+(torch.profiler, forward + backward + optimizer) for each variant instead of timing them. On CUDA every step runs
+inside `exact_cuda_math` (no TF32, deterministic cuDNN: the numerics the fake-quant tests check) and is synchronized.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import types
 import warnings
@@ -23,6 +25,7 @@ from torch import nn
 import xqat
 from benchmarks._timing import compare, machine
 from xqat.demo.nets import InvertedResidual, MobileNetV2, ResNetSmall
+from xqat.torch_side.fake_quant import exact_cuda_math
 
 
 def torch_ao_eager_qat(model: nn.Module) -> nn.Module:
@@ -75,9 +78,9 @@ def _describe(name: str, args) -> str:
 def _steps(name: str, args) -> dict[str, Callable[[], None]]:
     """One SGD training step per variant, on the same batch and the same initial weights."""
     torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    y = torch.randint(0, 10, (args.batch,))
-    base = _net(name, args.width)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+    y = torch.randint(0, 10, (args.batch,), device=args.device)
+    base = _net(name, args.width).to(args.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         models = {"float": copy.deepcopy(base).train(), "xqat": xqat.prepare_qat(base, x[:1]).train()}
@@ -85,21 +88,30 @@ def _steps(name: str, args) -> dict[str, Callable[[], None]]:
             models["xqat_compiled"] = torch.compile(xqat.prepare_qat(base, x[:1]).train())
         models["torch.ao"] = torch_ao_eager_qat(base)
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in models.items()}
+    cuda = x.is_cuda
 
     def step(k):
         def run():
-            loss = F.cross_entropy(models[k](x), y)
-            opts[k].zero_grad()
-            loss.backward()
-            opts[k].step()
+            with exact_cuda_math() if cuda else contextlib.nullcontext():
+                loss = F.cross_entropy(models[k](x), y)
+                opts[k].zero_grad()
+                loss.backward()
+                opts[k].step()
+            if cuda:
+                torch.cuda.synchronize()
         return run
 
     return {k: step(k) for k in models}
 
 
-def peak_step_memory(fn: Callable[[], None]) -> int:
-    """Peak bytes allocated by torch on top of what was live before, during one call of `fn` (the profiler's
-    allocation events, summed in time order; CPU allocator)."""
+def peak_step_memory(fn: Callable[[], None], device: str = "cpu") -> int:
+    """Peak bytes allocated by torch on top of what was live before, during one call of `fn` (CUDA: the caching
+    allocator's peak; CPU: the profiler's allocation events, summed in time order)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -129,12 +141,13 @@ def profile_top(fns: dict[str, Callable[[], None]], top: int, steps: int = 3) ->
 def run_net(name: str, args) -> dict[str, float]:
     fns = _steps(name, args)
     if args.profile:
-        print(f"QAT training step profile, {_describe(name, args)}, CPU ({machine()})")
+        print(f"QAT training step profile, {_describe(name, args)}, {args.device} ({machine()})")
         profile_top(fns, args.top)
         return {}
     t = compare(fns, repeats=args.repeats, warmup=2)
-    mem = {k: peak_step_memory(f) for k, f in fns.items()}
-    print(f"QAT training step, {_describe(name, args)}, CPU ({machine()}), median of {args.repeats} interleaved")
+    mem = {k: peak_step_memory(f, args.device) for k, f in fns.items()}
+    where = "CUDA " + torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"QAT training step, {_describe(name, args)}, {where} ({machine()}), median of {args.repeats} interleaved")
     for k in fns:
         print(f"  {k:13s}: {t[k] * 1e3:8.1f} ms  {t[k] / t['float']:5.2f}x float   peak step memory "
               f"{mem[k] / 2**20:7.1f} MiB  {mem[k] / mem['float']:5.2f}x float")
@@ -157,6 +170,7 @@ def main() -> dict[str, float]:
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variant")
     ap.add_argument("--profile", action="store_true", help="print the top ops of each variant instead of timing")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args, _ = ap.parse_known_args()
     out: dict[str, float] = {}
     for name in (("mobilenet", "resnet") if args.net == "both" else (args.net,)):
