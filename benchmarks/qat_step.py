@@ -25,7 +25,7 @@ from torch import nn
 import xqat
 from benchmarks._timing import compare, machine
 from xqat.demo.nets import InvertedResidual, MobileNetV2, ResNetSmall
-from xqat.torch_side.fake_quant import exact_cuda_math
+from xqat.torch_side.traced import exact_cuda_math
 
 
 def torch_ao_eager_qat(model: nn.Module) -> nn.Module:

@@ -164,8 +164,8 @@ def test_cuda_qat_conv_uses_no_tf32_and_compiled_matches_eager():
     """With TF32 allowed globally (cuDNN's default), an eager QAT conv still computes in full float32: its output is
     the same conv with TF32 off, bit for bit, and the caller's setting survives. Compiled on CUDA (inside
     `exact_cuda_math`, as the docs ask) the training step matches eager CUDA bit for bit."""
-    from xqat.torch_side.fake_quant import exact_cuda_math
     from xqat.torch_side.modules import QConv2d
+    from xqat.torch_side.traced import exact_cuda_math
 
     torch.manual_seed(0)
     x = torch.randn(4, 3, 12, 12)

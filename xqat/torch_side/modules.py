@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .fake_quant import compiling, exact_cuda_math, select, write_state
 from .quantizers import WeightQuantizer
+from .traced import compiling, exact_cuda_math, select, write_state
 
 __all__ = ["WeightQuantizedModule", "QConv2d", "QLinear", "QAdd", "ACTIVATIONS", "Act"]
 

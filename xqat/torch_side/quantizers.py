@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .fake_quant import compiling, fake_quant, fake_quant_per_channel, select, write_state
+from .fake_quant import fake_quant, fake_quant_per_channel
 from .qparams import nudge, snap_range
+from .traced import compiling, select, write_state
 
 __all__ = ["ActivationQuantizer", "WeightQuantizer", "QuantPoint", "FIXED_RANGES"]
 
