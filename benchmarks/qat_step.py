@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python -m benchmarks.qat_step [--net mobilenet|resnet|both] [--batch 16] [--size 96] [--width 0.5]
                                              [--no-compile] [--profile [--top 15]] [--device cuda]
-Same batch, same model, interleaved repeats; prints median ms and the ratios to float. Targets (issue #16):
+Same batch, same model, interleaved repeats; prints median ms and the ratios to float. Targets:
 xqat eager <= 2.0x float, xqat compiled <= 1.6x float, both faster than torch.ao eager QAT, and the peak memory of
 a training step within 1.5x float. `--profile` prints the top ops by self CPU time of a few training steps
 (torch.profiler, forward + backward + optimizer) for each variant instead of timing them. On CUDA every step runs
