@@ -18,7 +18,7 @@ import torch
 
 SUITE = [
     ("Fake-quant op (forward+backward) vs torch's fused builtin", "benchmarks.fake_quant"),
-    ("QAT training step: float vs xqat vs torch.ao eager QAT", "benchmarks.qat_step"),
+    ("QAT training step: float vs xqat (eager, torch.compile) vs torch.ao eager QAT", "benchmarks.qat_step"),
     ("Export time, MobileNetV2 1.0 at 224x224", "benchmarks.export_time"),
     ("int8 vs float TFLite: size and latency", "benchmarks.tflite_latency"),
     ("Integer emulator throughput vs the TFLite interpreter", "benchmarks.emulate"),

@@ -227,3 +227,56 @@ def test_cuda_matches_cpu_bitwise():
         cpu = xqat.fake_quant_per_channel(xc, mins, maxs, nb, nr)
         gpu = xqat.fake_quant_per_channel(xc.cuda(), mins.cuda(), maxs.cuda(), nb, nr).cpu()
         assert bit_mismatches(cpu.numpy(), gpu.numpy()) == 0
+
+
+# -- the same oracle under torch.compile (the path of a compiled QAT model): a few configs, compile is slow -------
+def _compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True)
+
+
+@pytest.mark.parametrize("nb,nr", [(8, False), (5, True)])
+def test_compiled_per_tensor_forward_and_gradients_match_tf(tf, nb, nr):
+    fq = _compiled(lambda x, mn, mx: xqat.fake_quant(x, mn, mx, nb, nr))
+    rng = np.random.default_rng(nb)
+    for i in range(12):
+        if i < 11:
+            mn, mx = random_range(rng, i % 6)
+            x = tie_heavy_inputs(rng, mn, mx, nb, nr)
+        else:  # min == max == 0: output 0, gradient passed (same shape: no recompile)
+            mn, mx, x = np.float32(0), np.float32(0), rng.normal(size=4008).astype(np.float32)
+        g = rng.normal(size=x.shape).astype(np.float32)
+        xt = torch.from_numpy(x).requires_grad_()
+        mnt, mxt = (torch.tensor(v, requires_grad=True) for v in (mn, mx))
+        y = fq(xt, mnt, mxt)
+        (y * torch.from_numpy(g)).sum().backward()
+        assert bit_mismatches(_tf_fq(tf, x, mn, mx, nb, nr), y.detach().numpy()) == 0
+        ref = _tf_grads(tf, x, g, mn, mx, nb, nr, False)
+        assert bit_mismatches(ref[0], xt.grad.numpy()) == 0
+        np.testing.assert_allclose(mnt.grad.numpy(), ref[1], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(mxt.grad.numpy(), ref[2], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_per_channel_forward_and_gradients_match_tf(tf):
+    nb, nr, channels = 8, True, 5
+    fq = _compiled(lambda x, mn, mx: xqat.fake_quant_per_channel(x, mn, mx, nb, nr, axis=0))
+    rng = np.random.default_rng(21)
+    for i in range(6):
+        ranges = [random_range(rng, (i + c) % 6) for c in range(channels)]
+        x_last = np.stack([tie_heavy_inputs(rng, mn, mx, nb, nr, n=300)[:1200] for mn, mx in ranges], -1)
+        x_last = x_last.reshape(4, 10, 30, channels)
+        g = rng.normal(size=x_last.shape).astype(np.float32)
+        mins = np.array([r[0] for r in ranges], np.float32)
+        maxs = np.array([r[1] for r in ranges], np.float32)
+        xt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x_last, -1, 0))).requires_grad_()
+        y = fq(xt, torch.from_numpy(mins), torch.from_numpy(maxs))
+        (y * torch.from_numpy(np.ascontiguousarray(np.moveaxis(g, -1, 0)))).sum().backward()
+        ref = tf.quantization.fake_quant_with_min_max_vars_per_channel(x_last, mins, maxs, nb, nr).numpy()
+        assert bit_mismatches(ref, np.moveaxis(y.detach().numpy(), 0, -1)) == 0
+        ref_dx = _tf_grads(tf, x_last, g, mins, maxs, nb, nr, True)[0]
+        assert bit_mismatches(ref_dx, np.moveaxis(xt.grad.numpy(), 0, -1)) == 0
+
+
+def test_use_fused_kernels_is_deprecated():
+    with pytest.warns(DeprecationWarning, match="torch.compile"):
+        xqat.use_fused_kernels(True)

@@ -10,12 +10,13 @@ FakeQuantWithMinMaxVarsGradient (docs/numerics.md#gradients): a straight-through
 
 from __future__ import annotations
 
-import os
+import warnings
 
 import numpy as np
 import torch
 
 from .qparams import _nudge_core, check_num_bits, nudge_with_inverse, quant_bounds
+from .traced import compiling
 
 __all__ = ["fake_quant", "fake_quant_per_channel", "use_fused_kernels"]
 
@@ -61,7 +62,7 @@ def _clamp(x, lo, hi):
     torch's scalar kernel, several times faster than broadcasting 0-d tensors."""
     if isinstance(lo, float):
         return torch.clamp(x, lo, hi)
-    if lo.dim() == 0 and x.device.type == "cpu":
+    if lo.dim() == 0 and x.device.type == "cpu" and not compiling():
         return torch.clamp(x, float(lo), float(hi))
     return torch.clamp(x, lo, hi)
 
@@ -75,51 +76,31 @@ def _forward_eager(x, nmin, nmax, step, scale, quant_zero, divide: bool):
 
 
 def _forward_functional(x, nmin, nmax, step, scale, quant_zero, divide: bool):
+    """`_forward_eager` out of place, for torch.compile: Inductor fuses it into one pass and keeps every op
+    separately rounded (no FMA contraction on CPU), so the result is the same bit for bit."""
     t = torch.clamp(x, nmin, nmax) - nmin
     t = t / step if divide else t * step
     return torch.floor((t - quant_zero) + 0.5) * scale
 
 
-def _ste_mask_functional(grad, x, lo, hi):
-    return grad * ((x >= lo) & (x <= hi))
-
-
-class _Kernels:
-    """Eager torch ops by default; with `use_fused_kernels(True)`, the same op sequence compiled by
-    torch.compile (Inductor, fp-contract off) into one pass each for forward and backward."""
-
-    fused = os.environ.get("XQAT_FUSED_KERNELS", "0") == "1"
-    _forward = _mask = None
-
-    @classmethod
-    def forward(cls, *args):
-        if not cls.fused:
-            return _forward_eager(*args)
-        if cls._forward is None:
-            cls._forward = torch.compile(_forward_functional, dynamic=True)
-        return cls._forward(*args)
-
-    @classmethod
-    def ste(cls, grad, x, lo, hi):
-        if not cls.fused:
-            return grad * (_clamp(x, lo, hi) == x)  # == (lo <= x <= hi), NaN excluded, in 2 passes
-        if cls._mask is None:
-            cls._mask = torch.compile(_ste_mask_functional, dynamic=True)
-        return cls._mask(grad, x, lo, hi)
-
-
 def use_fused_kernels(enabled: bool = True) -> None:
-    """Run fake quant through torch.compile-fused kernels (same float32 op sequence, bit-identical; needs a
-    C++ compiler; the first call per shape family compiles, tens of seconds). Also: XQAT_FUSED_KERNELS=1."""
-    _Kernels.fused = bool(enabled)
+    """Deprecated, does nothing: the fast path is `torch.compile(model)` on a `prepare_qat` model, which compiles
+    the whole training step (fake quant, range updates, BN fold) without graph breaks and with the same bits."""
+    warnings.warn("xqat.use_fused_kernels is deprecated and does nothing: compile the whole QAT model with "
+                  "torch.compile(model) instead (same numerics, one fast path)", DeprecationWarning, stacklevel=2)
 
 
 class _FakeQuantFn(torch.autograd.Function):
-    """x, min, max are float32 and already broadcastable; `divide` picks the per-tensor form."""
+    """x, min, max are float32 and already broadcastable; `divide` picks the per-tensor form.
+
+    Eager CPU per-tensor calls compute the grid as Python scalars (a few microseconds instead of ~30 tiny tensor
+    ops); every other case, and everything under torch.compile, computes it as tensors: same float32 formula.
+    """
 
     @staticmethod
     def forward(ctx, x, min_val, max_val, num_bits: int, narrow_range: bool, divide: bool, reduce_dims):
-        if min_val.dim() == 0 and x.device.type == "cpu" and not _Kernels.fused:
+        traced = compiling()
+        if min_val.dim() == 0 and x.device.type == "cpu" and not traced:
             zero, scale, inv_scale, nmin, nmax, quant_zero = _grid_scalar(
                 float(min_val), float(max_val), num_bits, narrow_range)
             out = _forward_eager(x, nmin, nmax, scale if divide else inv_scale, scale, quant_zero, divide)
@@ -129,7 +110,8 @@ class _FakeQuantFn(torch.autograd.Function):
             ctx.bounds = (lo, hi)
         else:
             zero, scale, inv_scale, nmin, nmax, quant_zero = _grid(min_val, max_val, num_bits, narrow_range)
-            out = _Kernels.forward(x, nmin, nmax, scale if divide else inv_scale, scale, quant_zero, divide)
+            forward = _forward_functional if traced else _forward_eager
+            out = forward(x, nmin, nmax, scale if divide else inv_scale, scale, quant_zero, divide)
             # Gradient bounds: the zero-range case passes everything (infinite range there), and a
             # bound at 0 admits denormals as TF's flush-to-zero does.
             lo = torch.where(zero, -_INF, torch.where(nmin == 0, -_DENORM_MAX, nmin))
@@ -148,7 +130,7 @@ class _FakeQuantFn(torch.autograd.Function):
             (x,), (lo, hi) = ctx.saved_tensors, ctx.bounds
         dx = dmin = dmax = None
         if ctx.needs_input_grad[0]:
-            dx = _Kernels.ste(grad, x, lo, hi)
+            dx = grad * (_clamp(x, lo, hi) == x)  # == (lo <= x <= hi), NaN excluded, in 2 passes
         if ctx.needs_input_grad[1]:
             dmin = torch.where(x < lo, grad, 0.0).sum(ctx.reduce_dims).reshape(ctx.min_shape)
         if ctx.needs_input_grad[2]:

@@ -16,8 +16,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .qparams import int32_bias
+from .qparams import int32_bias, nudge
 from .quantizers import ActivationQuantizer, WeightQuantizer
+from .traced import compiling, exact_cuda_math, select, write_state
 
 __all__ = ["BatchFold", "WeightQuantizedModule", "QConv2d", "QLinear", "QAdd", "ACTIVATIONS", "Act"]
 
@@ -113,9 +114,27 @@ class WeightQuantizedModule(nn.Module):
         straight through; the float bias while the input is not quantized (no linked or no initialized
         input range, quant_delay) or the layer has no bias."""
         q = getattr(self, "_input_quantizer", None)  # absent in modules pickled before it existed
-        if bias is None or q is None or not q.initialized or (q.training and int(q.step) <= q.quant_delay):
+        if bias is None or q is None:
+            return bias
+        if compiling():  # the same choice as a tensor condition, the input scale as a tensor (no host sync)
+            active = (q.step > 0) | (q.fixed or q.ema == "tfmot")
+            if q.training:
+                active = active & (q.step > q.quant_delay)
+            scale = nudge(q.min.detach(), q.max.detach(), q.num_bits, False).scale
+            return select(active, bias + (int32_bias(bias, scale, self.weight_quant.scales(weight)) - bias).detach(),
+                          bias)
+        if not q.initialized or (q.training and int(q.step) <= q.quant_delay):
             return bias
         return bias + (int32_bias(bias, q.scale_zero_point()[0], self.weight_quant.scales(weight)) - bias).detach()
+
+    def _deployed_bias_if(self, quant: bool | torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor | None) -> torch.Tensor | None:
+        """`deployed_bias` while weights are quantized in this forward (`quant` from `_tick`), else the float bias."""
+        if bias is None:
+            return bias
+        if isinstance(quant, torch.Tensor):
+            return select(quant, self.deployed_bias(weight, bias), bias)
+        return self.deployed_bias(weight, bias) if quant else bias
 
     def functional(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The float op with this module's hyper-parameters, without the fused activation."""
@@ -133,12 +152,22 @@ class WeightQuantizedModule(nn.Module):
         return self.weight_quant(w).detach(), self.weight_quant.scales(w), (b.detach().clone() if b is not None
                                                                            else None)
 
-    def _tick(self) -> bool:
-        """Count a training step; True when weights are fake-quantized in this forward."""
+    def _tick(self) -> bool | torch.Tensor:
+        """Count a training step; True when weights are fake-quantized in this forward (under torch.compile a
+        bool tensor while quant_delay can still hold)."""
         if not self.training:
             return True
+        if compiling():
+            write_state(self, "step", self.step + 1)
+            return True if self.quant_delay == 0 else self.step > self.quant_delay
         self.step += 1
         return int(self.step) > self.quant_delay
+
+    def _weight_fq(self, quant: bool | torch.Tensor):
+        """The weight fake quant of this forward: identity before quant_delay ends."""
+        if isinstance(quant, torch.Tensor):
+            return lambda w: select(quant, self.weight_quant(w), w)
+        return self.weight_quant if quant else (lambda w: w)
 
 
 class QConv2d(WeightQuantizedModule):
@@ -171,6 +200,7 @@ class QConv2d(WeightQuantizedModule):
         self.weight_axis = 1 if isinstance(conv, nn.ConvTranspose2d) else 0
         self.weight_quant = WeightQuantizer(per_channel=True, num_bits=weight_bits, axis=self.weight_axis)
         self.register_buffer("bn_frozen", torch.tensor(False))
+        self._bn_frozen = False  # mirror of `bn_frozen` read under torch.compile: freezing recompiles once
 
     @property
     def is_depthwise(self) -> bool:
@@ -183,12 +213,26 @@ class QConv2d(WeightQuantizedModule):
     def freeze_bn(self) -> None:
         """Freeze BN statistics now: training then uses the moving statistics (the inference form)."""
         self.bn_frozen.fill_(True)
+        self._bn_frozen = True
 
-    def _bn_is_frozen(self) -> bool:
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._bn_frozen = bool(self.bn_frozen)
+
+    def _bn_is_frozen(self) -> bool | torch.Tensor:
+        """Whether the fold uses the moving statistics; under torch.compile a bool tensor while freeze_bn_delay
+        can still pass."""
+        if compiling():
+            if self._bn_frozen or self.freeze_bn_delay is None:
+                return self._bn_frozen
+            frozen = self.bn_frozen | (self.step > self.freeze_bn_delay)
+            write_state(self, "bn_frozen", frozen)
+            return frozen
         if bool(self.bn_frozen):
             return True
         if self.freeze_bn_delay is not None and int(self.step) > self.freeze_bn_delay:
             self.bn_frozen.fill_(True)
+            self._bn_frozen = True
             return True
         return False
 
@@ -214,14 +258,27 @@ class QConv2d(WeightQuantizedModule):
         return w * factor.reshape(_per_channel_shape(w, self.weight_axis)), bn.bias + (b0 - bn.running_mean) * factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and not compiling():
+            with exact_cuda_math():
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         quant = self._tick()
-        wq = self.weight_quant if quant else (lambda w: w)
-        if self.bn is None or not self.training or self._bn_is_frozen():
-            w, b = self.folded()
-            return _activate(self.functional(x, wq(w), self.deployed_bias(w, b) if quant else b), self.act)
+        wq = self._weight_fq(quant)
+        frozen = self.bn is None or not self.training or self._bn_is_frozen()
+        if isinstance(frozen, torch.Tensor):  # torch.compile, freeze_bn_delay: both forms, one is taken
+            return _activate(select(frozen, self._folded_forward(x, wq, quant), self._train_bn_fold(x, wq, ~frozen)),
+                             self.act)
+        if frozen:
+            return _activate(self._folded_forward(x, wq, quant), self.act)
         return _activate(self._train_bn_fold(x, wq), self.act)
 
-    def _train_bn_fold(self, x: torch.Tensor, wq) -> torch.Tensor:
+    def _folded_forward(self, x: torch.Tensor, wq, quant: bool | torch.Tensor) -> torch.Tensor:
+        w, b = self.folded()
+        return self.functional(x, wq(w), self._deployed_bias_if(quant, w, b))
+
+    def _train_bn_fold(self, x: torch.Tensor, wq, update: torch.Tensor | None = None) -> torch.Tensor:
         bn, w = self.bn, self.conv.weight
         sigma_mv = torch.sqrt(bn.running_var + bn.eps)
         gamma_over_mv = bn.weight / sigma_mv
@@ -238,7 +295,7 @@ class QConv2d(WeightQuantizedModule):
         n = y_q.numel() // y_q.shape[1]
         if self.sync_bn and _world_size() > 1:
             var_b, mean_b, n = _sync_var_mean(var_b, mean_b, n)
-        self._update_running_stats(mean_b, var_b, n)
+        self._update_running_stats(mean_b, var_b, n, update)
         sigma_b = torch.sqrt(var_b + bn.eps)
         scale = (sigma_mv / sigma_b).reshape(bshape)
         shift = (bn.bias - mean_b * bn.weight / sigma_b).reshape(bshape)
@@ -247,12 +304,16 @@ class QConv2d(WeightQuantizedModule):
         return torch.addcmul(shift, y_q, scale)
 
     @torch.no_grad()
-    def _update_running_stats(self, mean_b, var_b, n: int) -> None:
+    def _update_running_stats(self, mean_b, var_b, n: int, update: torch.Tensor | None = None) -> None:
         """BatchNorm2d's own update: momentum, Bessel-corrected variance (n per channel), conv bias in the mean.
         Channels whose batch statistics are NaN/Inf keep their moving statistics (with a warning), so one bad
-        batch cannot poison the folded weights of every later step and of the exported model."""
+        batch cannot poison the folded weights of every later step and of the exported model.
+        `update` (torch.compile only): a bool tensor, False leaves the statistics as they are."""
         bn = self.bn
         if not bn.track_running_stats:
+            return
+        if compiling():
+            self._update_running_stats_traced(mean_b, var_b, n, update)
             return
         bn.num_batches_tracked += 1
         momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
@@ -269,6 +330,21 @@ class QConv2d(WeightQuantizedModule):
             new_var = torch.where(finite, new_var, bn.running_var)
         bn.running_mean.copy_(new_mean)
         bn.running_var.copy_(new_var)
+
+    def _update_running_stats_traced(self, mean_b, var_b, n: int, update: torch.Tensor | None) -> None:
+        """`_update_running_stats` as graph code: the same formulas, the non-finite channels masked (no warning)."""
+        bn = self.bn
+        write_state(bn, "num_batches_tracked", bn.num_batches_tracked + (1 if update is None else update.long()))
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.double()
+        mean = (mean_b + (self.conv.bias if self.conv.bias is not None else 0.0)).detach()
+        var = var_b.detach() * (n / max(n - 1, 1))
+        new_mean = bn.running_mean * (1 - momentum) + mean * momentum
+        new_var = bn.running_var * (1 - momentum) + var * momentum
+        keep = torch.isfinite(new_mean) & torch.isfinite(new_var)
+        if update is not None:
+            keep = keep & update
+        write_state(bn, "running_mean", torch.where(keep, new_mean, bn.running_mean))
+        write_state(bn, "running_var", torch.where(keep, new_var, bn.running_var))
 
 
 class QLinear(WeightQuantizedModule):
@@ -294,10 +370,13 @@ class QLinear(WeightQuantizedModule):
         return F.linear(x, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._tick():
-            return _activate(self.functional(x, self.linear.weight, self.linear.bias), self.act)
-        w = self.linear.weight
-        return _activate(self.functional(x, self.weight_quant(w), self.deployed_bias(w, self.linear.bias)), self.act)
+        quant = self._tick()
+        w = self._weight_fq(quant)(self.linear.weight)
+        b = self._deployed_bias_if(quant, self.linear.weight, self.linear.bias)
+        if x.is_cuda and not compiling():
+            with exact_cuda_math():
+                return _activate(self.functional(x, w, b), self.act)
+        return _activate(self.functional(x, w, b), self.act)
 
 
 class QAdd(nn.Module):

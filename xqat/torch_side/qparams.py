@@ -131,14 +131,15 @@ def tflite_qparams(min_val, max_val, num_bits: int = 8, narrow_range: bool = Fal
     return TFLiteQParams(scale.astype(np.float32), zp, zp - (1 << (num_bits - 1)))
 
 
-def int32_bias(bias: torch.Tensor, input_scale: float, weight_scales: torch.Tensor) -> torch.Tensor:
+def int32_bias(bias: torch.Tensor, input_scale: float | torch.Tensor, weight_scales: torch.Tensor) -> torch.Tensor:
     """`bias` as the .tflite holds it, back in float: int32 codes `round_half_away(b / s_b)` on the grid
     `s_b = f32(s_in · s_w[c])`, zero point 0 (docs/numerics.md#bias). Where `s_b` exceeds the output scale (large
     folded weights into a narrow output range) that rounding is worth several output LSB, so the simulation
     must apply it too. `s_b` here is the product of the float32 scales in double, at most 1 ulp from the
     converter's product of its double scales (a code differs only on an exact tie). Channels whose code would
     not fit int32 keep the float bias (the converter widens those weight scales; export reports it)."""
-    s = (weight_scales.detach().double() * float(input_scale)).float().double()
+    s_in = input_scale.detach().double() if isinstance(input_scale, torch.Tensor) else float(input_scale)
+    s = (weight_scales.detach().double() * s_in).float().double()
     q = bias.detach().double() / torch.where(s > 0, s, torch.ones_like(s))
     q = torch.sign(q) * torch.floor(q.abs() + 0.5)
     fits = (s > 0) & (q.abs() <= INT32_MAX)

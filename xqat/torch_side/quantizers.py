@@ -15,6 +15,7 @@ from torch import nn
 
 from .fake_quant import fake_quant, fake_quant_per_channel
 from .qparams import MIN_WEIGHT_ABSMAX, nudge, snap_range
+from .traced import compiling, select, write_state
 
 __all__ = ["ActivationQuantizer", "WeightQuantizer", "QuantPoint", "FIXED_RANGES"]
 
@@ -24,6 +25,7 @@ __all__ = ["ActivationQuantizer", "WeightQuantizer", "QuantPoint", "FIXED_RANGES
 # (decomposed.py): xqat's own choice, the exact value ranges [0, 6] and [0, 1] (scales 6/255 and 1/255).
 FIXED_RANGES = {"sigmoid": (0.0, 255.0 / 256.0), "softmax": (0.0, 255.0 / 256.0), "tanh": (-1.0, 127.0 / 128.0),
                 "hardsigmoid_relu6": (0.0, 6.0), "hardsigmoid": (0.0, 1.0)}
+_INF = float("inf")
 
 
 def _all_reduce_(t: torch.Tensor, op) -> None:
@@ -34,6 +36,7 @@ def _all_reduce_(t: torch.Tensor, op) -> None:
 class ActivationQuantizer(nn.Module):
     """Per-tensor asymmetric activation range: EMA of batch min/max (always containing 0), optionally
     learned with TF's gradient after a warm-up, or a fixed range (sigmoid/tanh/softmax outputs).
+    Under torch.compile it runs as graph code (`_forward_traced`): same state and numerics, no warnings.
 
     State (all in state_dict): min, max, step (training updates seen), biased_min/max (zero-debias
     accumulators), nan_count (non-finite batches skipped), outlier_count (absurd range jumps), frozen.
@@ -55,7 +58,7 @@ class ActivationQuantizer(nn.Module):
     ) -> None:
         super().__init__()
         self.num_bits, self.ema, self.decay = num_bits, ema, decay
-        self.outliers, self.outlier_factor, self._outlier_streak = outliers, outlier_factor, 0
+        self.outliers, self.outlier_factor = outliers, outlier_factor
         self.quant_delay, self.learn, self.warmup, self.sync = quant_delay, learn, warmup, sync
         self.fixed = fixed_range is not None
         init = fixed_range if self.fixed else ((-6.0, 6.0) if ema == "tfmot" else (0.0, 0.0))
@@ -71,6 +74,9 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("nan_count", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("outlier_count", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("frozen", torch.tensor(self.fixed))
+        # batches in a row left out as outliers; not in state_dict (a fresh streak after loading)
+        self.register_buffer("outlier_streak", torch.tensor(0, dtype=torch.int64), persistent=False)
+        self._frozen = self.fixed  # mirror of `frozen` read under torch.compile: freezing recompiles once
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -84,6 +90,7 @@ class ActivationQuantizer(nn.Module):
     def freeze(self) -> None:
         """Stop range updates (EMA and learning); forward keeps quantizing with the frozen range."""
         self.frozen.fill_(True)
+        self._frozen = True
         if isinstance(self.min, nn.Parameter):
             self.min.requires_grad_(False)
             self.max.requires_grad_(False)
@@ -141,11 +148,11 @@ class ActivationQuantizer(nn.Module):
         span = float(self.max.detach() - self.min.detach())
         if self.outliers == "off" or not self.initialized or span <= 0 or \
                 float(bmax - bmin) <= self.outlier_factor * span:
-            self._outlier_streak = 0
+            self.outlier_streak.zero_()
             return False
         self.outlier_count += 1
-        self._outlier_streak += 1
-        skip = self.outliers == "skip" and self._outlier_streak < 3
+        self.outlier_streak += 1
+        skip = self.outliers == "skip" and int(self.outlier_streak) < 3
         warnings.warn(
             f"xqat: a batch with range [{float(bmin):.3g}, {float(bmax):.3g}] reached a quantizer whose range is "
             f"[{float(self.min.detach()):.3g}, {float(self.max.detach()):.3g}] ({int(self.outlier_count)} such "
@@ -157,9 +164,79 @@ class ActivationQuantizer(nn.Module):
         # checkpoints written before outlier_count existed load with a zero count
         state_dict.setdefault(prefix + "outlier_count", torch.zeros((), dtype=torch.int64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._frozen = bool(self.frozen)
+
+    # -- the torch.compile form ------------------------------------------------------------------
+    @torch.no_grad()
+    def _observe_traced(self, x: torch.Tensor, active: torch.Tensor | None) -> None:
+        """`observe` and `_absurd_jump` as tensor code: every skip (non-finite batch, outlier, `active` False
+        while ranges are learned) masks the state update instead of returning. Same float32 formulas."""
+        x = x.detach()
+        if x.numel() == 0:
+            from ..errors import InputError
+
+            raise InputError(f"an empty batch (shape {tuple(x.shape)}) reached a quantizer; training batches need "
+                             "at least one sample (drop_last=True in the DataLoader avoids a short last batch)")
+        finite = torch.isfinite(x)
+        bmin, bmax = torch.where(finite, x, _INF).amin(), torch.where(finite, x, -_INF).amax()
+        ok = bmin <= bmax  # some value is finite
+        bad = ~finite.all()
+        if active is not None:
+            ok, bad = ok & active, bad & active
+        write_state(self, "nan_count", self.nan_count + bad.long())
+        bmin = torch.clamp(bmin.float(), max=0.0)
+        bmax = torch.clamp(bmax.float(), min=0.0)
+        if self.sync:
+            _all_reduce_(bmin, dist.ReduceOp.MIN)
+            _all_reduce_(bmax, dist.ReduceOp.MAX)
+        update = ok
+        if self.outliers != "off":
+            span = (self.max.detach() - self.min.detach()).double()
+            absurd = ~(span <= 0) & ~((bmax - bmin).double() <= self.outlier_factor * span) & ok
+            if self.ema != "tfmot":
+                absurd = absurd & (self.step > 0)  # not initialized yet: no range to compare with
+            write_state(self, "outlier_count", self.outlier_count + absurd.long())
+            streak = torch.where(absurd, self.outlier_streak + 1, 0)
+            write_state(self, "outlier_streak", torch.where(ok, streak, self.outlier_streak))
+            if self.outliers == "skip":
+                update = ok & ~(absurd & (streak < 3))
+        write_state(self, "step", self.step + update.long())
+        one_minus_decay = torch.tensor(1.0 - self.decay, dtype=torch.float32, device=bmin.device)
+        mn, mx = self.min.detach(), self.max.detach()
+        if self.ema == "tfmot":
+            write_state(self, "min", torch.where(update, mn - (mn - bmin) * one_minus_decay, mn))
+            write_state(self, "max", torch.where(update, mx - (mx - bmax) * one_minus_decay, mx))
+            return
+        biased_min = self.biased_min - (self.biased_min - bmin) * one_minus_decay
+        biased_max = self.biased_max - (self.biased_max - bmax) * one_minus_decay
+        debias = 1.0 - torch.pow(1.0 - one_minus_decay, self.step.float())
+        write_state(self, "min", torch.where(update, mn - (mn - biased_min / debias), mn))
+        write_state(self, "max", torch.where(update, mx - (mx - biased_max / debias), mx))
+        write_state(self, "biased_min", torch.where(update, biased_min, self.biased_min))
+        write_state(self, "biased_max", torch.where(update, biased_max, self.biased_max))
+
+    def _forward_traced(self, x: torch.Tensor, observe: bool) -> torch.Tensor:
+        """`forward` as graph code: the frozen flag is a Python guard (it changes once), the step-dependent
+        branches (learning after the warm-up, quant_delay, nothing observed yet) are tensor selects."""
+        if self.fixed:
+            return fake_quant(x, self.min, self.max, self.num_bits)
+        training = self.training and not self._frozen
+        learning = (self.step >= self.warmup) if self.learn else None
+        if training and observe:
+            self._observe_traced(x, None if learning is None else ~learning)
+        mn, mx = self.min.detach(), self.max.detach()
+        if learning is not None and training:  # asked again: this step's observation may end the warm-up
+            learning = self.step >= self.warmup
+            mn, mx = select(learning, self.min, mn), select(learning, self.max, mx)
+        out = fake_quant(x, mn, mx, self.num_bits)
+        if self.training:
+            return select(self.step <= self.quant_delay, x, out)
+        return out if self.ema == "tfmot" else select(self.step == 0, x, out)
 
     # -- numerics ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, observe: bool = True) -> torch.Tensor:
+        if compiling():
+            return self._forward_traced(x, observe)
         training = self.training and not bool(self.frozen)
         if training and observe and not self._learning():
             self.observe(x)
@@ -236,18 +313,33 @@ class QuantPoint(nn.Module):
         sum the integer codes, divide by the pixel count rounding half away from zero in the int8 domain.
         TF's fake quant would round half up in the real domain instead (a -0.18 LSB bias). Gradient: STE."""
         q = self.quantizer
-        if not q.initialized or (q.training and int(q.step) <= q.quant_delay):
-            return x
-        scale, zp = q.scale_zero_point()
         half_range = 1 << (q.num_bits - 1)
-        zp -= half_range
         n = self.pool_divisor
+        if compiling():
+            mn, mx = q.min.detach(), q.max.detach()
+            g = nudge(mn, mx, q.num_bits, False)
+            all_zero = (mn == 0) & (mx == 0)  # deployed as scale 1, zero point at the top (see `snapped`)
+            scale = torch.where(all_zero, 1.0, g.scale)
+            zp = torch.where(all_zero, float((1 << q.num_bits) - 1), g.zero_point) - half_range
+            multiplier = (n / scale.double()).float()  # n / scale in double, as the eager Python floats
+        else:
+            if not q.initialized or (q.training and int(q.step) <= q.quant_delay):
+                return x
+            scale, zp = q.scale_zero_point()
+            zp -= half_range
+            multiplier, scale = n / scale, torch.tensor(scale, dtype=torch.float32)
         with torch.no_grad():
-            acc = torch.round(x.float() * (n / scale)) + n * zp  # sum of the n input codes, exactly
+            acc = torch.round(x.float() * multiplier) + n * zp  # sum of the n input codes, exactly
             q_out = torch.where(acc > 0, torch.div(acc + n // 2, n, rounding_mode="trunc"),
                                 torch.div(acc - n // 2, n, rounding_mode="trunc"))
-            out = (q_out.clamp(-half_range, half_range - 1) - zp) * torch.tensor(scale, dtype=torch.float32)
-        return x + (out.to(x.dtype) - x).detach()
+            out = (q_out.clamp(-half_range, half_range - 1) - zp) * scale
+        out = x + (out.to(x.dtype) - x).detach()
+        if not compiling():
+            return out
+        off = torch.zeros((), dtype=torch.bool, device=x.device) if q.fixed or q.ema == "tfmot" else q.step == 0
+        if q.training:
+            off = off | (q.step <= q.quant_delay)
+        return select(off, x, out)
 
 
 class WeightQuantizer(nn.Module):
