@@ -1,4 +1,5 @@
-"""Run the benchmark set and write docs/benchmarks.md (each number with its machine and command).
+"""Run the benchmark set and write docs/benchmarks.md (each number with its machine and command). Sections of the
+existing file whose text starts with "Hand-run" (profiles, exact numerics, GPU runs) are kept, after the generated ones.
 
 Run: make bench   (or .venv/bin/python -m benchmarks.run_all)
 The machines are shared and noisy: every script times its contenders interleaved, in one run, and reports
@@ -46,8 +47,29 @@ def main() -> None:
                 "", "```text", text, "```", ""]
     path = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
     path.parent.mkdir(exist_ok=True)
-    path.write_text("\n".join(out))
+    path.write_text("\n".join(out + hand_run_sections(path)))
     print(f"wrote {path}")
+
+
+def hand_run_sections(path: Path) -> list[str]:
+    """The "## " sections of an existing benchmarks.md whose first paragraph starts with "Hand-run", as lines
+    (headings inside ``` blocks, e.g. profiler output, are text)."""
+    if not path.exists():
+        return []
+    sections: list[list[str]] = []
+    fenced = False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        if line.startswith("## ") and not fenced:
+            sections.append([])
+        if sections:
+            sections[-1].append(line)
+    kept = []
+    for lines in sections:
+        if "\n".join(lines[1:]).lstrip().startswith("Hand-run"):
+            kept += [*lines, ""] if lines[-1] else lines
+    return kept
 
 
 if __name__ == "__main__":
