@@ -89,7 +89,8 @@ def write_doc(results: dict[tuple[int, int], list[ZooResult]], seconds: float) -
         f"{seconds / 60:.0f} min). Parity with the default `\"tf\"` numerics drifts in deep nets by design: the "
         "float simulation and the integer kernels round differently at every layer and the differences compound; "
         "`QATConfig(numerics=backend)` computes the device's integers instead "
-        "(docs/numerics.md#exact-training-numerics).",
+        "(docs/numerics.md#exact-training-numerics). Rows come from several runs (merged with `--merge`); runs "
+        "before the int32 bias was simulated (2026-12-02) show more drift than the code has now.",
         "",
         "Sequence models (LSTM, GRU, Linear on sequences, attention matmuls) on digits read row by row: "
         "[docs/sequence-models.md](sequence-models.md).",
