@@ -121,7 +121,7 @@ def broadcast_models(builder):
             return {"kv": fq(tf.nn.relu6(v + k), (0.0, 6.0)), "ka": fq(a + k, ro), "ks": fq(k - a, ro),
                     "km": fq(a * k, ro), "pv": fq(p + v, ro), "pa": fq(p + a, ro), "ga": fq(a + g, ro),
                     "gs": fq(g - a, ro), "ps": fq(a - p, ro), "gm": fq(a * g, ro), "pm": fq(p * a, ro),
-                    "vg": fq(v + g, ro), "gv": fq(g - v, ro)}  # no broadcast
+                    "vg": fq(v + g, ro), "gv": fq(g - v, ro)}  # vg, gv: same shapes, no broadcast
         models.append(builder.convert(f))
 
     @tf.function(input_signature=builder.spec(*shapes[:2]))
