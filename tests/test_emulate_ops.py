@@ -103,6 +103,43 @@ def test_binary_elementwise(binary_models, backend):
         check(model, backend, {"SUB", "MUL", "MAXIMUM", "MINIMUM"})
 
 
+@pytest.fixture(scope="module")
+def broadcast_models(builder):
+    """Broadcast ADD/SUB/MUL of every shape pattern the optimized kernels split into calls of their own: a
+    scalar (an input, or the hard-sigmoid's constant 3) over (1,1,1,C) and (1,H,W,C), a per-pixel scalar
+    (1,H,W,1) over channels, and a (1,1,1,C) row over (1,H,W,C). C = 37 is no multiple of 8 or 16: every call has SIMD
+    blocks and a scalar tail. The constants are int8 only in a calibrated float graph (a FakeQuant of a
+    constant folds to a float constant)."""
+    tf, fq = builder.tf, builder.fq
+    shapes = [[1, 1, 1, 37], [1, 3, 3, 37], [1, 3, 3, 1], [1, 1, 1, 37]]
+    models = []
+    # the hard-sigmoid's scales: the second input (0, 3) at half the output scale puts every odd code on a tie
+    for r1, r2, ro in [((-2.85, 2.8), (0.0, 3.0), (-3.0, 3.0)), ((-4.045, 1.37), (-0.52, 3.9), (-2.77, 4.61))]:
+        @tf.function(input_signature=builder.spec(*shapes, [1, 1, 1, 1]))
+        def f(v, a, p, g, k, r1=r1, r2=r2, ro=ro):
+            v, a, p, g, k = fq(v, r1), fq(a, r1), fq(p, r2), fq(g, r2), fq(k, r2)
+            return {"kv": fq(tf.nn.relu6(v + k), (0.0, 6.0)), "ka": fq(a + k, ro), "ks": fq(k - a, ro),
+                    "km": fq(a * k, ro), "pv": fq(p + v, ro), "pa": fq(p + a, ro), "ga": fq(a + g, ro),
+                    "gs": fq(g - a, ro), "ps": fq(a - p, ro), "gm": fq(a * g, ro), "pm": fq(p * a, ro),
+                    "vg": fq(v + g, ro), "gv": fq(g - v, ro)}  # vg, gv: same shapes, no broadcast
+        models.append(builder.convert(f))
+
+    @tf.function(input_signature=builder.spec(*shapes[:2]))
+    def consts(v, a):
+        three = tf.constant(3.0, shape=[1, 1, 1, 1])
+        return {"hsig": tf.nn.relu6(v + three) * (1.0 / 6.0), "v3": v + 3.0, "a3": a + three, "s3": a - three,
+                "m3": a * three}
+    rng = np.random.default_rng(3)
+    samples = [[rng.uniform(-4, 3, s).astype(np.float32) for s in shapes[:2]] for _ in range(4)]
+    return models + [builder.convert(consts, representative=samples)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_broadcast_binary_ops(broadcast_models, backend):
+    for model in broadcast_models:
+        check(model, backend, {"ADD", "SUB", "MUL"})
+
+
 # ---------------------------------------------------------------------------------------------
 # Layout: ops that only move codes
 

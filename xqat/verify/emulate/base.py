@@ -108,14 +108,17 @@ def _bit_pattern(x: torch.Tensor) -> torch.Tensor:
 
 
 def table_kernel(o: Op, tail: Callable[..., torch.Tensor], body: Callable[..., torch.Tensor] | None = None,
-                  block: int = 16) -> Kernel:
+                  block: int = 16, body_mask: torch.Tensor | None = None) -> Kernel:
     """An elementwise op of one or two 8-bit inputs as a lookup table over every input code (256 or 65536
     entries), built once from the exact integer formula; each element is then one gather.
 
     `tail(*codes)` maps int64 input codes to output codes; with `body`, the SIMD blocks of `block`
-    elements of each call use `body` and the last numel % block elements `tail` (optimized x86 kernels)."""
+    elements of each call use `body` and the last numel % block elements `tail` (optimized x86 kernels),
+    or, given `body_mask` (flat over the output of one call), `body` where it is True."""
     ins = [o.tin(i) for i in range(len(o.op.inputs))]
-    mask = simd_body(o.tout, block, torch.device("cpu")) if body is not None else None
+    mask = None
+    if body is not None:
+        mask = simd_body(o.tout, block, torch.device("cpu")) if body_mask is None else body_mask.cpu()
     if mask is not None and bool(mask.all()):
         tail, mask = body, None
     elif mask is not None and not bool(mask.any()):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "quantize_multiplier", "srdhm", "rdbp", "mbqm", "mbqm_ruy", "mbqm_single", "round_half_away",
+    "quantize_multiplier", "srdhm", "rdbp", "mbqm", "mbqm_ruy", "mbqm_single", "mbqm_floor", "round_half_away",
     "wrap_int32", "fp32_requantize", "float64_requantize", "mbqm_int", "one_floor_requantizer",
 ]
 
@@ -118,6 +118,12 @@ def mbqm_single(x: torch.Tensor, mult, shift) -> torch.Tensor:
     total = 31 - shift
     return (x * mult + (torch.bitwise_left_shift(torch.ones_like(total), total - 1)
                         if isinstance(total, torch.Tensor) else (1 << (total - 1)))) >> total
+
+
+def mbqm_floor(x: torch.Tensor, mult: int, shift: int) -> torch.Tensor:
+    """SRDHM(x, M), then a truncating arithmetic shift right by -shift (shift <= 0): the optimized int8 ADD's
+    scalar-broadcast SIMD blocks (vqrdmulh, then vshl by a negative amount)."""
+    return srdhm(x, mult) >> -shift
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:

@@ -46,11 +46,12 @@ _BUILTIN = {
     # Inherited from _REFERENCE, found by testing: grouped CONV_2D runs the reference per-channel conv
     # (gemmlowp, not ruy); BatchMatMul of two int8 activations rounds like the reference (gemmlowp), unlike FC.
     "fc_multiplier": "float_product",  # GetQuantizedConvolutionMultipler: float(s_in * s_w) / s_out
-    "add": "simd16_int16wrap",     # single-rounding input scalings; 16-lane blocks wrap results to int16
-    # optimized SUB = optimized ADD with the second multiplier negated. The order (negate before or after the
-    # input scaling) only matters at an exact tie of that scaling, which 8-bit inputs with float32 scales
-    # practically never reach; no test input told the two apart.
-    "sub": "multiplier",
+    # optimized int8 ADD: the calls of `elementwise.broadcast_calls` (the whole tensor, or runs of the five-fold
+    # broadcast). AddElementwise: 16-lane blocks scale the inputs with one rounding (shift by 20 + shift, then
+    # the rounding multiply); AddScalarBroadcast: 8-lane blocks round the multiply, then truncate the shift.
+    # Both SIMD bodies wrap results to int16 before the clamp; the scalar tails are all gemmlowp.
+    "add": "simd16_int16wrap",
+    "sub": "reference_kernel",     # int8 SUB (broadcast or not) runs reference_ops in the optimized resolver
     # optimized_integer_ops::Mean (4-D, axes {1, 2}, keep_dims): raw sum, float32 bias and multiplier;
     # 16-channel SIMD blocks round like ruy (half up), remainder channels gemmlowp. Other means: reference.
     "mean": "simd16ch_ruy_tail_gemmlowp",
