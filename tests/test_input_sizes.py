@@ -296,3 +296,20 @@ def test_simulated_bias_is_the_int32_bias_of_the_tflite(gain_exported, name):
     assert (codes.round() == b.data).all() and abs(codes - b.data).max() < 0.01  # float32 on the int32 grid
     float_bias = layer.folded()[1].detach().double().numpy() / b.scales.astype("float64")
     assert abs(float_bias - b.data).max() > 0.05  # the float bias is off the grid: the case tests something
+
+
+def test_bias_that_rounds_to_zero_on_the_int32_grid_exports(tmp_path):
+    """A zero-initialised classifier bias after a few steps (torchvision MobileNetV3): tiny values that the int32
+    grid rounds to 0, so the deployed bias is all zero and the converter leaves it out; strict export accepts it."""
+    net = nn.Sequential(_conv(3, 8, 2), nn.Flatten(), nn.Linear(8 * 2 * 2, 4))
+    with torch.no_grad():
+        net[2].bias.copy_(torch.tensor([1e-12, -1e-12, 2e-12, 0.0]))
+    qat = xqat.prepare_qat(net.eval(), torch.rand(1, 3, 4, 4)).train()
+    with torch.no_grad():
+        for i in range(3):
+            qat(torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(i)))
+    qat.eval()
+    layer = qat.get_submodule("2")
+    assert layer.folded()[1].any() and not layer.export_weights()[2].any()  # float bias nonzero, deployed zero
+    report = xqat.export_tflite(qat, torch.rand(1, 3, 4, 4), tmp_path / "m.tflite")
+    assert report.ok and report.all_qparams_equal, report.problems()

@@ -169,7 +169,9 @@ def _torch_weight_codes(m: WeightQuantizedModule) -> tuple[np.ndarray, np.ndarra
 
 
 def _zero_bias(m: WeightQuantizedModule) -> bool:
-    b = m.folded()[1]
+    """The deployed bias (on its int32 grid) is all zero: the converter leaves it out. A small trained bias
+    (a zero-initialised classifier after a few steps) can round to zero there."""
+    b = m.export_weights()[2]
     return b is not None and not bool(b.detach().any())
 
 
@@ -215,7 +217,7 @@ def build_report(model: nn.Module, ex: OnnxExport, conv: Conversion, path: str,
             bias_scales = w.bias_scales(conv.plan.activations[w.input_activation].converter_scale)
             bidx = conv.bias_map.get(w.bias)
             if bidx is None and _zero_bias(m):
-                continue  # the converter leaves an all-zero bias out (a bias-free LSTM W_hh step)
+                continue  # the converter leaves an all-zero bias out (a bias-free LSTM W_hh step, a tiny bias)
             bt = tfl.tensors[bidx] if bidx is not None else None
             if bt is not None and bt.scales.size == 1 and np.all(bias_scales == bias_scales[0]):
                 bias_scales = bias_scales[:1]  # per-tensor FC: one bias scale
