@@ -36,10 +36,6 @@ KNOWN_CAUSES = {
     "vgg11_bn at 64 px": "AdaptiveAvgPool2d(7) over a 2x2 map has unequal windows, which no TFLite op computes "
     "(the error says so; at 224 px, or with AdaptiveAvgPool2d(1), it prepares)",
     "regnet_x_400mf": "not in this run: onnx2tf's conversion ends in a ValueError after about 10 minutes",
-    "timm/mobilenetv3_large_100 at 32x32": "exports strictly and passes parity, but the integer emulator differs "
-    "from the builtin backend by 1 LSB on 582 of 960 outputs of the hard-sigmoid ADD ((1,1,1,960) + a broadcast "
-    "constant 3) on the 1x1 map; the same op at 64 px is exact, so a builtin ADD dispatch path the emulator does not "
-    "model yet (xnnpack and reference are exact)",
 }
 
 
