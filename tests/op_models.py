@@ -293,3 +293,18 @@ class TwoInputs(nn.Module):
 
     def forward(self, image, aux):
         return self.head(self.rgb(image) + self.aux(aux))
+
+
+def train_random(qat: nn.Module, shape: tuple[int, ...], steps: int = 4, seed: int = 0, lr: float = 1e-3) -> nn.Module:
+    """A few SGD steps on random data (ranges observed, BN statistics and biases moved), then eval."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(qat.parameters(), lr=lr)
+    qat.train()
+    for _ in range(steps):
+        out = qat(torch.rand(8, *shape[1:], generator=g))
+        outs = out if isinstance(out, tuple) else (out,)
+        loss = sum(o.float().square().mean() for o in outs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return qat.eval()

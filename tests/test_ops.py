@@ -9,27 +9,12 @@ import torch
 from torch import nn
 
 import xqat
-from tests.op_models import OP_MODELS, make_op_model
+from tests.op_models import OP_MODELS, make_op_model, train_random
 from tests.zoo_check import emulator_matches
 from xqat.tflite.model import read_tflite
 from xqat.torch_side.decomposed import hardsigmoid_relu6, hardsigmoid_scale
 from xqat.torch_side.prepare import point_module
 from xqat.verify.interpreter import BACKENDS
-
-
-def _train(qat: nn.Module, shape: tuple[int, ...], steps: int = 4, seed: int = 0) -> nn.Module:
-    """A few SGD steps on random data (ranges observed, BN statistics and biases moved), then eval."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(qat.parameters(), lr=1e-3)
-    qat.train()
-    for _ in range(steps):
-        out = qat(torch.rand(8, *shape[1:], generator=g))
-        outs = out if isinstance(out, tuple) else (out,)
-        loss = sum(o.float().square().mean() for o in outs)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return qat.eval()
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +26,7 @@ def exported(tmp_path_factory):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                qat = _train(xqat.prepare_qat(model, torch.rand(shape)), shape)
+                qat = train_random(xqat.prepare_qat(model, torch.rand(shape)), shape)
                 report = xqat.export_tflite(qat, torch.rand(shape), folder / f"{name}.tflite")
             out[name] = (qat, folder / f"{name}.tflite", report, shape)
         except Exception as e:  # noqa: BLE001 -- reported by the test of that model
@@ -278,7 +263,7 @@ def test_hard_swish_and_sigmoid_map_fully_on_the_edgetpu(tmp_path):
 
     torch.manual_seed(0)
     shape = (1, 3, 16, 16)
-    qat = _train(xqat.prepare_qat(randomize_bn(Net(), 0), torch.rand(shape), xqat.QATConfig(edgetpu=True)), shape)
+    qat = train_random(xqat.prepare_qat(randomize_bn(Net(), 0), torch.rand(shape), xqat.QATConfig(edgetpu=True)), shape)
     report = xqat.export_tflite(qat, torch.rand(shape), tmp_path / "gate.tflite", edgetpu=True)
     assert report.ok and report.all_qparams_equal, report.problems()
     ops = {op.name for op in read_tflite(tmp_path / "gate.tflite").ops}

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import xqat
+from tests.op_models import train_random
 from tests.tflite_oracle import BACKENDS, interpreter
 from xqat.tflite.mapping import read_mapping
 from xqat.tflite.model import read_tflite
@@ -83,18 +84,6 @@ MODELS = {"lstm": (LastStep, (1, 6, 8)), "gru2": (StackedGRU, (1, 8, 8)), "linea
 RECURRENT = ["lstm", "gru2"]
 
 
-def _train(qat: nn.Module, shape, steps: int = 4) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    opt = torch.optim.SGD(qat.parameters(), lr=1e-2)
-    qat.train()
-    for _ in range(steps):
-        loss = qat(torch.rand(8, *shape[1:], generator=g)).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return qat.eval()
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     folder, out = tmp_path_factory.mktemp("seq"), {}
@@ -103,7 +92,7 @@ def exported(tmp_path_factory):
         model = factory().eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            qat = _train(xqat.prepare_qat(model, torch.rand(shape)), shape)
+            qat = train_random(xqat.prepare_qat(model, torch.rand(shape)), shape, lr=1e-2)
             report = xqat.export_tflite(qat, torch.rand(shape), folder / f"{name}.tflite")
         out[name] = (model, qat, folder / f"{name}.tflite", report, shape)
     return out
