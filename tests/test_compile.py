@@ -67,18 +67,25 @@ def _train_step(model, call, x, g, opt):
     return out.detach(), grads
 
 
+def _paired_steps(eager, compiled, call, steps: int, x_shape, g_shape, lr: float, scale_by_step: bool = False):
+    """Train eager and compiled side by side on the same batches; assert each step's outputs are the same bits and
+    yield (step, eager gradients, compiled gradients) for the caller's gradient check."""
+    opts = [torch.optim.SGD(m.parameters(), lr=lr) for m in (eager, compiled)]
+    for step in range(steps):
+        xb, g = torch.randn(*x_shape) * (step + 1 if scale_by_step else 1), torch.randn(*g_shape)
+        out_e, grads_e = _train_step(eager, eager, xb, g, opts[0])
+        out_c, grads_c = _train_step(compiled, call, xb, g, opts[1])
+        _assert_same_bits(out_e, out_c, f"step {step + 1} output")
+        yield step, grads_e, grads_c
+
+
 def test_compiled_training_is_one_graph_and_bit_identical_without_bn():
     """quant_delay=1: step 1 passes activations and weights through, steps 2-3 quantize; ranges, step counters,
     outputs and every parameter gradient are the same bits as eager."""
     torch.manual_seed(0)
     x = torch.randn(4, 3, 12, 12)
     eager, compiled, call = _pair(_NoBN(), x, xqat.QATConfig(quant_delay=1), EXACT)
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, compiled)]
-    for step in range(3):
-        xb, g = torch.randn(4, 3, 12, 12) * (step + 1), torch.randn(4, 5)
-        out_e, grads_e = _train_step(eager, eager, xb, g, opts[0])
-        out_c, grads_c = _train_step(compiled, call, xb, g, opts[1])
-        _assert_same_bits(out_e, out_c, f"step {step + 1} output")
+    for step, grads_e, grads_c in _paired_steps(eager, compiled, call, 3, (4, 3, 12, 12), (4, 5), 0.1, True):
         assert grads_e.keys() == grads_c.keys()
         for k in grads_e:
             _assert_same_bits(grads_e[k], grads_c[k], f"step {step + 1} gradient of {k}")
@@ -94,12 +101,7 @@ def test_compiled_bn_fold_training_is_one_graph_with_eager_semantics():
     of a zero may differ where both fold forms run) across the freeze_bn_delay switch to the moving statistics: the
     graph form has eager's semantics. (Inductor then only changes the summation order of reductions.)"""
     eager, compiled, call = _aot_pair(xqat.QATConfig(freeze_bn_delay=1))
-    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (eager, compiled)]
-    for step in range(3):
-        xb, g = torch.randn(2, 3, 16, 16), torch.randn(2, 10)
-        out_e, grads_e = _train_step(eager, eager, xb, g, opts[0])
-        out_c, grads_c = _train_step(compiled, call, xb, g, opts[1])
-        _assert_same_bits(out_e, out_c, f"step {step + 1} output")
+    for step, grads_e, grads_c in _paired_steps(eager, compiled, call, 3, (2, 3, 16, 16), (2, 10), 0.01):
         for k in grads_e:
             assert torch.equal(grads_e[k], grads_c[k]), f"step {step + 1} gradient of {k}"
     state_e, state_c = eager.state_dict(), compiled.state_dict()
@@ -112,12 +114,7 @@ def test_compiled_learned_ranges_follow_eager():
     gradients equal to float rounding (learned min/max: TF's sums), and ranges not learned yet get a zero gradient
     compiled (none eager), the same SGD update."""
     eager, compiled, call = _aot_pair(xqat.QATConfig(learn_ranges=True, range_warmup_steps=2, quant_delay=1))
-    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (eager, compiled)]
-    for step in range(2):
-        xb, g = torch.randn(2, 3, 16, 16), torch.randn(2, 10)
-        out_e, grads_e = _train_step(eager, eager, xb, g, opts[0])
-        out_c, grads_c = _train_step(compiled, call, xb, g, opts[1])
-        _assert_same_bits(out_e, out_c, f"step {step + 1} output")
+    for step, grads_e, grads_c in _paired_steps(eager, compiled, call, 2, (2, 3, 16, 16), (2, 10), 0.01):
         for k in grads_e:
             torch.testing.assert_close(grads_c[k], grads_e[k], rtol=1e-4, atol=1e-6, msg=f"step {step + 1}: {k}")
     assert int(compiled.state_dict()["xqat_quantizers.fc.step"]) == 2
