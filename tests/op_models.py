@@ -1,8 +1,8 @@
 """Tiny models, one per class of layers that real architectures use (torchvision / timm patterns written out
 so the unit tests need neither package): pass-through regularisers, timm's functional layers and dynamic
 SAME padding, squeeze-excitation with SiLU, MobileNetV3's hard swish and hard-sigmoid SE gate, upsampling
-with skip concats, grouped convs and channel shuffle, Conv1d, several outputs, and the degenerate shapes of
-small inputs."""
+with skip concats, grouped convs and channel shuffle, RegNet's chain of grouped residual blocks, Conv1d, several
+outputs, and the degenerate shapes of small inputs."""
 
 from __future__ import annotations
 
@@ -238,6 +238,25 @@ class TwoHeads(nn.Module):
         return torch.softmax(scores, dim=-1), self.box(f).permute(0, 2, 3, 1).reshape(n, -1, 4)
 
 
+class GroupedResidual(nn.Module):
+    """RegNet's X block, three in a row: 1x1 conv, grouped 3x3 conv (group width 4), 1x1 conv, residual add.
+    Each block's per-group split is a chunk whose bounds torch.onnx computes from the shape of a tensor after
+    the previous block's chunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16, stride=2)
+        self.blocks = nn.ModuleList(nn.Sequential(conv_bn(16, 16, k=1), conv_bn(16, 16, groups=4),
+                                                  conv_bn(16, 16, k=1, act=None)) for _ in range(3))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = F.relu(x + block(x))
+        return self.fc(x.mean((2, 3)))
+
+
 class Degenerate(nn.Module):
     """The shapes of small inputs: a 1x1 last map (global pool = identity), a pad of 0, a concat of one, a max
     pool whose stride exceeds the map, a keepdim mean over one pixel, an adaptive pool to the same size, a resize
@@ -271,6 +290,7 @@ OP_MODELS = {
     "mobilenet_v3_block": (MobileNetV3Block, (1, 3, 16, 16)),
     "unet": (UNet, (1, 3, 16, 16)),
     "shuffle": (ShuffleNet, (1, 3, 16, 16)),
+    "grouped_residual": (GroupedResidual, (1, 3, 16, 16)),
     "conv1d": (Conv1dNet, (1, 2, 32)),
     "two_heads": (TwoHeads, (1, 3, 16, 16)),
     "degenerate": (Degenerate, (1, 3, 16, 16)),

@@ -877,3 +877,25 @@ def test_atomic_writes(tmp_path):
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(ExportError):
         check_writable(tmp_path / "file" / "m.tflite")
+
+
+def test_slice_bounds_computed_at_run_time_are_refused_by_name():
+    """onnx2tf takes the channel axis of a Slice whose bounds are not constants as already channels-last (a
+    channel slice of [N, 8, 4, 4] comes out as [0, 4, 2, 0]); the export names the Slice before onnx2tf runs.
+    Here the bounds depend on the batch size, which is left dynamic, so no constant folding resolves them."""
+    from onnx import TensorProto, helper
+
+    from xqat.export.tflite_convert import convert_qdq_onnx
+
+    ints = {"one": [1], "zero": [0], "two": [2]}
+    graph = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["shape"]),
+         helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+         helper.make_node("Div", ["batch", "two"], ["half"]),
+         helper.make_node("Slice", ["x", "zero", "half", "one"], ["y"], name="chunk")],
+        "dynamic_chunk", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in ints.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    with pytest.raises(ExportError, match="Slice 'chunk' of tensor 'x'.*'half' is computed at run time.*Div"):
+        convert_qdq_onnx(model)

@@ -25,7 +25,6 @@ def onnx_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return consts
 
 
-
 def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int] | None]:
     """Tensor name -> its shape from ONNX shape inference where every dimension is known (else None)."""
     try:
@@ -46,7 +45,19 @@ _NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "Constant"}
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """Evaluate every node whose inputs are all constants (shape arithmetic such as the pads torch
     computes for F.pad) into an initializer, and drop what becomes dead. This is the part of onnxsim
-    that onnx2tf's layout handling relies on; onnxsim itself is not run. Q/DQ pairs are kept."""
+    that onnx2tf's layout handling relies on; onnxsim itself is not run. Q/DQ pairs are kept.
+
+    Repeated until nothing more folds: a Slice with computed bounds (torch's chunk) has an unknown output
+    shape until its bounds are folded, so the Shape of any tensor after it (the next chunk's) only becomes
+    static in the next pass. A chain of grouped convs (RegNet) needs one pass per grouped conv."""
+    out, folded = _fold_once(model)
+    while folded:
+        out, folded = _fold_once(out)
+    return out
+
+
+def _fold_once(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """One folding pass over a copy of `model`, with the static shapes known before it; the number folded."""
     from onnx.reference import ReferenceEvaluator
 
     out = onnx.ModelProto()
@@ -75,7 +86,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         for name, v in zip(n.output, values):
             consts[name] = folded[name] = np.asarray(v)
     if not folded:
-        return out
+        return out, 0
     keep = [n for n in g.node if not (n.output and all(o in folded for o in n.output))]
     g.initializer.extend(numpy_helper.from_array(v, k) for k, v in folded.items())
     needed = {o.name for o in g.output}
@@ -89,4 +100,4 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     inits = [i for i in g.initializer if i.name in needed]
     del g.initializer[:]
     g.initializer.extend(inits)
-    return out
+    return out, len(folded)

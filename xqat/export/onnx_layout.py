@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..errors import ExportError
 from .onnx_fold import onnx_constants
 
 __all__ = ["NCHW_VIEW", "NHWC_VIEW", "sequence_inputs", "channels_last_flatten", "channels_last_shuffle",
@@ -35,11 +36,14 @@ def slice_bounds_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 
     onnx2tf maps a Slice's NCHW axis to its NHWC axis only when every bound input is an initializer; a bound
     made by a Constant node (torch's chunk after the Shape arithmetic is folded) counts as already in TF layout,
-    so channel axis 1 would be taken as H."""
+    so channel axis 1 would be taken as H. A bound still computed at run time after constant folding gets
+    the same wrong axis (a channel slice of [N, C, H, W] became a [0, 4, 2, 0] tensor): ExportError."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
     made = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.output}
+    producers = {o: n for n in g.node for o in n.output}
+    inits = {i.name for i in g.initializer}
     for n in g.node:
         for i in _BOUNDS.get(n.op_type, ()):
             if i < len(n.input) and n.input[i] in made:
@@ -47,6 +51,12 @@ def slice_bounds_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
                 name = f"{n.name}_bound{i}"
                 g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(value), name))
                 n.input[i] = name
+            elif i < len(n.input) and n.input[i] and n.input[i] not in inits:
+                src = producers.get(n.input[i])
+                raise ExportError(
+                    f"{n.op_type} '{n.name}' of tensor '{n.input[0]}': its bound '{n.input[i]}' is computed at run "
+                    f"time (by {src.op_type if src else 'a graph input'}), and onnx2tf cannot map such a slice to "
+                    "channels-last; slice with constant bounds (Python ints, static shapes)")
     return out
 
 
