@@ -33,8 +33,6 @@ OUT_OF_SCOPE = {
 
 # Why the failing entries fail (found with the export report and local parity; see the closing notes of the work).
 KNOWN_CAUSES = {
-    "vgg11_bn at 64 px": "AdaptiveAvgPool2d(7) over a 2x2 map has unequal windows, which no TFLite op computes "
-    "(the error says so; at 224 px, or with AdaptiveAvgPool2d(1), it prepares)",
     "regnet_x_400mf": "not in this run: onnx2tf's conversion ends in a ValueError after about 10 minutes",
 }
 

@@ -25,7 +25,6 @@ OTHER_SIZES = [("resnet18", (32, 32)), ("mobilenet_v2", (32, 32)), ("squeezenet1
 # full conversion); the cheap ones run as xfails, so a fix shows up as XPASS.
 KNOWN_FAILURES = {
     "regnet_x_400mf": ("onnx2tf's conversion fails after ~10 minutes", False),
-    "vgg11_bn": ("AdaptiveAvgPool2d(7) over a 2x2 map at 64 px has no TFLite op", True),
 }
 
 
