@@ -340,3 +340,19 @@ def test_adaptive_pool_with_unequal_windows_is_refused_for_the_edgetpu_with_a_fi
     assert "avgpool (AdaptiveAvgPool2d): adaptive average pooling 2x2 -> 7x7" in msg and "GATHER" in msg
     assert "adaptive_avg_pool2d (call to adaptive_avg_pool2d)" in msg and "multiple of 4x7" in msg
     assert "-> 3x3" in msg
+
+
+def test_exact_numerics_compute_the_gathered_adaptive_pool_bit_for_bit(exported):
+    """QATConfig(numerics=backend): the GATHERs copy codes and the AVERAGE_POOL_2D is the emulator's kernel, so each
+    pool's tensors and the outputs equal the interpreter's (the flatten's layer row compares torch's NCHW order
+    with the file's channels-last one, so it is left out)."""
+    qat, path, _, shape = _get(exported, "adaptive_pools")
+    x = torch.rand(16, *shape[1:], generator=torch.Generator().manual_seed(5))
+    try:
+        for backend in BACKENDS:
+            xqat.set_numerics(qat, backend)
+            r = xqat.parity(qat, path, x, backend=backend, layerwise=True)
+            pools = [t for t in r.layers if t.name.startswith(("avgpool", "adaptive_avg_pool2d"))]
+            assert len(pools) == 9 and all(t.identical == 1.0 for t in r.outputs + pools), r.table()
+    finally:
+        xqat.set_numerics(qat, "tf")
