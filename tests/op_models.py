@@ -265,7 +265,7 @@ class Degenerate(nn.Module):
 class AdaptivePools(nn.Module):
     """torchvision VGG's AdaptiveAvgPool2d(7) -> flatten -> Linear at a small input (a 2x2 map: windows of 1 or 2
     pixels), the functional form from a 3x5 map to 4x7, and overlapping equal windows (4x4 -> 3x3): each one runs
-    as GATHER + AVERAGE_POOL_2D."""
+    as GATHER + AVERAGE_POOL_2D; from a 1x1 map (VGG at 32 px) the GATHERs alone are the pooling."""
 
     def __init__(self):
         super().__init__()
@@ -273,14 +273,17 @@ class AdaptivePools(nn.Module):
         self.c2 = conv_bn(8, 8, stride=4)
         self.c3 = conv_bn(8, 8, stride=2)
         self.c4 = nn.Sequential(nn.Conv2d(8, 8, (6, 4), bias=False), nn.BatchNorm2d(8), nn.ReLU())  # 8x8 -> 3x5
+        self.c5 = conv_bn(8, 8, stride=4)  # 2x2 -> 1x1
         self.avgpool = nn.AdaptiveAvgPool2d(7)
         self.fc = nn.Linear(8 * 7 * 7, 10)
         self.head = conv_bn(8, 4, k=1)
 
     def forward(self, x):
         a = self.c1(x)
-        logits = self.fc(torch.flatten(self.avgpool(self.c2(a)), 1))
-        return logits, self.head(F.adaptive_avg_pool2d(self.c4(a), (4, 7))), F.adaptive_avg_pool2d(self.c3(a), 3)
+        b = self.c2(a)
+        logits = self.fc(torch.flatten(self.avgpool(b), 1))
+        return (logits, self.head(F.adaptive_avg_pool2d(self.c4(a), (4, 7))), F.adaptive_avg_pool2d(self.c3(a), 3),
+                F.adaptive_avg_pool2d(self.c5(b), 3))
 
 
 # name -> (factory, input shape)
