@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["hardsigmoid_relu6", "hardsigmoid_scale", "adaptive_pool_windows", "adaptive_pool_axis", "gather_rows",
-           "MAX_POOL_KERNEL"]
+           "MAX_GATHERED_KERNEL"]
 
-MAX_POOL_KERNEL = 16  # the largest K per axis of the gathered form: its tensor is K times the pooled one per axis
+MAX_GATHERED_KERNEL = 16  # the largest K per axis of the gathered form: its tensor is K times the pooled one per axis
 
 
 def _constant(value: float, like: torch.Tensor) -> torch.Tensor:
@@ -47,9 +47,9 @@ def adaptive_pool_windows(n: int, m: int) -> list[tuple[int, int]]:
 
 
 def adaptive_pool_axis(n: int, m: int) -> tuple[tuple[int, ...] | None, int] | None:
-    """How AVERAGE_POOL_2D computes adaptive average pooling from n to m along one axis: (the indices to gather,
-    or None when the windows are the equal, disjoint ones of n // m, and the pool's kernel = stride K), or None
-    when K would exceed MAX_POOL_KERNEL.
+    """How AVERAGE_POOL_2D computes adaptive average pooling from n to m along one axis: (indices, K), the pixels
+    to gather (None when n is a multiple of m: the windows are then disjoint, K = n // m each) and the pool's
+    kernel = stride K; None when K would exceed MAX_GATHERED_KERNEL.
 
     Output i averages [floor(i*n/m), ceil((i+1)*n/m)) (torch's windows); K is the lcm of the window lengths, and
     each window's pixels are gathered in order, each one K / length times (a length-1 window twice for K = 2)."""
@@ -57,7 +57,7 @@ def adaptive_pool_axis(n: int, m: int) -> tuple[tuple[int, ...] | None, int] | N
         return None, n // m
     windows = adaptive_pool_windows(n, m)
     k = math.lcm(*(end - start for start, end in windows))
-    if k > MAX_POOL_KERNEL:
+    if k > MAX_GATHERED_KERNEL:
         return None
     return tuple(start + j * (end - start) // k for start, end in windows for j in range(k)), k
 

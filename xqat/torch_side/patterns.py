@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .decomposed import (
-    MAX_POOL_KERNEL,
+    MAX_GATHERED_KERNEL,
     adaptive_pool_axis,
     adaptive_pool_windows,
     gather_rows,
@@ -168,8 +168,9 @@ def _adaptive_avg(node: fx.Node) -> Kind:
     axis, n, m = bad[0]
     lengths = sorted({end - start for start, end in adaptive_pool_windows(n, m)})
     return OpKind.UNSUPPORTED, (f"adaptive average pooling {h}x{w} -> {oh}x{ow}: its windows along {axis} are "
-                                f"{', '.join(map(str, lengths))} pixels long, whose lcm exceeds {MAX_POOL_KERNEL}, the "
-                                f"largest kernel of the GATHER + AVERAGE_POOL_2D form that computes unequal windows"
+                                f"{', '.join(map(str, lengths))} pixels long, whose lcm exceeds "
+                                f"{MAX_GATHERED_KERNEL}, the largest kernel of the GATHER + AVERAGE_POOL_2D form that "
+                                "computes unequal windows"
                                 f"{FIX}use an input size whose map here is a multiple of {oh}x{ow} (e.g. torchvision "
                                 "VGG/AlexNet: 224 px), or replace this pool by nn.AdaptiveAvgPool2d(1) and the "
                                 "classifier's input size accordingly")
