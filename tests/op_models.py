@@ -2,7 +2,7 @@
 so the unit tests need neither package): pass-through regularisers, timm's functional layers and dynamic
 SAME padding, squeeze-excitation with SiLU, MobileNetV3's hard swish and hard-sigmoid SE gate, upsampling
 with skip concats, grouped convs and channel shuffle, RegNet's chain of grouped residual blocks, Conv1d, several
-outputs, and the degenerate shapes of small inputs."""
+outputs, adaptive pooling with unequal windows, and the degenerate shapes of small inputs."""
 
 from __future__ import annotations
 
@@ -281,6 +281,30 @@ class Degenerate(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+class AdaptivePools(nn.Module):
+    """torchvision VGG's AdaptiveAvgPool2d(7) -> flatten -> Linear at a small input (a 2x2 map: windows of 1 or 2
+    pixels), the functional form from a 3x5 map to 4x7, and overlapping equal windows (4x4 -> 3x3): each one runs
+    as GATHER + AVERAGE_POOL_2D; from a 1x1 map (VGG at 32 px) the GATHERs alone are the pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = conv_bn(3, 8, stride=2)
+        self.c2 = conv_bn(8, 8, stride=4)
+        self.c3 = conv_bn(8, 8, stride=2)
+        self.c4 = nn.Sequential(nn.Conv2d(8, 8, (6, 4), bias=False), nn.BatchNorm2d(8), nn.ReLU())  # 8x8 -> 3x5
+        self.c5 = conv_bn(8, 8, stride=4)  # 2x2 -> 1x1
+        self.avgpool = nn.AdaptiveAvgPool2d(7)
+        self.fc = nn.Linear(8 * 7 * 7, 10)
+        self.head = conv_bn(8, 4, k=1)
+
+    def forward(self, x):
+        a = self.c1(x)
+        b = self.c2(a)
+        logits = self.fc(torch.flatten(self.avgpool(b), 1))
+        return (logits, self.head(F.adaptive_avg_pool2d(self.c4(a), (4, 7))), F.adaptive_avg_pool2d(self.c3(a), 3),
+                F.adaptive_avg_pool2d(self.c5(b), 3))
+
+
 # name -> (factory, input shape)
 OP_MODELS = {
     "pass_through": (PassThroughNet, (1, 3, 16, 16)),
@@ -294,6 +318,7 @@ OP_MODELS = {
     "conv1d": (Conv1dNet, (1, 2, 32)),
     "two_heads": (TwoHeads, (1, 3, 16, 16)),
     "degenerate": (Degenerate, (1, 3, 16, 16)),
+    "adaptive_pools": (AdaptivePools, (1, 3, 16, 16)),
 }
 
 

@@ -156,13 +156,18 @@ def test_parity_within_one_lsb_at_every_size(exported, name, backend):
     assert all(o.max_abs <= 1 for o in r.outputs), r.table()
 
 
-def test_adaptive_pool_to_a_larger_uneven_size_is_refused_with_a_fix_that_works():
-    """torchvision VGG at 64 px: AdaptiveAvgPool2d((7, 7)) over a 2x2 map has unequal windows."""
+def test_adaptive_pool_with_unequal_windows_is_gathered_and_pooled_and_a_form_too_large_is_refused_with_a_fix():
+    """torchvision VGG at 64 px: AdaptiveAvgPool2d((7, 7)) over a 2x2 map has unequal windows (1 or 2 pixels): GATHER
+    along H and W to 14x14, then a 2x2 AVERAGE_POOL_2D, all on the input's grid; windows of 5 and 6 pixels would
+    need a 30x30 kernel and are refused with the sizes that work."""
     net = nn.Sequential(_conv(3, 4, 2), nn.AdaptiveAvgPool2d(7))
-    with pytest.raises(xqat.UnsupportedLayerError, match=r"2x2 -> 7x7.*Fix: use an input size"):
-        xqat.prepare_qat(net, torch.rand(1, 3, 4, 4))
+    assert _points(net, (1, 3, 4, 4))[-3:] == [("1.gather_h", "pass"), ("1.gather_w", "pass"), ("1", "tied")]
+    assert _points(net, (1, 3, 2, 2))[-2:] == [("1.gather_h", "pass"), ("1.gather_w", "pass")]  # 1x1: copies only
     assert _points(net, (1, 3, 28, 28))[-1] == ("1", "tied")  # 14x14 -> 7x7: an AVERAGE_POOL_2D
     assert _points(net, (1, 3, 14, 14))[-1] == ("0.0", "own")  # 7x7 -> 7x7: no op
+    with pytest.raises(xqat.UnsupportedLayerError, match=r"38x8 -> 7x7: its windows along H are 6, 7 pixels long.*"
+                                                          r"Fix: use an input size"):
+        xqat.prepare_qat(net, torch.rand(1, 3, 76, 16))
 
 
 # -- layers whose gain s_in * s_w / s_out exceeds 1 (MNASNet at 32x32) -------------------------------------------

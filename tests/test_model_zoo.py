@@ -23,9 +23,7 @@ OTHER_SIZES = [("resnet18", (32, 32)), ("mobilenet_v2", (32, 32)), ("squeezenet1
 
 # Known failures (causes in docs/model-zoo.md). Export-stage failures of big graphs are not run in CI (each costs a
 # full conversion); the cheap ones run as xfails, so a fix shows up as XPASS.
-KNOWN_FAILURES = {
-    "vgg11_bn": ("AdaptiveAvgPool2d(7) over a 2x2 map at 64 px has no TFLite op", True),
-}
+KNOWN_FAILURES: dict[str, tuple[str, bool]] = {}
 
 
 def _case(name: str, size: tuple[int, int]):

@@ -12,7 +12,7 @@ import xqat
 from tests.op_models import OP_MODELS, make_op_model, train_random
 from tests.zoo_check import emulator_matches
 from xqat.tflite.model import read_tflite
-from xqat.torch_side.decomposed import hardsigmoid_relu6, hardsigmoid_scale
+from xqat.torch_side.decomposed import adaptive_pool_axis, gather_rows, hardsigmoid_relu6, hardsigmoid_scale
 from xqat.torch_side.prepare import point_module
 from xqat.verify.interpreter import BACKENDS
 
@@ -304,3 +304,55 @@ def test_near_zero_weights_of_a_zero_init_bn_export_with_the_converters_grid(tmp
     assert report.ok and report.all_qparams_equal, report.problems()
     r = xqat.parity(qat, tmp_path / "zero_init.tflite", torch.rand(16, *shape[1:]), backend="reference")
     assert r.outputs[0].max_abs <= 1, r.table()
+
+
+@pytest.mark.parametrize("n, m", [(2, 7), (1, 7), (3, 4), (5, 7), (4, 3), (9, 7), (13, 4), (6, 2)])
+def test_gathered_average_pool_is_adaptive_average_pooling_exactly(n, m):
+    """GATHER of each window's pixels (K per window) then a K x K average pool is torch's adaptive pool: unequal
+    windows (2 -> 7: 1 or 2 pixels; 9 -> 7: 2 or 3, K = 6), overlapping equal ones (4 -> 3), divisible ones."""
+    x = torch.randn(2, 3, n, n + 1, dtype=torch.float64)
+    y = x
+    for dim, size in ((2, n), (3, n + 1)):
+        index, k = adaptive_pool_axis(size, m)
+        y = gather_rows(y, dim, index) if index is not None else y
+        y = nn.functional.avg_pool2d(y, (k, 1) if dim == 2 else (1, k))
+    torch.testing.assert_close(y, nn.functional.adaptive_avg_pool2d(x, m), rtol=0, atol=1e-12)
+
+
+def test_adaptive_pool_with_unequal_windows_is_gather_gather_average_pool_on_one_grid(exported):
+    qat, path, _, _ = _get(exported, "adaptive_pools")
+    labels = [p.label for p in xqat.quant_points(qat)]
+    assert ["avgpool.gather_h", "avgpool.gather_w", "avgpool"] == labels[labels.index("avgpool") - 2:][:3]
+    m = read_tflite(path)
+    assert [op.name for op in m.ops].count("GATHER") == 8 and [op.name for op in m.ops].count("AVERAGE_POOL_2D") == 3
+    for op in m.ops:
+        if op.name in ("GATHER", "AVERAGE_POOL_2D"):
+            qin, qout = m.tensors[op.inputs[0]], m.tensors[op.outputs[0]]
+            assert (list(qin.scales), list(qin.zero_points)) == (list(qout.scales), list(qout.zero_points))
+
+
+def test_adaptive_pool_with_unequal_windows_is_refused_for_the_edgetpu_with_a_fix():
+    """Its GATHER is a CPU op on the EdgeTPU: QATConfig(edgetpu=True) names the pool and the sizes that work."""
+    model, shape = make_op_model("adaptive_pools")
+    with pytest.raises(xqat.UnsupportedLayerError) as e:
+        xqat.prepare_qat(model, torch.rand(shape), xqat.QATConfig(edgetpu=True))
+    msg = str(e.value)
+    assert "avgpool (AdaptiveAvgPool2d): adaptive average pooling 2x2 -> 7x7" in msg and "GATHER" in msg
+    assert "adaptive_avg_pool2d (call to adaptive_avg_pool2d)" in msg and "multiple of 4x7" in msg
+    assert "-> 3x3" in msg
+
+
+def test_exact_numerics_compute_the_gathered_adaptive_pool_bit_for_bit(exported):
+    """QATConfig(numerics=backend): the GATHERs copy codes and the AVERAGE_POOL_2D is the emulator's kernel, so each
+    pool's tensors and the outputs equal the interpreter's (the flatten's layer row compares torch's NCHW order
+    with the file's channels-last one, so it is left out)."""
+    qat, path, _, shape = _get(exported, "adaptive_pools")
+    x = torch.rand(16, *shape[1:], generator=torch.Generator().manual_seed(5))
+    try:
+        for backend in BACKENDS:
+            xqat.set_numerics(qat, backend)
+            r = xqat.parity(qat, path, x, backend=backend, layerwise=True)
+            pools = [t for t in r.layers if t.name.startswith(("avgpool", "adaptive_avg_pool2d"))]
+            assert len(pools) == 11 and all(t.identical == 1.0 for t in r.outputs + pools), r.table()
+    finally:
+        xqat.set_numerics(qat, "tf")

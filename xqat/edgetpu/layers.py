@@ -115,6 +115,26 @@ def _function_problem(node: torch.fx.Node) -> tuple[str, str] | None:
     return _FUNCTION_RULES.get(node.target)
 
 
+def _adaptive_pool(module: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    """Adaptive average pooling with unequal windows (the map not a multiple of the output): prepare_qat writes it
+    as GATHER + AVERAGE_POOL_2D, and GATHER is not in the EdgeTPU op table."""
+    pool = (node.op == "call_module" and isinstance(module.get_submodule(node.target), nn.AdaptiveAvgPool2d)) or \
+        (node.op == "call_function" and node.target is F.adaptive_avg_pool2d)
+    meta = getattr(node.args[0], "meta", {}).get("tensor_meta") if pool and node.args else None
+    out = node.meta.get("tensor_meta")
+    if meta is None or out is None or len(meta.shape) != 4:
+        return None
+    (h, w), (oh, ow) = tuple(meta.shape[2:]), tuple(out.shape[2:])
+    if h % oh == 0 and w % ow == 0:
+        return None
+    where = f"{node.target} (AdaptiveAvgPool2d)" if node.op == "call_module" else f"{node.name} (call to " \
+        "adaptive_avg_pool2d)"
+    return (f"{where}: adaptive average pooling {h}x{w} -> {oh}x{ow} has unequal windows, which run as GATHER + "
+            f"AVERAGE_POOL_2D, and GATHER is not in the EdgeTPU op table; fix: an input size whose map here is a "
+            f"multiple of {oh}x{ow} (torchvision VGG: 224 px), or "
+            "nn.AdaptiveAvgPool2d(1) and the classifier's input size to match")
+
+
 def _sequence_linear(module: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
     """A Linear on (N, T, ..., F) with more than one non-unit dim before F: its FULLY_CONNECTED output has more
     than one dim > 1, which compiler 16 leaves on the CPU (docs/sequence-models.md)."""
@@ -141,8 +161,9 @@ def edgetpu_layer_problems(module: nn.Module) -> list[str]:
                 problems.append(f"{path or '<root>'} ({type(m).__name__}): {why}; fix: {rule.fix}")
     if isinstance(module, torch.fx.GraphModule):
         for node in module.graph.nodes:
-            if (why := _sequence_linear(module, node)) is not None:
-                problems.append(why)
+            for rule in (_sequence_linear, _adaptive_pool):
+                if (why := rule(module, node)) is not None:
+                    problems.append(why)
             if (found := _function_problem(node)) is not None:
                 name = getattr(node.target, "__name__", str(node.target))
                 problems.append(f"{node.name} (call to {name}): {found[0]}; fix: {found[1]}")

@@ -4,14 +4,24 @@ Hard sigmoid, relu6(x + 3) / 6, has no TFLite op; it runs as ADD (constant 3, fu
 1/6). Both outputs get fixed grids, [0, 6] and [0, 1] (`quantizers.FIXED_RANGES`): code k of the first is
 k * 6/255, and times 1/6 it is exactly code k of the second, so the MUL never rounds (docs/numerics.md,
 per-backend kernel rules).
+
+Adaptive average pooling with unequal windows (torchvision VGG's AdaptiveAvgPool2d(7) over a 2x2 map) has no
+TFLite op; it runs as GATHER along H and W, then AVERAGE_POOL_2D with kernel = stride (`adaptive_pool_axis`):
+each window's pixels are gathered into K consecutive rows, repeated K / length times, so the mean over those K
+rows is the window's mean exactly (docs/numerics.md, adaptive average pooling).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["hardsigmoid_relu6", "hardsigmoid_scale"]
+__all__ = ["hardsigmoid_relu6", "hardsigmoid_scale", "adaptive_pool_windows", "adaptive_pool_axis", "gather_rows",
+           "MAX_GATHERED_KERNEL"]
+
+MAX_GATHERED_KERNEL = 16  # the largest K per axis of the gathered form: its tensor is K times the pooled one per axis
 
 
 def _constant(value: float, like: torch.Tensor) -> torch.Tensor:
@@ -29,3 +39,29 @@ def hardsigmoid_scale(x: torch.Tensor) -> torch.Tensor:
     """x / 6 as TFLite MUL with a constant 1/6 (a MUL: DIV has no int8 kernel on every backend), output on the
     fixed [0, 1] grid."""
     return x * _constant(1.0 / 6.0, x)
+
+
+def adaptive_pool_windows(n: int, m: int) -> list[tuple[int, int]]:
+    """torch's adaptive pooling windows from n to m along one axis: output i averages [start, end)."""
+    return [(i * n // m, -(-(i + 1) * n // m)) for i in range(m)]
+
+
+def adaptive_pool_axis(n: int, m: int) -> tuple[tuple[int, ...] | None, int] | None:
+    """How AVERAGE_POOL_2D computes adaptive average pooling from n to m along one axis: (indices, K), the pixels
+    to gather (None when n is a multiple of m: the windows are then disjoint, K = n // m each) and the pool's
+    kernel = stride K; None when K would exceed MAX_GATHERED_KERNEL.
+
+    Output i averages [floor(i*n/m), ceil((i+1)*n/m)) (torch's windows); K is the lcm of the window lengths, and
+    each window's pixels are gathered in order, each one K / length times (a length-1 window twice for K = 2)."""
+    if n % m == 0:
+        return None, n // m
+    windows = adaptive_pool_windows(n, m)
+    k = math.lcm(*(end - start for start, end in windows))
+    if k > MAX_GATHERED_KERNEL:
+        return None
+    return tuple(start + j * (end - start) // k for start, end in windows for j in range(k)), k
+
+
+def gather_rows(x: torch.Tensor, dim: int, index: tuple[int, ...]) -> torch.Tensor:
+    """x's slices `index` along `dim`: TFLite GATHER with constant indices (ONNX Gather), the input's grid."""
+    return torch.index_select(x, dim, torch.tensor(index, dtype=torch.long, device=x.device))

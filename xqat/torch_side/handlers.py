@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
-from .decomposed import hardsigmoid_relu6, hardsigmoid_scale
+from .decomposed import adaptive_pool_axis, gather_rows, hardsigmoid_relu6, hardsigmoid_scale
 from .modules import Act, QAdd, QConv2d, QLinear
 from .patterns import FIX, OpKind, arg, shape, tensor_inputs
 from .placement import Plan, label
@@ -281,6 +281,8 @@ def decompose(plan: Plan) -> bool:
       reshape (N, H, W, A, K): the same values, with the transpose TFLite's NHWC layout already is (no TRANSPOSE).
     - grouped conv (not depthwise) [+BN][+ReLU] -> chunk + per-group conv[+BN][+ReLU] + concat: the form
       every TFLite backend runs in int8 and the EdgeTPU compiler accepts (it rejects grouped CONV_2D).
+    - adaptive average pooling with unequal windows -> GATHER along H and/or W, then AVERAGE_POOL_2D with
+      kernel = stride (decomposed.py): both keep the input's grid.
     """
     changed = False
     for node in list(plan.gm.graph.nodes):
@@ -296,6 +298,9 @@ def decompose(plan: Plan) -> bool:
             changed = True
         elif kind is OpKind.RECURRENT:
             unroll(plan.gm, node)
+            changed = True
+        elif kind is OpKind.ADAPTIVE_AVGPOOL:
+            _split_adaptive_pool(plan, node)
             changed = True
         elif _is_channel_shuffle(plan.gm, node) and kind is not None:
             _split_channel_shuffle(plan, node)
@@ -341,6 +346,30 @@ def _split_hard(plan: Plan, node: fx.Node, swish: bool) -> None:
         if node.op == "call_module":
             new.meta["xqat_label"] = f"{node.target}.{suffix}" if suffix and new is not out else str(node.target)
     node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+
+
+def _split_adaptive_pool(plan: Plan, node: fx.Node) -> None:
+    """Gather each window's pixels into K rows along H, then W, and average K x K blocks (decomposed.py); labels
+    follow a pool module's path: '<pool>.gather_h', '<pool>.gather_w', '<pool>'."""
+    gm = plan.gm
+    (h, w), (oh, ow) = shape(tensor_inputs(node)[0])[2:], shape(node)[2:]
+    (rows, kh), (cols, kw) = adaptive_pool_axis(h, oh), adaptive_pool_axis(w, ow)
+    y, parts = arg(node, 0, "input"), []
+    with gm.graph.inserting_before(node):
+        for dim, index, suffix in ((2, rows, "gather_h"), (3, cols, "gather_w")):
+            if index is not None:
+                y = gm.graph.call_function(gather_rows, (y, dim, index))
+                parts.append((y, suffix))
+        if (kh, kw) != (1, 1):  # windows of one pixel each: the gathers alone are the pooling
+            y = gm.graph.call_function(torch.nn.functional.avg_pool2d, (y, (kh, kw), (kh, kw)))
+            parts.append((y, ""))
+    for new, suffix in parts:
+        new.meta = {k: v for k, v in node.meta.items() if k != "tensor_meta"}
+        new.meta["xqat_functional"] = f"adaptive_avg_pool2d{'_' + suffix if suffix else ''}"
+        if node.op == "call_module":
+            new.meta["xqat_label"] = f"{node.target}.{suffix}" if suffix else str(node.target)
+    node.replace_all_uses_with(y)
     gm.graph.erase_node(node)
 
 

@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .decomposed import hardsigmoid_relu6, hardsigmoid_scale
+from .decomposed import (
+    MAX_GATHERED_KERNEL,
+    adaptive_pool_axis,
+    adaptive_pool_windows,
+    gather_rows,
+    hardsigmoid_relu6,
+    hardsigmoid_scale,
+)
 from .recurrent import RECURRENT, recurrent_problem
 
 
@@ -37,6 +44,7 @@ class OpKind(Enum):
     SILU = "silu"  # x * sigmoid(x): LOGISTIC (fixed grid) + MUL (own range)
     CAT = "cat"  # same-scale: inputs and output share one range
     AVGPOOL = "avgpool"  # same-scale, re-rounds: output fake-quant with the input's range
+    ADAPTIVE_AVGPOOL = "adaptive_avgpool"  # unequal windows: GATHER (H, W) + AVERAGE_POOL_2D, decomposed.py
     RESIZE = "resize"  # bilinear resize: same scale as its input, re-rounds like AVGPOOL
     MEAN = "mean"  # global average pooling: its own range (TFLite MEAN requantizes)
     SAME_SCALE = "same_scale"  # max pool, reshape/flatten/view, pad, slicing, transpose, nearest resize
@@ -154,10 +162,18 @@ def _adaptive_avg(node: fx.Node) -> Kind:
         return _mean(node)
     if h % oh == 0 and w % ow == 0:
         return OpKind.AVGPOOL, ""
-    return OpKind.UNSUPPORTED, (f"adaptive average pooling {h}x{w} -> {oh}x{ow} has unequal windows, which no "
-                                f"TFLite op computes{FIX}use an input size whose map here is a multiple of "
-                                f"{oh}x{ow} (e.g. torchvision VGG/AlexNet: 224 px), or replace this pool by "
-                                "nn.AdaptiveAvgPool2d(1) and the classifier's input size accordingly")
+    bad = [(axis, n, m) for axis, n, m in (("H", h, oh), ("W", w, ow)) if adaptive_pool_axis(n, m) is None]
+    if not bad:
+        return OpKind.ADAPTIVE_AVGPOOL, ""
+    axis, n, m = bad[0]
+    lengths = sorted({end - start for start, end in adaptive_pool_windows(n, m)})
+    return OpKind.UNSUPPORTED, (f"adaptive average pooling {h}x{w} -> {oh}x{ow}: its windows along {axis} are "
+                                f"{', '.join(map(str, lengths))} pixels long, whose lcm exceeds "
+                                f"{MAX_GATHERED_KERNEL}, the largest kernel of the GATHER + AVERAGE_POOL_2D form that "
+                                "computes unequal windows"
+                                f"{FIX}use an input size whose map here is a multiple of {oh}x{ow} (e.g. torchvision "
+                                "VGG/AlexNet: 224 px), or replace this pool by nn.AdaptiveAvgPool2d(1) and the "
+                                "classifier's input size accordingly")
 
 
 def _interpolate(node: fx.Node, mode: str, align_corners) -> Kind:
@@ -254,6 +270,7 @@ _FUNCTIONS: dict[object, Callable[[fx.Node], Kind]] = {
     torch.softmax: _softmax, F.softmax: _softmax,
     hardsigmoid_relu6: _const(OpKind.FIXED, FixedGrid.HARDSIGMOID_RELU6),
     hardsigmoid_scale: _const(OpKind.FIXED, FixedGrid.HARDSIGMOID),
+    gather_rows: _const(OpKind.SAME_SCALE),  # GATHER keeps its input's grid
 }
 _METHODS: dict[str, Callable[[fx.Node], Kind]] = {
     "relu": _const(OpKind.RELU), "relu_": _const(OpKind.RELU), "clamp": _clamp, "clamp_": _clamp, "clip": _clamp,
