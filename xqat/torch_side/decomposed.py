@@ -1,4 +1,5 @@
-"""Functions that `handlers.decompose` writes into a QAT graph: each one is exactly one int8 TFLite op.
+"""Functions that `handlers.decompose` writes into a QAT graph: each one is exactly one int8 TFLite op or
+a constant operand of one.
 
 Hard sigmoid, relu6(x + 3) / 6, has no TFLite op; it runs as ADD (constant 3, fused RELU6) then MUL (constant
 1/6). Both outputs get fixed grids, [0, 6] and [0, 1] (`quantizers.FIXED_RANGES`): code k of the first is
@@ -11,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["hardsigmoid_relu6", "hardsigmoid_scale"]
+from .qparams import tflite_qparams
+
+__all__ = ["constant_like", "converter_constant", "hardsigmoid_relu6", "hardsigmoid_scale", "rsqrt"]
 
 
 def _constant(value: float, like: torch.Tensor) -> torch.Tensor:
@@ -29,3 +32,38 @@ def hardsigmoid_scale(x: torch.Tensor) -> torch.Tensor:
     """x / 6 as TFLite MUL with a constant 1/6 (a MUL: DIV has no int8 kernel on every backend), output on the
     fixed [0, 1] grid."""
     return x * _constant(1.0 / 6.0, x)
+
+
+# -- constants and LayerNorm's pieces (handlers.decompose writes them) -----------------------------------
+def constant_like(x: torch.Tensor, value: float) -> torch.Tensor:
+    """A scalar operand of ADD/SUB/MUL (x * 0.125, q / sqrt(d)) as a [1]-shaped constant (see `_constant`). The
+    converter quantizes it per tensor over [min(0, c), max(0, c)], where c is code 127 or -128: exact, so the
+    simulation uses c itself (docs/numerics.md, converter qparams)."""
+    return _constant(float(value), x)
+
+
+def converter_constant(w: torch.Tensor) -> torch.Tensor:
+    """A constant tensor operand of ADD/MUL (a positional embedding, LayerNorm's gamma and beta) on the grid the
+    TFLite converter gives a float constant: per tensor over [min(0, min w), max(0, max w)] with its double
+    formula (`tflite_qparams`), codes rounded half away from zero; straight-through gradient. The ONNX export
+    gets the float values: the converter quantizes them itself, to these codes (docs/numerics.md)."""
+    if torch.onnx.is_in_onnx_export():
+        return w
+    with torch.no_grad():
+        lo, hi = min(0.0, float(w.min())), max(0.0, float(w.max()))
+        if lo == hi:
+            return w
+        qp = tflite_qparams(lo, hi)
+        scale, zp = float(qp.scale), int(qp.zero_point_signed)
+        v = w.double() / scale
+        codes = (torch.sign(v) * torch.floor(v.abs() + 0.5) + zp).clamp(-128, 127)
+        q = ((codes - zp) * scale).to(w.dtype)
+    return w + (q - w).detach()
+
+
+def rsqrt(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(x) as TFLite's int8 RSQRT (LayerNorm's 1 / std). A zero input code gives RSQRT's largest output
+    code; training clamps x to `eps` (the LayerNorm's), which saturates there too and keeps gradients finite."""
+    if torch.onnx.is_in_onnx_export():
+        return torch.rsqrt(x)
+    return torch.rsqrt(x.clamp_min(eps))

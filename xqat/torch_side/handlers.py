@@ -12,9 +12,9 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
-from .decomposed import hardsigmoid_relu6, hardsigmoid_scale
+from .decomposed import constant_like, converter_constant, hardsigmoid_relu6, hardsigmoid_scale, rsqrt
 from .modules import Act, QAdd, QConv2d, QLinear
-from .patterns import FIX, OpKind, arg, shape, tensor_inputs
+from .patterns import CONSTANT_OPERAND, FIX, OpKind, arg, shape, tensor_inputs
 from .placement import Plan, label
 from .recurrent import unroll
 
@@ -155,7 +155,8 @@ def _add(plan: Plan, node: fx.Node, detail: str) -> None:
     plan.add_point(new, OpKind.ADD)
 
 
-@handles(OpKind.RELU, OpKind.RELU6, OpKind.MEAN, OpKind.MUL, OpKind.SUB, OpKind.MATMUL, OpKind.HARDSWISH)
+@handles(OpKind.RELU, OpKind.RELU6, OpKind.MEAN, OpKind.MUL, OpKind.SUB, OpKind.MATMUL, OpKind.HARDSWISH, OpKind.GELU,
+         OpKind.RSQRT)
 def _own_range(plan: Plan, node: fx.Node, detail: str) -> None:
     """An op whose output TFLite requantizes to a grid of its own."""
     plan.add_point(node, plan.kinds[node][0])
@@ -237,7 +238,7 @@ def _pass_through(plan: Plan, node: fx.Node, detail: str) -> None:
         plan.alias(node, ins[0])
 
 
-@handles(OpKind.NON_TENSOR)
+@handles(OpKind.NON_TENSOR, OpKind.CONSTANT)
 def _non_tensor(plan: Plan, node: fx.Node, detail: str) -> None:
     return None
 
@@ -277,6 +278,12 @@ def decompose(plan: Plan) -> bool:
       ADD, MUL, MUL map (elsewhere the one HARD_SWISH op is cheaper and finer).
     - channel shuffle -> reshape, transpose, reshape (ONNX has no channel-shuffle op).
     - LSTM / GRU -> the unrolled time steps (recurrent.py).
+    - k.transpose(1, 2) (multi-head split) then .transpose(-2, -1) into a matmul -> one permute (0, 2, 3, 1): the
+      converter merges the two TRANSPOSEs into one, whose tensor is the composed one.
+    - LayerNorm (last dim) -> mean = MEAN(x), d = x - mean (SUB), MEAN(d * d) (MUL, MEAN), RSQRT, d * rsqrt (MUL),
+      * gamma (MUL), + beta (ADD): each an int8 op with its own range (TFLite has no int8 LayerNorm).
+    - ADD/SUB/MUL with a number or a parameter operand (x / c is x * (1/c)) -> the op with a constant
+      operand quantized as the converter quantizes it (decomposed.constant_like / converter_constant).
     - (N, A*K, H, W) -> view (N, A, K, H, W) -> permute (0, 3, 4, 1, 2) (SSD heads) -> permute (0, 2, 3, 1) then
       reshape (N, H, W, A, K): the same values, with the transpose TFLite's NHWC layout already is (no TRANSPOSE).
     - grouped conv (not depthwise) [+BN][+ReLU] -> chunk + per-group conv[+BN][+ReLU] + concat: the form
@@ -296,6 +303,15 @@ def decompose(plan: Plan) -> bool:
             changed = True
         elif kind is OpKind.RECURRENT:
             unroll(plan.gm, node)
+            changed = True
+        elif _merges_into_key_transpose(plan, node):
+            _merge_key_transposes(plan, node)
+            changed = True
+        elif kind is OpKind.LAYER_NORM:
+            _split_layer_norm(plan, node)
+            changed = True
+        elif kind is not None and plan.kinds[node][1] == CONSTANT_OPERAND:
+            _constant_operands(plan, node)
             changed = True
         elif _is_channel_shuffle(plan.gm, node) and kind is not None:
             _split_channel_shuffle(plan, node)
@@ -342,6 +358,95 @@ def _split_hard(plan: Plan, node: fx.Node, swish: bool) -> None:
             new.meta["xqat_label"] = f"{node.target}.{suffix}" if suffix and new is not out else str(node.target)
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
+
+
+def _full_perm(node: fx.Node) -> list[int] | None:
+    """The permutation a transpose/permute node applies, as a full list (None for other nodes)."""
+    if node.op == "call_method" and node.target == "transpose" or node.op == "call_function" and \
+            node.target is torch.transpose:
+        rank = len(shape(node))
+        perm = list(range(rank))
+        a, b = (arg(node, 1, "dim0") % rank, arg(node, 2, "dim1") % rank)
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    return _permute_dims(node)
+
+
+def _merges_into_key_transpose(plan: Plan, node: fx.Node) -> bool:
+    """A swap of the last two dims that only matmuls read, of a transpose/permute that only it reads."""
+    if plan.kind(node) is not OpKind.SAME_SCALE or not _folds_into_batch_matmul(plan, node):
+        return False
+    src = node.args[0]
+    return isinstance(src, fx.Node) and len(src.users) == 1 and plan.kind(src) is OpKind.SAME_SCALE and \
+        _full_perm(src) is not None
+
+
+def _merge_key_transposes(plan: Plan, node: fx.Node) -> None:
+    gm, src = plan.gm, node.args[0]
+    first, second = _full_perm(src), _full_perm(node)
+    with gm.graph.inserting_before(node):
+        merged = gm.graph.call_method("permute", (src.args[0], *[first[i] for i in second]))
+    merged.meta = {"nn_module_stack": src.meta.get("nn_module_stack", {})}
+    node.replace_all_uses_with(merged)
+    gm.graph.erase_node(node)
+    gm.graph.erase_node(src)
+
+
+def _constant_operands(plan: Plan, node: fx.Node) -> None:
+    """x op c -> x op constant: a number becomes a [1]-shaped constant, a parameter the converter's grid of it;
+    x / c becomes x * (1/c)."""
+    gm = plan.gm
+    if node.target in (operator.truediv, torch.div, torch.true_divide, "div", "truediv"):
+        node.target = operator.mul if node.op == "call_function" else "mul"
+        node.args = (node.args[0], 1.0 / node.args[1])
+    args = list(node.args[:2])
+    x = next(a for a in args if isinstance(a, fx.Node) and a.op != "get_attr")
+    with gm.graph.inserting_before(node):
+        for i, a in enumerate(args):
+            if isinstance(a, fx.Node) and a.op == "get_attr":
+                args[i] = gm.graph.call_function(converter_constant, (a,))
+            elif not isinstance(a, fx.Node):
+                args[i] = gm.graph.call_function(constant_like, (x, a))
+            else:
+                continue
+            args[i].meta = {"nn_module_stack": node.meta.get("nn_module_stack", {})}
+    node.args = (*args, *node.args[2:])
+
+
+def _split_layer_norm(plan: Plan, node: fx.Node) -> None:
+    """LayerNorm over the last dim as the int8 ops TFLite runs (see `decompose`); labels follow a module's path."""
+    gm = plan.gm
+    if node.op == "call_module":
+        ln = gm.get_submodule(node.target)
+        eps, x = ln.eps, node.args[0]
+        w = f"{node.target}.weight" if ln.weight is not None else None
+        b = f"{node.target}.bias" if getattr(ln, "bias", None) is not None else None
+        consts = [(gm.graph.get_attr, p) for p in (w, b)]
+    else:
+        x, eps = node.args[0], arg(node, 4, "eps", 1e-5)
+        consts = [(None, arg(node, 2, "weight")), (None, arg(node, 3, "bias"))]
+    g = gm.graph
+    with g.inserting_before(node):
+        mean = g.call_function(torch.mean, (x, -1), {"keepdim": True})
+        d = g.call_function(operator.sub, (x, mean))
+        var = g.call_function(torch.mean, (g.call_function(operator.mul, (d, d)), -1), {"keepdim": True})
+        y = g.call_function(operator.mul, (d, g.call_function(rsqrt, (var, float(eps)))))
+        parts = [(mean, "mean"), (d, "centered"), (var.args[0], "square"), (var, "variance"), (y.args[1], "rsqrt"), (y, "normalized")]
+        for (get, c), op, name in zip(consts, (operator.mul, operator.add), ("scaled", "shifted")):
+            if c is None:
+                continue
+            c = get(c) if get is not None else c
+            y = g.call_function(op, (y, g.call_function(converter_constant, (c,))))
+            parts.append((y, name))
+    for new in list(g.nodes):
+        if new.op in ("call_function", "get_attr") and not new.meta:
+            new.meta = {"nn_module_stack": node.meta.get("nn_module_stack", {})}
+    for new, name in parts:
+        new.meta["xqat_functional"] = name
+        if node.op == "call_module":
+            new.meta["xqat_label"] = f"{node.target}.{name}"  # not the path itself: an ADD's QAdd goes there
+    node.replace_all_uses_with(y)
+    g.erase_node(node)
 
 
 def _is_channel_shuffle(gm: fx.GraphModule, node: fx.Node) -> bool:
