@@ -395,7 +395,8 @@ class Conversion:
             perm = m.tensors[op.inputs[1]].data if len(op.inputs) > 1 else None
             if perm is not None and perm.size >= 4 and list(perm.reshape(-1)[:3]) == [0, 1, 2]:
                 continue
-            if perm is not None and perm.size >= 4 and perm.reshape(-1)[0] == 0 and perm.reshape(-1)[-1] == perm.size - 1:
+            flat = perm.reshape(-1) if perm is not None else None
+            if flat is not None and flat.size >= 4 and flat[0] == 0 and flat[-1] == flat.size - 1:
                 continue
             out.append(i)
         return out

@@ -12,11 +12,12 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
-from .decomposed import constant_like, converter_constant, hardsigmoid_relu6, hardsigmoid_scale, rsqrt
+from .decomposed import hardsigmoid_relu6, hardsigmoid_scale
 from .modules import Act, QAdd, QConv2d, QLinear
 from .patterns import CONSTANT_OPERAND, FIX, OpKind, arg, shape, tensor_inputs
 from .placement import Plan, label
 from .recurrent import unroll
+from .transformer import constant_operands, split_layer_norm
 
 __all__ = ["HANDLERS", "decompose"]
 
@@ -308,10 +309,10 @@ def decompose(plan: Plan) -> bool:
             _merge_key_transposes(plan, node)
             changed = True
         elif kind is OpKind.LAYER_NORM:
-            _split_layer_norm(plan, node)
+            split_layer_norm(plan.gm, node)
             changed = True
         elif kind is not None and plan.kinds[node][1] == CONSTANT_OPERAND:
-            _constant_operands(plan, node)
+            constant_operands(plan.gm, node)
             changed = True
         elif _is_channel_shuffle(plan.gm, node) and kind is not None:
             _split_channel_shuffle(plan, node)
@@ -390,63 +391,6 @@ def _merge_key_transposes(plan: Plan, node: fx.Node) -> None:
     node.replace_all_uses_with(merged)
     gm.graph.erase_node(node)
     gm.graph.erase_node(src)
-
-
-def _constant_operands(plan: Plan, node: fx.Node) -> None:
-    """x op c -> x op constant: a number becomes a [1]-shaped constant, a parameter the converter's grid of it;
-    x / c becomes x * (1/c)."""
-    gm = plan.gm
-    if node.target in (operator.truediv, torch.div, torch.true_divide, "div", "truediv"):
-        node.target = operator.mul if node.op == "call_function" else "mul"
-        node.args = (node.args[0], 1.0 / node.args[1])
-    args = list(node.args[:2])
-    x = next(a for a in args if isinstance(a, fx.Node) and a.op != "get_attr")
-    with gm.graph.inserting_before(node):
-        for i, a in enumerate(args):
-            if isinstance(a, fx.Node) and a.op == "get_attr":
-                args[i] = gm.graph.call_function(converter_constant, (a,))
-            elif not isinstance(a, fx.Node):
-                args[i] = gm.graph.call_function(constant_like, (x, a))
-            else:
-                continue
-            args[i].meta = {"nn_module_stack": node.meta.get("nn_module_stack", {})}
-    node.args = (*args, *node.args[2:])
-
-
-def _split_layer_norm(plan: Plan, node: fx.Node) -> None:
-    """LayerNorm over the last dim as the int8 ops TFLite runs (see `decompose`); labels follow a module's path."""
-    gm = plan.gm
-    if node.op == "call_module":
-        ln = gm.get_submodule(node.target)
-        eps, x = ln.eps, node.args[0]
-        w = f"{node.target}.weight" if ln.weight is not None else None
-        b = f"{node.target}.bias" if getattr(ln, "bias", None) is not None else None
-        consts = [(gm.graph.get_attr, p) for p in (w, b)]
-    else:
-        x, eps = node.args[0], arg(node, 4, "eps", 1e-5)
-        consts = [(None, arg(node, 2, "weight")), (None, arg(node, 3, "bias"))]
-    g = gm.graph
-    with g.inserting_before(node):
-        mean = g.call_function(torch.mean, (x, -1), {"keepdim": True})
-        d = g.call_function(operator.sub, (x, mean))
-        var = g.call_function(torch.mean, (g.call_function(operator.mul, (d, d)), -1), {"keepdim": True})
-        y = g.call_function(operator.mul, (d, g.call_function(rsqrt, (var, float(eps)))))
-        parts = [(mean, "mean"), (d, "centered"), (var.args[0], "square"), (var, "variance"), (y.args[1], "rsqrt"), (y, "normalized")]
-        for (get, c), op, name in zip(consts, (operator.mul, operator.add), ("scaled", "shifted")):
-            if c is None:
-                continue
-            c = get(c) if get is not None else c
-            y = g.call_function(op, (y, g.call_function(converter_constant, (c,))))
-            parts.append((y, name))
-    for new in list(g.nodes):
-        if new.op in ("call_function", "get_attr") and not new.meta:
-            new.meta = {"nn_module_stack": node.meta.get("nn_module_stack", {})}
-    for new, name in parts:
-        new.meta["xqat_functional"] = name
-        if node.op == "call_module":
-            new.meta["xqat_label"] = f"{node.target}.{name}"  # not the path itself: an ADD's QAdd goes there
-    node.replace_all_uses_with(y)
-    g.erase_node(node)
 
 
 def _is_channel_shuffle(gm: fx.GraphModule, node: fx.Node) -> bool:

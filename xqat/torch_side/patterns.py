@@ -225,11 +225,11 @@ def _binary(kind: OpKind, name: str) -> Callable[[fx.Node], Kind]:
 def _div(node: fx.Node) -> Kind:
     """x / c by a number is a MUL by 1/c (DIV has no int8 kernel on every backend); x / tensor is refused."""
     divisor = node.args[1] if len(node.args) > 1 else None
-    if isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and divisor != 0 and is_tensor(node.args[0]) \
-            and node.args[0].op != "get_attr" and not node.kwargs:
+    number = isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and divisor != 0
+    if number and is_tensor(node.args[0]) and node.args[0].op != "get_attr" and not node.kwargs:
         return OpKind.MUL, CONSTANT_OPERAND
-    return OpKind.UNSUPPORTED, f"division by {divisor!r}: only division by a nonzero number (a MUL by its inverse) has " \
-                               "an int8 form"
+    return OpKind.UNSUPPORTED, (f"division by {divisor!r}: only division by a nonzero number (a MUL by its inverse) "
+                                "has an int8 form")
 
 
 def _gelu(node: fx.Node, approximate: str) -> Kind:

@@ -8,8 +8,8 @@ libm functions through ctypes. Elsewhere numpy's float32 functions are the (docu
 from __future__ import annotations
 
 import ctypes
-import math
 import ctypes.util
+import math
 from functools import lru_cache
 
 import numpy as np
