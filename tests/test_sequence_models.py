@@ -242,7 +242,7 @@ def test_functional_layer_norm_gelu_tanh_and_number_operands(exported):
     assert not gamma  # no affine parameters: no MUL gamma / ADD beta
 
 
-def test_layer_norm_and_gelu_refusals():
+def test_layer_norm_gelu_and_fused_attention_refusals():
     class Wide(nn.Module):
         def __init__(self):
             super().__init__()
@@ -253,6 +253,16 @@ def test_layer_norm_and_gelu_refusals():
 
     with pytest.raises(xqat.UnsupportedLayerError, match=r"LayerNorm over 2 dims.*last dim"):
         xqat.prepare_qat(Wide(), torch.rand(1, 6, 8))
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    with pytest.raises(xqat.UnsupportedLayerError, match=r"'attn'.*MultiheadAttention.*write the attention out"):
+        xqat.prepare_qat(Fused(), torch.rand(1, 6, 8))
     with pytest.raises(xqat.UnsupportedLayerError, match=r"GELU.*unknown to compiler 16"):
         xqat.prepare_qat(Encoder().eval(), torch.rand(1, 6, 8), xqat.QATConfig(edgetpu=True))
 

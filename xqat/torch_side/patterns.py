@@ -377,6 +377,10 @@ def classify(gm: fx.GraphModule, node: fx.Node) -> Kind:
         problem = recurrent_problem(gm.get_submodule(node.target), node)
         return (OpKind.UNSUPPORTED, problem + FIX + "see docs/sequence-models.md") if problem else \
             (OpKind.RECURRENT, "")
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
+        return OpKind.UNSUPPORTED, ("nn.MultiheadAttention runs as one fused function whose ops xqat cannot place "
+                                    f"fake quant on{FIX}write the attention out (q/k/v Linear, head reshapes, "
+                                    "q @ k.transpose(-2, -1), softmax, @ v, out Linear), as in docs/sequence-models.md")
     if not is_tensor(node):
         return OpKind.NON_TENSOR, ""
     if node.op == "call_module":
