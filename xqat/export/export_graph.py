@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..tflite.qtypes import QRANGE, int8_zero_point
+from ..torch_side.decomposed import constant_like
 from ..torch_side.modules import QLinear, WeightQuantizedModule, _activate
 from ..torch_side.point_hooks import detach_point_hooks
 from ..torch_side.prepare import POINTS, point_module, quant_points
@@ -81,9 +82,11 @@ class WeightQDQ(nn.Module):
 def _tf_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """GELU written as TF's tf.nn.gelu computes it, which the TFLite converter fuses into one GELU op (exact or
     tanh form); torch's own ONNX decomposition multiplies in another order, which it leaves as float ops."""
+    half, one = constant_like(x, 0.5), constant_like(x, 1.0)  # [1]-shaped: see decomposed.constant_like
     if approximate == "tanh":
-        return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3))))
-    return 0.5 * x * (1.0 + torch.erf(x / 1.4142135623730951))
+        inner = constant_like(x, 0.7978845608028654) * (x + constant_like(x, 0.044715) * torch.pow(x, 3))
+        return half * x * (one + torch.tanh(inner))
+    return half * x * (one + torch.erf(x / constant_like(x, 1.4142135623730951)))
 
 
 def _gelus_as_tf_writes_them(gm: fx.GraphModule) -> None:

@@ -190,7 +190,7 @@ class _Handlers:
         self.kernel_layers: dict[str, str] = {}  # weight FakeQuant layer -> the layer naming its kernel instead
         self.weights_done: set[str] = set()
         self._conv = None  # (WeightQ, anchor) while onnx2tf's Conv handler runs
-        self.plain: set[str] = set()  # kept-shape (sequence) inputs and their Q/DQ outputs, see `_keep_plain`
+        self.plain: set[str] = set()  # inputs kept in torch's (N, T, F) layout, see `_keep_plain`
 
     # QuantizeLinear: activations become a float pass-through (the FakeQuant goes on the DQ output)
     def quantize_linear(self, *, graph_node, tf_layers_dict, **kw):
@@ -201,12 +201,14 @@ class _Handlers:
             tf_layers_dict[out]["tf_node"] = tf_layers_dict[graph_node.inputs[0].name]["tf_node"]
 
     def _keep_plain(self, graph_node, tf_layers_dict) -> None:
-        """The Q/DQ of an input kept in torch's (N, T, F) layout is plain too: onnx2tf judges a tensor whose dims
-        after the batch are all equal (a square (1, 8, 8) sequence) as transposed, and would TRANSPOSE it back."""
-        if graph_node.inputs[0].name in self.plain:
-            out = graph_node.outputs[0].name
-            tf_layers_dict[out]["before_op_output_shape_trans"] = False
-            self.plain.add(out)
+        """In a model kept in torch's (N, T, F) layout (sequence inputs, no Conv1d), a Q/DQ whose TF tensor has the
+        ONNX shape is in ONNX layout: onnx2tf judges a tensor whose dims after the batch are all equal (a square
+        (1, 8, 8) sequence) as transposed anyway, and would TRANSPOSE it back before a reshape."""
+        out = graph_node.outputs[0]
+        tf_node = tf_layers_dict[out.name].get("tf_node")
+        if self.plain and out.shape is not None and tf_node is not None and \
+                list(tf_node.shape)[1:] == list(out.shape)[1:]:
+            tf_layers_dict[out.name]["before_op_output_shape_trans"] = False
 
     def dequantize_linear(self, *, graph_node, tf_layers_dict, **kw):
         self.orig["DequantizeLinear"](graph_node=graph_node, tf_layers_dict=tf_layers_dict, **kw)

@@ -36,7 +36,8 @@ def hardsigmoid_scale(x: torch.Tensor) -> torch.Tensor:
 
 # -- constants and LayerNorm's pieces (handlers.decompose writes them) -----------------------------------
 def constant_like(x: torch.Tensor, value: float) -> torch.Tensor:
-    """A scalar operand of ADD/SUB/MUL (x * 0.125, q / sqrt(d)) as a [1]-shaped constant (see `_constant`). The
+    """A scalar operand of ADD/SUB/MUL (x * 0.125, q / sqrt(d)) as a [1]-shaped constant (see `_constant`: onnx2tf
+    cannot check a 0-d one against an (N, T, T) tensor). The
     converter quantizes it per tensor over [min(0, c), max(0, c)], where c is code 127 or -128: exact, so the
     simulation uses c itself (docs/numerics.md, converter qparams)."""
     return _constant(float(value), x)
