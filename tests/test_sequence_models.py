@@ -121,8 +121,22 @@ class NormGelu(nn.Module):
         return self.out(1.0 - y * 0.5).flatten(1)
 
 
+class TorchAttention(nn.Module):
+    """nn.MultiheadAttention (2 heads, dropout on the weights), residual, LayerNorm, mean over time."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attn = nn.Linear(8, 8), nn.MultiheadAttention(8, 2, dropout=0.1, batch_first=True)
+        self.ln, self.fc = nn.LayerNorm(8), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.fc(self.ln(x + self.attn(x, x, x)[0]).mean(dim=1))
+
+
 MODELS = {"lstm": (LastStep, (1, 6, 8)), "gru2": (StackedGRU, (1, 8, 8)), "linear": (SequenceLinear, (1, 6, 8)),
-          "attention": (Attention, (1, 6, 8)), "encoder": (Encoder, (1, 6, 8)), "norm_gelu": (NormGelu, (1, 8, 8))}
+          "attention": (Attention, (1, 6, 8)), "encoder": (Encoder, (1, 6, 8)), "norm_gelu": (NormGelu, (1, 8, 8)),
+          "mha": (TorchAttention, (1, 6, 8))}
 RECURRENT = ["lstm", "gru2"]
 
 
@@ -255,18 +269,30 @@ def test_layer_norm_gelu_and_fused_attention_refusals():
 
     with pytest.raises(xqat.UnsupportedLayerError, match=r"LayerNorm over 2 dims.*last dim"):
         xqat.prepare_qat(Wide(), torch.rand(1, 6, 8))
-    class Fused(nn.Module):
+    class Weights(nn.Module):
         def __init__(self):
             super().__init__()
             self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
 
         def forward(self, x):
-            return self.attn(x, x, x, need_weights=False)[0]
+            out, weights = self.attn(x, x, x)
+            return out.mean(2) + weights.mean(2)
 
-    with pytest.raises(xqat.UnsupportedLayerError, match=r"'attn'.*MultiheadAttention.*write the attention out"):
-        xqat.prepare_qat(Fused(), torch.rand(1, 6, 8))
+    with pytest.raises(xqat.UnsupportedLayerError, match=r"'attn'.*MultiheadAttention.*weights.*write the attention"):
+        xqat.prepare_qat(Weights(), torch.rand(1, 6, 8))
     with pytest.raises(xqat.UnsupportedLayerError, match=r"GELU.*unknown to compiler 16"):
         xqat.prepare_qat(Encoder().eval(), torch.rand(1, 6, 8), xqat.QATConfig(edgetpu=True))
+
+
+def test_multihead_attention_is_written_out_on_its_own_parameters(exported):
+    model, qat, path, report, _ = exported["mha"]
+    assert report.ok and report.all_qparams_equal and not report.inner_transpose_ops, report.problems()
+    ops = [op.name for op in read_tflite(path).ops]
+    assert ops.count("BATCH_MATMUL") == 2 and "SOFTMAX" in ops
+    assert qat.get_submodule("attn.in_proj").linear.weight is qat.get_parameter("attn.in_proj_weight")
+    assert {"attn.in_proj_weight", "attn.out_proj.linear.weight"} <= set(qat.state_dict())
+    with pytest.raises(xqat.UnsupportedLayerError, match="BATCH_MATMUL"):
+        xqat.prepare_qat(TorchAttention().eval(), torch.rand(1, 6, 8), xqat.QATConfig(edgetpu=True))
 
 
 def test_converter_constant_is_the_converters_grid(exported):

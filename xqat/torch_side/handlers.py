@@ -17,7 +17,7 @@ from .modules import Act, QAdd, QConv2d, QLinear
 from .patterns import CONSTANT_OPERAND, FIX, OpKind, arg, shape, tensor_inputs
 from .placement import Plan, label
 from .recurrent import unroll
-from .transformer import constant_operands, split_layer_norm
+from .transformer import constant_operands, split_layer_norm, split_multihead_attention
 
 __all__ = ["HANDLERS", "decompose"]
 
@@ -307,6 +307,9 @@ def decompose(plan: Plan) -> bool:
             changed = True
         elif _merges_into_key_transpose(plan, node):
             _merge_key_transposes(plan, node)
+            changed = True
+        elif kind is OpKind.MULTIHEAD_ATTENTION:
+            split_multihead_attention(plan.gm, node)
             changed = True
         elif kind is OpKind.LAYER_NORM:
             split_layer_norm(plan.gm, node)

@@ -35,6 +35,7 @@ class OpKind(Enum):
     HARDSWISH = "hardswish"  # TFLite HARD_SWISH: its own range
     GELU = "gelu"  # TFLite GELU (exact erf or tanh form, a table over the input codes): its own range
     RSQRT = "rsqrt"  # TFLite RSQRT (LayerNorm's 1/std, decomposed.rsqrt): its own range
+    MULTIHEAD_ATTENTION = "multihead_attention"  # nn.MultiheadAttention: written out before planning (transformer.py)
     LAYER_NORM = "layer_norm"  # over the last dim: decomposed into MEAN, SUB, MUL, MEAN, RSQRT, MUL, MUL, ADD
     CONSTANT = "constant"  # a constant operand of ADD/SUB/MUL (decomposed.py): quantized by the converter, no point
     HARDSIGMOID = "hardsigmoid"  # relu6(x + 3) / 6: decomposed into ADD+RELU6 and MUL, fixed grids (decomposed.py)
@@ -333,6 +334,21 @@ def _mean_rule(node: fx.Node) -> Kind:
                                 "(2, 3), has no placement in xqat yet")
 
 
+def multihead_attention_problem(m: nn.MultiheadAttention, node: fx.Node) -> str | None:
+    """Why xqat cannot write this nn.MultiheadAttention call out (None: it can)."""
+    q, k, v = (arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
+    if not (q is k is v):
+        return "only self-attention (query, key and value the same tensor) is written out"
+    if any(arg(node, i, name) is not None for i, name in ((3, "key_padding_mask"), (5, "attn_mask"))) or \
+            arg(node, 7, "is_causal", False):
+        return "attention masks and is_causal are not supported"
+    if not m.batch_first or not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        return "needs batch_first=True, kdim = vdim = embed_dim, add_bias_kv=False and add_zero_attn=False"
+    if any(u.op != "call_function" or u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
+        return "only the attention output ([0]) can be used, not the attention weights"
+    return None
+
+
 def _conv_module(m: nn.Module) -> Kind:
     if m.groups == 1 or (isinstance(m, nn.Conv2d) and m.groups == m.in_channels
                          and m.out_channels % m.in_channels == 0):
@@ -378,9 +394,10 @@ def classify(gm: fx.GraphModule, node: fx.Node) -> Kind:
         return (OpKind.UNSUPPORTED, problem + FIX + "see docs/sequence-models.md") if problem else \
             (OpKind.RECURRENT, "")
     if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
-        return OpKind.UNSUPPORTED, ("nn.MultiheadAttention runs as one fused function whose ops xqat cannot place "
-                                    f"fake quant on{FIX}write the attention out (q/k/v Linear, head reshapes, "
-                                    "q @ k.transpose(-2, -1), softmax, @ v, out Linear), as in docs/sequence-models.md")
+        problem = multihead_attention_problem(gm.get_submodule(node.target), node)
+        return (OpKind.UNSUPPORTED, f"nn.MultiheadAttention: {problem}{FIX}write the attention out (q/k/v Linear, "
+                "head reshapes, q @ k.transpose(-2, -1), softmax, @ v, out Linear), as in docs/sequence-models.md") \
+            if problem else (OpKind.MULTIHEAD_ATTENTION, "")
     if not is_tensor(node):
         return OpKind.NON_TENSOR, ""
     if node.op == "call_module":

@@ -2,21 +2,58 @@
 
 - LayerNorm over the last dim: TFLite has no int8 LayerNorm, so it runs as the int8 ops its formula needs,
   each with its own range: MEAN, SUB (x - mean), MUL (square), MEAN (variance), RSQRT, MUL, MUL gamma, ADD beta.
+- nn.MultiheadAttention (self-attention, batch_first): its fused function written out as the ops it computes,
+  in-projection (a Linear holding the module's own in_proj parameters), head split, q * 1/sqrt(d_head),
+  q @ k^T, softmax, @ v, head merge, out_proj.
 - ADD/SUB/MUL with a number or a parameter operand (x * 0.125, q / sqrt(d), x + positional embedding): the
   constant becomes the converter's int8 constant (decomposed.constant_like / converter_constant).
 """
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from .decomposed import constant_like, converter_constant, rsqrt
-from .patterns import arg
+from .patterns import arg, shape
 
-__all__ = ["constant_operands", "split_layer_norm"]
+__all__ = ["constant_operands", "split_layer_norm", "split_multihead_attention"]
+
+
+def split_multihead_attention(gm: fx.GraphModule, node: fx.Node) -> None:
+    """nn.MultiheadAttention as the ops it computes (see the module docstring); its dropout on the attention
+    weights becomes an nn.Dropout (an identity in eval)."""
+    mha: nn.MultiheadAttention = gm.get_submodule(node.target)
+    x, path, g = node.args[0], str(node.target), gm.graph
+    _, t, e = shape(x)
+    h, dh = mha.num_heads, mha.head_dim
+    in_proj = nn.Linear(e, 3 * e, bias=mha.in_proj_bias is not None)
+    in_proj.weight = mha.in_proj_weight  # the same Parameter objects: trained in place
+    if mha.in_proj_bias is not None:
+        in_proj.bias = mha.in_proj_bias
+    mha.add_module("in_proj", in_proj)
+    mha.add_module("attn_drop", nn.Dropout(mha.dropout))
+    with g.inserting_before(node):
+        qkv = g.call_method("chunk", (g.call_module(f"{path}.in_proj", (x,)), 3, -1))
+        q, k, v = (g.call_method("reshape", (g.call_function(operator.getitem, (qkv, i)), (-1, t, h, dh)))
+                   for i in range(3))
+        q = g.call_method("transpose", (q, 1, 2))
+        q = g.call_function(operator.mul, (q, g.call_function(constant_like, (q, 1.0 / math.sqrt(dh)))))
+        scores = g.call_function(operator.matmul, (q, g.call_method("permute", (k, 0, 2, 3, 1))))
+        probs = g.call_module(f"{path}.attn_drop", (g.call_function(torch.softmax, (scores, -1)),))
+        heads = g.call_function(operator.matmul, (probs, g.call_method("transpose", (v, 1, 2))))
+        merged = g.call_method("reshape", (g.call_method("transpose", (heads, 1, 2)), (-1, t, e)))
+        out = g.call_module(f"{path}.out_proj", (merged,))
+    for n in g.nodes:
+        if n.op in ("call_function", "call_method", "call_module") and not n.meta:
+            n.meta = {"nn_module_stack": node.meta.get("nn_module_stack", {})}
+    for user in list(node.users):
+        user.replace_all_uses_with(out)
+        g.erase_node(user)
+    g.erase_node(node)
 
 
 def constant_operands(gm: fx.GraphModule, node: fx.Node) -> None:
