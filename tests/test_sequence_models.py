@@ -398,3 +398,16 @@ def test_checkpoint_round_trip_and_dropout_between_layers(tmp_path):
     q.train()
     assert not torch.equal(q(x), q(x))  # the dropout between the layers acts in training
     torch.testing.assert_close(q.eval()(x), deep(x), atol=0.02, rtol=0)
+
+
+def test_encoder_and_multihead_attention_checkpoint_round_trip(tmp_path):
+    for name in ("Encoder", "TorchAttention"):
+        torch.manual_seed(0)
+        factory = {"Encoder": Encoder, "TorchAttention": TorchAttention}[name]
+        qat = xqat.prepare_qat(factory().eval(), torch.rand(1, 6, 8)).train()
+        for _ in range(3):
+            qat(torch.rand(4, 6, 8))
+        xqat.save_qat(qat.eval(), tmp_path / f"{name}.pt", input_shape=(1, 6, 8))
+        loaded, _ = xqat.load_qat(f"tests.test_sequence_models:{name}", tmp_path / f"{name}.pt")
+        x = torch.rand(5, 6, 8)
+        assert torch.equal(loaded.eval()(x), qat(x))
