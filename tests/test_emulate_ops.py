@@ -45,7 +45,7 @@ def check(model: bytes, backend: str, ops: set[str], seed: int = 0) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Activations: piecewise-linear ones and GELU (tanh form)
+# Activations: piecewise-linear ones and GELU (tanh and exact erf forms)
 
 _ACT_RANGES = [  # (input range, output range): power-of-two ratios (ties) and arbitrary ones
     (pow2_range(128, 5), pow2_range(8, 5)), (pow2_range(100, 4), pow2_range(30, 6)),
@@ -69,13 +69,21 @@ def activation_models(builder):
                     "leaky": fq(tf.nn.leaky_relu(x, 0.1), (r_out[0] - 0.3, r_out[1])),
                     "leaky2": fq(tf.nn.leaky_relu(x, 0.25), r_in)}
         models.append(builder.convert(f))
+
+        @tf.function(input_signature=builder.spec([1, 4, 64]))
+        def exact_gelu(x, r_in=r_in, r_out=r_out):  # its own graph: the converter fuses erf GELU of a lone input
+            return fq(tf.nn.gelu(fq(x, r_in), approximate=False), r_out)
+        models.append(builder.convert(exact_gelu))
     return models
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rectifiers(activation_models, backend):
-    for model in activation_models:
+    for model in activation_models[0::2]:
         check(model, backend, {"HARD_SWISH", "RELU", "RELU6", "RELU_N1_TO_1", "LEAKY_RELU", "GELU"})
+    for model in activation_models[1::2]:
+        assert [op.options.get("approximate") for op in read_tflite(model).ops if op.name == "GELU"] == [False]
+        check(model, backend, {"GELU"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,14 +395,45 @@ def test_batch_matmul(batch_matmul_models, backend):
         check(model, backend, {"BATCH_MATMUL"})
 
 
+# ---------------------------------------------------------------------------------------------
+# LayerNorm as xqat decomposes it: MEAN over the last axis, SUB, MUL (square), MEAN, RSQRT, MUL, and the
+# converter-quantized constants gamma (MUL) and beta (ADD); RSQRT alone over wide and narrow input ranges
+
+
+@pytest.fixture(scope="module")
+def layer_norm_models(builder):
+    tf, fq = builder.tf, builder.fq
+    rng = np.random.default_rng(7)
+    gamma, beta = (rng.normal(1.0, 0.3, 24).astype(np.float32), rng.normal(0.0, 0.2, 24).astype(np.float32))
+    models = []
+    for rx, rv, rr in [(pow2_range(128, 3), pow2_range(0, 4), (0.0, 4.0)),
+                       ((-2.9, 3.4), (0.0, 1.7), (0.0, 13.0)), ((-0.31, 0.2), (0.0, 0.011), (0.0, 60.0))]:
+        @tf.function(input_signature=builder.spec([1, 5, 24], [1, 6, 7]))
+        def f(x, v, rx=rx, rv=rv, rr=rr):
+            x = fq(x, rx)
+            d = fq(x - fq(tf.reduce_mean(x, axis=-1, keepdims=True), rx), rx)
+            var = fq(tf.reduce_mean(fq(d * d, (0.0, rx[1] ** 2)), axis=-1, keepdims=True), rv)
+            y = fq(d * fq(tf.math.rsqrt(var), rr), (-4.0, 4.0))
+            return {"ln": fq(fq(y * gamma, (-5.0, 5.0)) + beta, (-5.2, 5.1)),
+                    "rsqrt": fq(tf.math.rsqrt(fq(v, rv)), rr)}
+        models.append(builder.convert(f))
+    return models
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_ops(layer_norm_models, backend):
+    for model in layer_norm_models:
+        check(model, backend, {"MEAN", "SUB", "MUL", "RSQRT", "ADD"})
+
+
 def test_every_emulated_op_is_checked_on_every_backend(activation_models, binary_models, layout_model,
                                                        rearrange_model, not_in_reference_model,
                                                        resize_nearest_models, conv_models,
-                                                       resize_bilinear_models, batch_matmul_models):
+                                                       resize_bilinear_models, batch_matmul_models, layer_norm_models):
     """No op in the emulator's registry without a model above (or in the model set of test_emulate_kernels.py) that
     compares it with the interpreter on all three backends."""
     models = [*activation_models, *binary_models, layout_model, rearrange_model, not_in_reference_model,
               *resize_nearest_models, *conv_models,
-              *resize_bilinear_models, *batch_matmul_models]
+              *resize_bilinear_models, *batch_matmul_models, *layer_norm_models]
     checked = set(MODEL_SET_OPS) | {op.name for m in models for op in read_tflite(m).ops}
     assert set(SUPPORTED_OPS) <= checked, sorted(set(SUPPORTED_OPS) - checked)

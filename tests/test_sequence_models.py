@@ -1,14 +1,18 @@
-"""LSTM / GRU unrolled at prepare time (xqat/torch_side/recurrent.py) and Linear on (N, T, F) sequences.
+"""LSTM / GRU unrolled at prepare time (xqat/torch_side/recurrent.py), Linear on (N, T, F) sequences, attention
+and a transformer encoder layer (multi-head attention, LayerNorm, GELU, constants).
 
 Tiny models (hidden 8-12, 6-8 steps, one with a square 8x8 input like the digits rows) prepare, train a few
 steps, export strictly full-integer, match the interpreter on the three backends (every tensor within 1 LSB
 when each layer is fed the file's inputs), the emulator is bit-exact on every tensor, and the recurrent models
 map completely to the EdgeTPU. Conversions are shared by a module-scoped fixture."""
 
+import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import xqat
@@ -16,6 +20,7 @@ from tests.op_models import train_random
 from tests.tflite_oracle import BACKENDS, interpreter
 from xqat.tflite.mapping import read_mapping
 from xqat.tflite.model import read_tflite
+from xqat.torch_side.decomposed import converter_constant
 from xqat.verify.interpreter import quantize_input
 from xqat.verify.io_match import to_tflite_layout
 
@@ -79,8 +84,59 @@ class Attention(nn.Module):
         return self.fc((a @ self.v(x)).flatten(1))
 
 
+class Encoder(nn.Module):
+    """A tiny post-norm transformer encoder layer (d=8, 2 heads of 4, T=6 steps): Linear embedding + learned
+    positional embedding, q/k/v with the 1/sqrt(d) scale as a constant, head split/merge, residual adds,
+    LayerNorm, GELU MLP, mean over time, Linear head."""
+
+    def __init__(self, d: int = 8, heads: int = 2, steps: int = 6):
+        super().__init__()
+        self.heads = heads
+        self.embed, self.pos = nn.Linear(8, d), nn.Parameter(torch.randn(1, steps, d) * 0.1)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.fc1, self.act, self.fc2 = nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        x = self.embed(x) + self.pos
+        q, k, v = (y.reshape(n, t, self.heads, -1).transpose(1, 2) for y in self.qkv(x).chunk(3, dim=-1))
+        a = torch.softmax(q / math.sqrt(q.shape[-1]) @ k.transpose(-2, -1), dim=-1)
+        x = self.ln1(x + self.proj((a @ v).transpose(1, 2).reshape(n, t, -1)))
+        x = self.ln2(x + self.fc2(self.act(self.fc1(x))))
+        return self.head(x.mean(dim=1))
+
+
+class NormGelu(nn.Module):
+    """The functional forms: F.layer_norm without affine parameters, F.gelu's tanh form, x * c, c - x; on a square
+    (N, 8, 8) input that a Linear reads first."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.gelu(F.layer_norm(self.fc(x), (8,)), approximate="tanh")
+        return self.out(1.0 - y * 0.5).flatten(1)
+
+
+class TorchAttention(nn.Module):
+    """nn.MultiheadAttention (2 heads, dropout on the weights), residual, LayerNorm, mean over time."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attn = nn.Linear(8, 8), nn.MultiheadAttention(8, 2, dropout=0.1, batch_first=True)
+        self.ln, self.fc = nn.LayerNorm(8), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.fc(self.ln(x + self.attn(x, x, x)[0]).mean(dim=1))
+
+
 MODELS = {"lstm": (LastStep, (1, 6, 8)), "gru2": (StackedGRU, (1, 8, 8)), "linear": (SequenceLinear, (1, 6, 8)),
-          "attention": (Attention, (1, 6, 8))}
+          "attention": (Attention, (1, 6, 8)), "encoder": (Encoder, (1, 6, 8)), "norm_gelu": (NormGelu, (1, 8, 8)),
+          "mha": (TorchAttention, (1, 6, 8))}
 RECURRENT = ["lstm", "gru2"]
 
 
@@ -108,9 +164,9 @@ def test_exports_strictly_full_integer_as_elementary_ops(exported, name):
     assert {"FULLY_CONNECTED", "LOGISTIC", "TANH", "MUL", "ADD"} <= ops
     assert not ops & {"QUANTIZE", "DEQUANTIZE", "GATHER", "UNIDIRECTIONAL_SEQUENCE_LSTM"}
     assert sum(r.kind == "activation" for r in report.tensors) == len(xqat.quant_points(qat))
-    # (N, T, F) as in torch; a square (N, T, T) input onnx2tf transposes (docs/sequence-models.md)
-    assert tuple(m.tensors[m.inputs[0]].shape) == (1, 6, 8) and read_mapping(path.read_bytes()).sequence_layout \
-        if name == "lstm" else not read_mapping(path.read_bytes()).sequence_layout
+    # (N, T, F) as in torch, also a square (N, T, T) input (docs/sequence-models.md)
+    assert tuple(m.tensors[m.inputs[0]].shape) == ((1, 6, 8) if name == "lstm" else (1, 8, 8))
+    assert read_mapping(path.read_bytes()).sequence_layout
     fixed = {op.outputs[0]: op.name for op in m.ops if op.name in ("LOGISTIC", "TANH")}
     for idx, op in fixed.items():  # TFLite's fixed output grids
         t = m.tensors[idx]
@@ -171,6 +227,83 @@ def test_attention_is_batch_matmul_and_softmax_refused_for_the_edgetpu(exported)
     assert "transpose" not in [p.label for p in xqat.quant_points(qat)]  # folded into BATCH_MATMUL: no tensor
     with pytest.raises(xqat.UnsupportedLayerError, match="BATCH_MATMUL"):
         xqat.prepare_qat(Attention().eval(), torch.rand(1, 6, 8), xqat.QATConfig(edgetpu=True))
+
+
+def test_encoder_layer_exports_strictly_as_int8_ops(exported):
+    _, qat, path, report, _ = exported["encoder"]
+    assert report.ok and report.all_qparams_equal and not report.inner_transpose_ops, report.problems()
+    m = read_tflite(path)
+    ops = [op.name for op in m.ops]
+    assert not [t.name for t in m.tensors if t.dtype == "FLOAT32"]
+    assert ops.count("RSQRT") == 2 and ops.count("GELU") == 1 and ops.count("BATCH_MATMUL") == 2
+    assert ops.count("TRANSPOSE") == 4  # q, v (0, 2, 1, 3), k (0, 2, 3, 1), the head merge: copies, same grid
+    assert [op.options["approximate"] for op in m.ops if op.name == "GELU"] == [False]
+    labels = [p.label for p in xqat.quant_points(qat)]
+    assert {"ln1.mean", "ln1.centered", "ln1.square", "ln1.variance", "ln1.rsqrt", "ln1.normalized", "ln1.scaled",
+            "ln1.shifted", "act"} <= set(labels)
+    assert {"ln1.weight", "ln1.bias", "pos"} <= set(qat.state_dict())  # parameters keep their names
+    for op in m.ops:  # every constant operand of ADD/MUL is an int8 tensor the converter quantized
+        if op.name in ("ADD", "MUL"):
+            assert all(m.tensor(i).dtype == "INT8" for i in op.inputs)
+
+
+def test_functional_layer_norm_gelu_tanh_and_number_operands(exported):
+    _, qat, path, report, _ = exported["norm_gelu"]
+    assert report.ok and report.all_qparams_equal and not report.inner_transpose_ops, report.problems()
+    m = read_tflite(path)
+    assert tuple(m.tensor(m.inputs[0]).shape) == (1, 8, 8) and m.ops[0].name == "FULLY_CONNECTED"  # no TRANSPOSE
+    assert [op.options["approximate"] for op in m.ops if op.name == "GELU"] == [True]
+    assert "RSQRT" in [op.name for op in m.ops] and "SUB" in [op.name for op in m.ops]
+    gamma = [p for p in xqat.quant_points(qat) if ".scaled" in p.label]
+    assert not gamma  # no affine parameters: no MUL gamma / ADD beta
+
+
+def test_layer_norm_gelu_and_fused_attention_refusals():
+    class Wide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = nn.LayerNorm((6, 8))
+
+        def forward(self, x):
+            return self.ln(x)
+
+    with pytest.raises(xqat.UnsupportedLayerError, match=r"LayerNorm over 2 dims.*last dim"):
+        xqat.prepare_qat(Wide(), torch.rand(1, 6, 8))
+    class Weights(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            out, weights = self.attn(x, x, x)
+            return out.mean(2) + weights.mean(2)
+
+    with pytest.raises(xqat.UnsupportedLayerError, match=r"'attn'.*MultiheadAttention.*weights.*write the attention"):
+        xqat.prepare_qat(Weights(), torch.rand(1, 6, 8))
+    with pytest.raises(xqat.UnsupportedLayerError, match=r"GELU.*unknown to compiler 16"):
+        xqat.prepare_qat(Encoder().eval(), torch.rand(1, 6, 8), xqat.QATConfig(edgetpu=True))
+
+
+def test_multihead_attention_is_written_out_on_its_own_parameters(exported):
+    model, qat, path, report, _ = exported["mha"]
+    assert report.ok and report.all_qparams_equal and not report.inner_transpose_ops, report.problems()
+    ops = [op.name for op in read_tflite(path).ops]
+    assert ops.count("BATCH_MATMUL") == 2 and "SOFTMAX" in ops
+    assert qat.get_submodule("attn.in_proj").linear.weight is qat.get_parameter("attn.in_proj_weight")
+    assert {"attn.in_proj_weight", "attn.out_proj.linear.weight"} <= set(qat.state_dict())
+    with pytest.raises(xqat.UnsupportedLayerError, match="BATCH_MATMUL"):
+        xqat.prepare_qat(TorchAttention().eval(), torch.rand(1, 6, 8), xqat.QATConfig(edgetpu=True))
+
+
+def test_converter_constant_is_the_converters_grid(exported):
+    """A parameter operand trains on the codes the converter stores for it (per tensor over [min(0, w), max(0, w)])."""
+    _, qat, path, _, _ = exported["encoder"]
+    m = read_tflite(path)
+    q = converter_constant(qat.get_parameter("ln1.weight").detach())
+    stored = [t for t in m.tensors if t.data is not None and t.dtype == "INT8" and t.data.size == 8
+              and np.allclose((t.data.astype(np.float64).reshape(-1) - t.zero_points[0]) * t.scales[0], q.numpy(),
+                              atol=1e-6)]
+    assert len(stored) == 1
 
 
 @pytest.mark.parametrize("name", RECURRENT)
@@ -265,3 +398,16 @@ def test_checkpoint_round_trip_and_dropout_between_layers(tmp_path):
     q.train()
     assert not torch.equal(q(x), q(x))  # the dropout between the layers acts in training
     torch.testing.assert_close(q.eval()(x), deep(x), atol=0.02, rtol=0)
+
+
+def test_encoder_and_multihead_attention_checkpoint_round_trip(tmp_path):
+    for name in ("Encoder", "TorchAttention"):
+        torch.manual_seed(0)
+        factory = {"Encoder": Encoder, "TorchAttention": TorchAttention}[name]
+        qat = xqat.prepare_qat(factory().eval(), torch.rand(1, 6, 8)).train()
+        for _ in range(3):
+            qat(torch.rand(4, 6, 8))
+        xqat.save_qat(qat.eval(), tmp_path / f"{name}.pt", input_shape=(1, 6, 8))
+        loaded, _ = xqat.load_qat(f"tests.test_sequence_models:{name}", tmp_path / f"{name}.pt")
+        x = torch.rand(5, 6, 8)
+        assert torch.equal(loaded.eval()(x), qat(x))

@@ -82,6 +82,9 @@ _MODULE_RULES: tuple[_ModuleRule, ...] = (
     _ModuleRule((nn.LSTM, nn.GRU), _bidirectional, "use a unidirectional layer"),
     _ModuleRule((nn.RNN,), _always("RNN ops are not in the EdgeTPU op table, and xqat unrolls only LSTM/GRU"),
                 "use nn.LSTM or nn.GRU"),
+    _ModuleRule((nn.MultiheadAttention,), _always("its products of two activations are BATCH_MATMUL, which is not in "
+                                                  "the EdgeTPU op table: attention blocks run on the CPU"),
+                "keep attention out of EdgeTPU models (QATConfig(edgetpu=False))"),
     _ModuleRule((nn.Embedding,), _always("GATHER is not in the EdgeTPU op table"),
                 "look embeddings up outside the model"),
 )

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ..tflite.qtypes import QRANGE, int8_zero_point
+from ..torch_side.decomposed import constant_like
 from ..torch_side.modules import QLinear, WeightQuantizedModule, _activate
 from ..torch_side.point_hooks import detach_point_hooks
 from ..torch_side.prepare import POINTS, point_module, quant_points
@@ -77,6 +79,30 @@ class WeightQDQ(nn.Module):
         return _activate(self._functional(x, w, self.bias), self.act)
 
 
+def _tf_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU written as TF's tf.nn.gelu computes it, which the TFLite converter fuses into one GELU op (exact or
+    tanh form); torch's own ONNX decomposition multiplies in another order, which it leaves as float ops."""
+    half, one = constant_like(x, 0.5), constant_like(x, 1.0)  # [1]-shaped: see decomposed.constant_like
+    if approximate == "tanh":
+        inner = constant_like(x, 0.7978845608028654) * (x + constant_like(x, 0.044715) * torch.pow(x, 3))
+        return half * x * (one + torch.tanh(inner))
+    return half * x * (one + torch.erf(x / constant_like(x, 1.4142135623730951)))
+
+
+def _gelus_as_tf_writes_them(gm: fx.GraphModule) -> None:
+    """Every nn.GELU / F.gelu of the export copy becomes `_tf_gelu`."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.GELU):
+            approximate = gm.get_submodule(node.target).approximate
+        elif node.op == "call_function" and node.target is F.gelu:
+            approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        else:
+            continue
+        node.op, node.target = "call_function", _tf_gelu
+        node.args, node.kwargs = (node.args[0], approximate), {}
+    gm.recompile()
+
+
 @dataclass
 class ExportGraph:
     """The converted copy and what it was built with."""
@@ -113,4 +139,5 @@ def build_export_graph(model: fx.GraphModule) -> ExportGraph:
         getattr(gm, POINTS)[key] = qdq
     for path, op in weights.items():
         _set_submodule(gm, path, op)
+    _gelus_as_tf_writes_them(gm)
     return ExportGraph(gm, points, labels, weights, snaps)

@@ -190,16 +190,29 @@ class _Handlers:
         self.kernel_layers: dict[str, str] = {}  # weight FakeQuant layer -> the layer naming its kernel instead
         self.weights_done: set[str] = set()
         self._conv = None  # (WeightQ, anchor) while onnx2tf's Conv handler runs
+        self.plain: set[str] = set()  # inputs kept in torch's (N, T, F) layout, see `_keep_plain`
 
     # QuantizeLinear: activations become a float pass-through (the FakeQuant goes on the DQ output)
     def quantize_linear(self, *, graph_node, tf_layers_dict, **kw):
         self.orig["QuantizeLinear"](graph_node=graph_node, tf_layers_dict=tf_layers_dict, **kw)
+        self._keep_plain(graph_node, tf_layers_dict)
         out = graph_node.outputs[0].name
         if out in self.q_by_sanitized:
             tf_layers_dict[out]["tf_node"] = tf_layers_dict[graph_node.inputs[0].name]["tf_node"]
 
+    def _keep_plain(self, graph_node, tf_layers_dict) -> None:
+        """In a model kept in torch's (N, T, F) layout (sequence inputs, no Conv1d), a Q/DQ whose TF tensor has the
+        ONNX shape is in ONNX layout: onnx2tf judges a tensor whose dims after the batch are all equal (a square
+        (1, 8, 8) sequence) as transposed anyway, and would TRANSPOSE it back before a reshape."""
+        out = graph_node.outputs[0]
+        tf_node = tf_layers_dict[out.name].get("tf_node")
+        if self.plain and out.shape is not None and tf_node is not None and \
+                list(tf_node.shape)[1:] == list(out.shape)[1:]:
+            tf_layers_dict[out.name]["before_op_output_shape_trans"] = False
+
     def dequantize_linear(self, *, graph_node, tf_layers_dict, **kw):
         self.orig["DequantizeLinear"](graph_node=graph_node, tf_layers_dict=tf_layers_dict, **kw)
+        self._keep_plain(graph_node, tf_layers_dict)
         act = self.act_by_sanitized.get(graph_node.outputs[0].name)
         if act is None:
             return  # a weight: the Conv / Gemm handler puts its FakeQuant right in front of the kernel
@@ -451,6 +464,7 @@ def onnx_to_keras(model: onnx.ModelProto, plan: QDQPlan, workdir: Path, batch_si
     no_replacements = workdir / "no_replacements.json"  # also stops onnx2tf's auto-JSON search on errors
     no_replacements.write_text(json.dumps({"operations": []}))
     with installed_handlers(plan) as handlers:
+        handlers.plain.update(keep_shape_inputs or [])
         _, impl, _ = _import_onnx2tf()
         try:
             keras_model = impl.convert(

@@ -122,16 +122,14 @@ def sequence_inputs(model: onnx.ModelProto) -> list[str]:
 
     onnx2tf takes every 3-D tensor for channels-first (N, C, W) and stores it as (N, W, C); right for Conv1d,
     wrong for a sequence whose last axis is the features (Linear, LSTM/GRU): FULLY_CONNECTED would need a
-    TRANSPOSE in front. A model with a Conv1d keeps onnx2tf's channels-last view of all its 3-D tensors, and so
-    does one with a square (N, T, T) input: onnx2tf cannot tell its axes apart and transposes it anyway."""
+    TRANSPOSE in front. A model with a Conv1d keeps onnx2tf's channels-last view of all its 3-D tensors. A square
+    (N, T, T) input is kept too (the onnx2tf adapter marks its Q/DQ as plain, see `_Handlers._keep_plain`)."""
     if any(n.op_type == "Conv" and len(a.ints) == 1 for n in model.graph.node for a in n.attribute
            if a.name == "kernel_shape"):
         return []
     inits = {i.name for i in model.graph.initializer}
     inputs = [(i.name, [d.dim_value for d in i.type.tensor_type.shape.dim]) for i in model.graph.input
               if i.name not in inits]
-    if any(len(dims) == 3 and dims[1] == dims[2] for _, dims in inputs):
-        return []
     return [name for name, dims in inputs if len(dims) == 3]
 
 

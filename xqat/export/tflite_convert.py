@@ -289,8 +289,11 @@ def _locate_activation(rec: ActivationRecord, activations_of, tfl: TFLiteModel) 
         exact = [i for i in named if _shape_matches(tfl.tensors[i].shape, shape)]
         if depth > 0 and not exact:  # through a dropped reshape / flatten: same data, other shape
             exact = [i for i in named if _same_size(tfl.tensors[i].shape, shape)]
+        if len(exact) == 1 and depth == 0:
+            through = _binary_read_through_reshape(rec, exact[0], activations_of, tfl)
+            return (exact[0], "producer") if through is None else (through, "producer^2")
         if len(exact) == 1:
-            return exact[0], "producer" if depth == 0 else f"producer^{depth + 1}"
+            return exact[0], f"producer^{depth + 1}"
         if exact:
             return None  # several tensors carry that layer: refuse to guess
         views = [i for i in named if _same_view(tfl.tensors[i].shape, shape)]
@@ -300,6 +303,19 @@ def _locate_activation(rec: ActivationRecord, activations_of, tfl: TFLiteModel) 
             ops = {tfl.producers[i].index for i in named if i in tfl.producers}
             return (ops.pop(), "fused") if len(ops) == 1 else None
     return None
+
+
+def _binary_read_through_reshape(rec: ActivationRecord, found: int, activations_of, tfl: TFLiteModel) -> int | None:
+    """A Linear's (N*T, F) output whose reshape back to (N, T, F) the converter folded into the ADD/SUB/MUL reading
+    it (a residual add after attention's head merge): that op's output carries the reshape's name, but ours is
+    its input of our size made by a layer before the reshape."""
+    op = tfl.producers.get(found)
+    if op is None or op.name not in ("ADD", "SUB", "MUL"):
+        return None
+    earlier = {i for layer in rec.producers[1:] for i in activations_of(layer)}
+    mine = [i for i in op.inputs if i in earlier and _same_size(tfl.tensors[i].shape, rec.shape)
+            and not _shape_matches(tfl.tensors[i].shape, rec.shape)]
+    return mine[0] if len(mine) == 1 else None
 
 
 def _same_size(tflite_shape: tuple[int, ...], keras_shape: tuple[int | None, ...]) -> bool:
@@ -338,6 +354,7 @@ class Conversion:
     seconds: dict[str, float] = field(default_factory=dict)
     weight_columns: dict[str, np.ndarray] = field(default_factory=dict)  # Linear weight -> column order (onnx_layout)
     sequence_layout: bool = False  # 3-D tensors kept in torch's (N, T, F) order (onnx_layout.sequence_inputs)
+    model_transposes: frozenset[str] = frozenset()  # activations that an ONNX Transpose of the model computes
 
     def io_tensor(self, onnx_name: str) -> int:
         """TFLite input/output tensor index of an ONNX graph input or output: the mapped int8 tensor itself
@@ -365,13 +382,21 @@ class Conversion:
 
     def layout_transposes(self) -> list[int]:
         """Inner TRANSPOSE ops that move data between layouts. A transpose that keeps batch and spatial axes
-        in place ([0, 1, 2, ...] on a rank >= 4 tensor: a channel shuffle's group swap) is the model's own op."""
+        in place ([0, 1, 2, ...] on a rank >= 4 tensor: a channel shuffle's group swap), or batch and last axis
+        (a layout move always moves the channels: [0, 2, 1, 3] is attention's head split), or one whose output is
+        the tensor of a torch transpose/permute (attention's keys, (0, 2, 3, 1)), is the model's own op."""
+        own = {self.tensor_map[a] for a in self.model_transposes if a in self.tensor_map}
         m = self.model
         out = []
         for i in self.inner_ops("TRANSPOSE"):
             op = m.ops[i]
+            if op.outputs[0] in own:
+                continue
             perm = m.tensors[op.inputs[1]].data if len(op.inputs) > 1 else None
             if perm is not None and perm.size >= 4 and list(perm.reshape(-1)[:3]) == [0, 1, 2]:
+                continue
+            flat = perm.reshape(-1) if perm is not None else None
+            if flat is not None and flat.size >= 4 and flat[0] == 0 and flat[-1] == flat.size - 1:
                 continue
             out.append(i)
         return out
@@ -429,7 +454,14 @@ def convert_qdq_onnx(onnx_model: onnx.ModelProto | str | os.PathLike, *, io_dtyp
     seconds = {"analyze": t1 - t0, "onnx2tf": t2 - t1, "tflite_converter": t3 - t2,
                "total": time.perf_counter() - t0}
     return Conversion(tflite, tfl, plan, loc.tensor_map, loc.weight_map, loc.bias_map, loc.located_by, loc.fused,
-                      loc.unmapped, io_dtype, graph.onnx2tf_version, seconds, weight_columns, bool(sequences))
+                      loc.unmapped, io_dtype, graph.onnx2tf_version, seconds, weight_columns, bool(sequences),
+                      _transposed_activations(model, plan))
+
+
+def _transposed_activations(model: onnx.ModelProto, plan: QDQPlan) -> frozenset[str]:
+    """Activations whose Q/DQ reads the output of an ONNX Transpose (a transpose/permute of the torch model)."""
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    return frozenset(a for a, q in plan.activations.items() if made_by.get(q.source) == "Transpose")
 
 
 def _load(onnx_model: Any) -> onnx.ModelProto:

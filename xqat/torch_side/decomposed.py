@@ -1,4 +1,5 @@
-"""Functions that `handlers.decompose` writes into a QAT graph: each one is exactly one int8 TFLite op.
+"""Functions that `handlers.decompose` writes into a QAT graph: each one is exactly one int8 TFLite op or
+a constant operand of one.
 
 Hard sigmoid, relu6(x + 3) / 6, has no TFLite op; it runs as ADD (constant 3, fused RELU6) then MUL (constant
 1/6). Both outputs get fixed grids, [0, 6] and [0, 1] (`quantizers.FIXED_RANGES`): code k of the first is
@@ -18,8 +19,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["hardsigmoid_relu6", "hardsigmoid_scale", "adaptive_pool_windows", "adaptive_pool_axis", "gather_rows",
-           "MAX_GATHERED_KERNEL"]
+from .qparams import tflite_qparams
+
+__all__ = ["constant_like", "converter_constant", "hardsigmoid_relu6", "hardsigmoid_scale", "rsqrt",
+           "adaptive_pool_windows", "adaptive_pool_axis", "gather_rows", "MAX_GATHERED_KERNEL"]
 
 MAX_GATHERED_KERNEL = 16  # the largest K per axis of the gathered form: its tensor is K times the pooled one per axis
 
@@ -65,3 +68,39 @@ def adaptive_pool_axis(n: int, m: int) -> tuple[tuple[int, ...] | None, int] | N
 def gather_rows(x: torch.Tensor, dim: int, index: tuple[int, ...]) -> torch.Tensor:
     """x's slices `index` along `dim`: TFLite GATHER with constant indices (ONNX Gather), the input's grid."""
     return torch.index_select(x, dim, torch.tensor(index, dtype=torch.long, device=x.device))
+
+
+# -- constants and LayerNorm's pieces (handlers.decompose writes them) -----------------------------------
+def constant_like(x: torch.Tensor, value: float) -> torch.Tensor:
+    """A scalar operand of ADD/SUB/MUL (x * 0.125, q / sqrt(d)) as a [1]-shaped constant (see `_constant`: onnx2tf
+    cannot check a 0-d one against an (N, T, T) tensor). The
+    converter quantizes it per tensor over [min(0, c), max(0, c)], where c is code 127 or -128: exact, so the
+    simulation uses c itself (docs/numerics.md, converter qparams)."""
+    return _constant(float(value), x)
+
+
+def converter_constant(w: torch.Tensor) -> torch.Tensor:
+    """A constant tensor operand of ADD/MUL (a positional embedding, LayerNorm's gamma and beta) on the grid the
+    TFLite converter gives a float constant: per tensor over [min(0, min w), max(0, max w)] with its double
+    formula (`tflite_qparams`), codes rounded half away from zero; straight-through gradient. The ONNX export
+    gets the float values: the converter quantizes them itself, to these codes (docs/numerics.md)."""
+    if torch.onnx.is_in_onnx_export():
+        return w
+    with torch.no_grad():
+        lo, hi = min(0.0, float(w.min())), max(0.0, float(w.max()))
+        if lo == hi:
+            return w
+        qp = tflite_qparams(lo, hi)
+        scale, zp = float(qp.scale), int(qp.zero_point_signed)
+        v = w.double() / scale
+        codes = (torch.sign(v) * torch.floor(v.abs() + 0.5) + zp).clamp(-128, 127)
+        q = ((codes - zp) * scale).to(w.dtype)
+    return w + (q - w).detach()
+
+
+def rsqrt(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(x) as TFLite's int8 RSQRT (LayerNorm's 1 / std). A zero input code gives RSQRT's largest output
+    code; training clamps x to `eps` (the LayerNorm's), which saturates there too and keeps gradients finite."""
+    if torch.onnx.is_in_onnx_export():
+        return torch.rsqrt(x)
+    return torch.rsqrt(x.clamp_min(eps))

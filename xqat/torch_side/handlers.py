@@ -14,9 +14,10 @@ from torch import fx, nn
 
 from .decomposed import adaptive_pool_axis, gather_rows, hardsigmoid_relu6, hardsigmoid_scale
 from .modules import Act, QAdd, QConv2d, QLinear
-from .patterns import FIX, OpKind, arg, shape, tensor_inputs
+from .patterns import CONSTANT_OPERAND, FIX, OpKind, arg, shape, tensor_inputs
 from .placement import Plan, label
 from .recurrent import unroll
+from .transformer import constant_operands, split_layer_norm, split_multihead_attention
 
 __all__ = ["HANDLERS", "decompose"]
 
@@ -155,7 +156,8 @@ def _add(plan: Plan, node: fx.Node, detail: str) -> None:
     plan.add_point(new, OpKind.ADD)
 
 
-@handles(OpKind.RELU, OpKind.RELU6, OpKind.MEAN, OpKind.MUL, OpKind.SUB, OpKind.MATMUL, OpKind.HARDSWISH)
+@handles(OpKind.RELU, OpKind.RELU6, OpKind.MEAN, OpKind.MUL, OpKind.SUB, OpKind.MATMUL, OpKind.HARDSWISH, OpKind.GELU,
+         OpKind.RSQRT)
 def _own_range(plan: Plan, node: fx.Node, detail: str) -> None:
     """An op whose output TFLite requantizes to a grid of its own."""
     plan.add_point(node, plan.kinds[node][0])
@@ -237,7 +239,7 @@ def _pass_through(plan: Plan, node: fx.Node, detail: str) -> None:
         plan.alias(node, ins[0])
 
 
-@handles(OpKind.NON_TENSOR)
+@handles(OpKind.NON_TENSOR, OpKind.CONSTANT)
 def _non_tensor(plan: Plan, node: fx.Node, detail: str) -> None:
     return None
 
@@ -277,6 +279,12 @@ def decompose(plan: Plan) -> bool:
       ADD, MUL, MUL map (elsewhere the one HARD_SWISH op is cheaper and finer).
     - channel shuffle -> reshape, transpose, reshape (ONNX has no channel-shuffle op).
     - LSTM / GRU -> the unrolled time steps (recurrent.py).
+    - k.transpose(1, 2) (multi-head split) then .transpose(-2, -1) into a matmul -> one permute (0, 2, 3, 1): the
+      converter merges the two TRANSPOSEs into one, whose tensor is the composed one.
+    - LayerNorm (last dim) -> mean = MEAN(x), d = x - mean (SUB), MEAN(d * d) (MUL, MEAN), RSQRT, d * rsqrt (MUL),
+      * gamma (MUL), + beta (ADD): each an int8 op with its own range (TFLite has no int8 LayerNorm).
+    - ADD/SUB/MUL with a number or a parameter operand (x / c is x * (1/c)) -> the op with a constant
+      operand quantized as the converter quantizes it (decomposed.constant_like / converter_constant).
     - (N, A*K, H, W) -> view (N, A, K, H, W) -> permute (0, 3, 4, 1, 2) (SSD heads) -> permute (0, 2, 3, 1) then
       reshape (N, H, W, A, K): the same values, with the transpose TFLite's NHWC layout already is (no TRANSPOSE).
     - grouped conv (not depthwise) [+BN][+ReLU] -> chunk + per-group conv[+BN][+ReLU] + concat: the form
@@ -301,6 +309,18 @@ def decompose(plan: Plan) -> bool:
             changed = True
         elif kind is OpKind.ADAPTIVE_AVGPOOL:
             _split_adaptive_pool(plan, node)
+            changed = True
+        elif _merges_into_key_transpose(plan, node):
+            _merge_key_transposes(plan, node)
+            changed = True
+        elif kind is OpKind.MULTIHEAD_ATTENTION:
+            split_multihead_attention(plan.gm, node)
+            changed = True
+        elif kind is OpKind.LAYER_NORM:
+            split_layer_norm(plan.gm, node)
+            changed = True
+        elif kind is not None and plan.kinds[node][1] == CONSTANT_OPERAND:
+            constant_operands(plan.gm, node)
             changed = True
         elif _is_channel_shuffle(plan.gm, node) and kind is not None:
             _split_channel_shuffle(plan, node)
@@ -371,6 +391,38 @@ def _split_adaptive_pool(plan: Plan, node: fx.Node) -> None:
             new.meta["xqat_label"] = f"{node.target}.{suffix}" if suffix else str(node.target)
     node.replace_all_uses_with(y)
     gm.graph.erase_node(node)
+
+
+def _full_perm(node: fx.Node) -> list[int] | None:
+    """The permutation a transpose/permute node applies, as a full list (None for other nodes)."""
+    if node.op == "call_method" and node.target == "transpose" or node.op == "call_function" and \
+            node.target is torch.transpose:
+        rank = len(shape(node))
+        perm = list(range(rank))
+        a, b = (arg(node, 1, "dim0") % rank, arg(node, 2, "dim1") % rank)
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    return _permute_dims(node)
+
+
+def _merges_into_key_transpose(plan: Plan, node: fx.Node) -> bool:
+    """A swap of the last two dims that only matmuls read, of a transpose/permute that only it reads."""
+    if plan.kind(node) is not OpKind.SAME_SCALE or not _folds_into_batch_matmul(plan, node):
+        return False
+    src = node.args[0]
+    return isinstance(src, fx.Node) and len(src.users) == 1 and plan.kind(src) is OpKind.SAME_SCALE and \
+        _full_perm(src) is not None
+
+
+def _merge_key_transposes(plan: Plan, node: fx.Node) -> None:
+    gm, src = plan.gm, node.args[0]
+    first, second = _full_perm(src), _full_perm(node)
+    with gm.graph.inserting_before(node):
+        merged = gm.graph.call_method("permute", (src.args[0], *[first[i] for i in second]))
+    merged.meta = {"nn_module_stack": src.meta.get("nn_module_stack", {})}
+    node.replace_all_uses_with(merged)
+    gm.graph.erase_node(node)
+    gm.graph.erase_node(src)
 
 
 def _is_channel_shuffle(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -20,9 +20,12 @@ from .decomposed import (
     MAX_GATHERED_KERNEL,
     adaptive_pool_axis,
     adaptive_pool_windows,
+    constant_like,
+    converter_constant,
     gather_rows,
     hardsigmoid_relu6,
     hardsigmoid_scale,
+    rsqrt,
 )
 from .recurrent import RECURRENT, recurrent_problem
 
@@ -40,6 +43,11 @@ class OpKind(Enum):
     RELU = "relu"
     RELU6 = "relu6"
     HARDSWISH = "hardswish"  # TFLite HARD_SWISH: its own range
+    GELU = "gelu"  # TFLite GELU (exact erf or tanh form, a table over the input codes): its own range
+    RSQRT = "rsqrt"  # TFLite RSQRT (LayerNorm's 1/std, decomposed.rsqrt): its own range
+    MULTIHEAD_ATTENTION = "multihead_attention"  # nn.MultiheadAttention: written out before planning (transformer.py)
+    LAYER_NORM = "layer_norm"  # over the last dim: decomposed into MEAN, SUB, MUL, MEAN, RSQRT, MUL, MUL, ADD
+    CONSTANT = "constant"  # a constant operand of ADD/SUB/MUL (decomposed.py): quantized by the converter, no point
     HARDSIGMOID = "hardsigmoid"  # relu6(x + 3) / 6: decomposed into ADD+RELU6 and MUL, fixed grids (decomposed.py)
     SILU = "silu"  # x * sigmoid(x): LOGISTIC (fixed grid) + MUL (own range)
     CAT = "cat"  # same-scale: inputs and output share one range
@@ -132,6 +140,14 @@ def _spatial_one(node: fx.Node) -> bool:
     return bool(ins) and len(shape(ins[0])) == 4 and shape(ins[0])[2:] == (1, 1)
 
 
+CONSTANT_OPERAND = "constant operand"  # detail of ADD/SUB/MUL with a scalar or parameter operand: decompose rewrites it
+
+
+def _constant_operand(a) -> bool:
+    """A Python number or a parameter/buffer (get_attr): an operand `handlers.decompose` turns into a constant."""
+    return (isinstance(a, (int, float)) and not isinstance(a, bool)) or (isinstance(a, fx.Node) and a.op == "get_attr")
+
+
 # -- shape rules (any input size): ops the converter folds away at the example's shape --------------------
 FIX = "; fix: "  # an UNSUPPORTED detail may name its own fix after this separator (else: skip is suggested)
 FOLDED = "folded"  # PASS_THROUGH detail of an op that is an identity only at this shape (not a regulariser)
@@ -195,8 +211,13 @@ def _permute(node: fx.Node) -> Kind:
         dims = node.args[1:] if node.op == "call_method" else arg(node, 1, "dims")
         dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else list(dims)
         identity = [d % rank for d in dims] == list(range(rank))
-        identity = identity or [d % rank for d in dims] == [0, 2, 3, 1]  # NCHW -> NHWC: TFLite's layout already
+        identity = identity or ([d % rank for d in dims] == [0, 2, 3, 1]  # NCHW -> NHWC: TFLite's layout already,
+                                and not all(_is_matmul(u) for u in node.users))  # not attention's keys
     return (OpKind.PASS_THROUGH, FOLDED) if identity else (OpKind.SAME_SCALE, "")
+
+
+def _is_matmul(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (operator.matmul, torch.matmul, torch.bmm)
 
 
 def _pad(node: fx.Node) -> Kind:
@@ -208,11 +229,41 @@ def _pad(node: fx.Node) -> Kind:
 
 def _binary(kind: OpKind, name: str) -> Callable[[fx.Node], Kind]:
     def rule(node: fx.Node) -> Kind:
-        if all(is_tensor(a) and a.op != "get_attr" for a in node.args[:2]) and "alpha" not in node.kwargs:
-            return kind, ""
-        return OpKind.UNSUPPORTED, (f"{name} of a tensor and a constant has no fake-quant placement in xqat yet; "
-                                    f"fold the constant into the neighbouring conv/linear weights")
+        a = node.args[:2]
+        if len(a) == 2 and "alpha" not in node.kwargs:
+            if all(is_tensor(x) and x.op != "get_attr" for x in a):
+                return kind, ""
+            if kind is not OpKind.MATMUL and any(_constant_operand(x) for x in a) and \
+                    all(_constant_operand(x) or (is_tensor(x) and x.op != "get_attr") for x in a) and \
+                    not all(_constant_operand(x) for x in a):
+                return kind, CONSTANT_OPERAND
+        return OpKind.UNSUPPORTED, (f"{name} of these operands has no fake-quant placement in xqat; "
+                                    "use two tensors, or a tensor and a number or a parameter")
     return rule
+
+
+def _div(node: fx.Node) -> Kind:
+    """x / c by a number is a MUL by 1/c (DIV has no int8 kernel on every backend); x / tensor is refused."""
+    divisor = node.args[1] if len(node.args) > 1 else None
+    number = isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and divisor != 0
+    if number and is_tensor(node.args[0]) and node.args[0].op != "get_attr" and not node.kwargs:
+        return OpKind.MUL, CONSTANT_OPERAND
+    return OpKind.UNSUPPORTED, (f"division by {divisor!r}: only division by a nonzero number (a MUL by its inverse) "
+                                "has an int8 form")
+
+
+def _gelu(node: fx.Node, approximate: str) -> Kind:
+    return (OpKind.GELU, approximate) if approximate in ("none", "tanh") else \
+        (OpKind.UNSUPPORTED, f"gelu(approximate={approximate!r})")
+
+
+def _layer_norm(node: fx.Node, normalized_shape) -> Kind:
+    """LayerNorm over the last dim only: TFLite has no int8 LayerNorm, decompose writes its ops."""
+    dims = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if len(dims) == 1 and tensor_inputs(node) and len(shape(tensor_inputs(node)[0])) >= 2:
+        return OpKind.LAYER_NORM, ""
+    return OpKind.UNSUPPORTED, (f"LayerNorm over {len(dims)} dims {list(dims)}: xqat normalizes over the last dim "
+                                f"only{FIX}normalize over the last dim (e.g. permute the features last first)")
 
 
 def _cat(node: fx.Node) -> Kind:
@@ -255,6 +306,10 @@ _FUNCTIONS: dict[object, Callable[[fx.Node], Kind]] = {
     torch.add: _binary(OpKind.ADD, "add"), operator.mul: _binary(OpKind.MUL, "mul"),
     operator.imul: _binary(OpKind.MUL, "mul"), torch.mul: _binary(OpKind.MUL, "mul"),
     operator.sub: _binary(OpKind.SUB, "sub"), torch.sub: _binary(OpKind.SUB, "sub"),
+    operator.truediv: _div, torch.div: _div, torch.true_divide: _div,
+    F.gelu: lambda n: _gelu(n, arg(n, 1, "approximate", "none")),
+    F.layer_norm: lambda n: _layer_norm(n, arg(n, 1, "normalized_shape")),
+    constant_like: _const(OpKind.CONSTANT), converter_constant: _const(OpKind.CONSTANT), rsqrt: _const(OpKind.RSQRT),
     operator.matmul: _binary(OpKind.MATMUL, "matmul"), torch.matmul: _binary(OpKind.MATMUL, "matmul"),
     torch.bmm: _binary(OpKind.MATMUL, "matmul"),
     torch.cat: _cat, torch.concat: _cat,
@@ -276,6 +331,7 @@ _METHODS: dict[str, Callable[[fx.Node], Kind]] = {
     "relu": _const(OpKind.RELU), "relu_": _const(OpKind.RELU), "clamp": _clamp, "clamp_": _clamp, "clip": _clamp,
     "add": _binary(OpKind.ADD, "add"), "add_": _binary(OpKind.ADD, "add"),
     "mul": _binary(OpKind.MUL, "mul"), "mul_": _binary(OpKind.MUL, "mul"), "sub": _binary(OpKind.SUB, "sub"),
+    "div": _div, "truediv": _div,
     "mean": lambda n: _mean_rule(n), "sigmoid": _const(OpKind.FIXED, FixedGrid.SIGMOID),
     "tanh": _const(OpKind.FIXED, FixedGrid.TANH), "softmax": _softmax,
     "permute": _permute, "transpose": _permute,
@@ -292,8 +348,25 @@ def _mean_rule(node: fx.Node) -> Kind:
         if _same_shape(node):  # keepdim=True over a 1x1 map (timm SE at small inputs): the converter removes it
             return OpKind.PASS_THROUGH, FOLDED
         return OpKind.MEAN, ""  # ReduceMean stays a MEAN in TFLite, also over a 1x1 map (1-D: over time)
-    return OpKind.UNSUPPORTED, ("mean over dims other than all spatial ones ((2, 3) of a 4-D, 2 of a 3-D tensor) "
-                                "has no placement in xqat yet")
+    if rank in (2, 3) and dims and 0 not in {d % rank for d in dims}:  # (N, T, F): over time or features
+        return OpKind.MEAN, ""
+    return OpKind.UNSUPPORTED, ("mean over the batch dim, or over dims of a 4-D tensor other than both spatial ones "
+                                "(2, 3), has no placement in xqat yet")
+
+
+def multihead_attention_problem(m: nn.MultiheadAttention, node: fx.Node) -> str | None:
+    """Why xqat cannot write this nn.MultiheadAttention call out (None: it can)."""
+    q, k, v = (arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
+    if not (q is k is v):
+        return "only self-attention (query, key and value the same tensor) is written out"
+    if any(arg(node, i, name) is not None for i, name in ((3, "key_padding_mask"), (5, "attn_mask"))) or \
+            arg(node, 7, "is_causal", False):
+        return "attention masks and is_causal are not supported"
+    if not m.batch_first or not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        return "needs batch_first=True, kdim = vdim = embed_dim, add_bias_kv=False and add_zero_attn=False"
+    if any(u.op != "call_function" or u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
+        return "only the attention output ([0]) can be used, not the attention weights"
+    return None
 
 
 def _conv_module(m: nn.Module) -> Kind:
@@ -319,6 +392,8 @@ _MODULES: tuple[tuple[type | tuple[type, ...], Callable[[nn.Module, fx.Node], Ki
     (nn.Hardswish, lambda m, n: (OpKind.HARDSWISH, "")),
     (nn.Hardsigmoid, lambda m, n: (OpKind.HARDSIGMOID, "")),
     (nn.SiLU, lambda m, n: (OpKind.SILU, "")),
+    (nn.GELU, lambda m, n: _gelu(n, m.approximate)),
+    (nn.LayerNorm, lambda m, n: _layer_norm(n, m.normalized_shape)),
     (nn.AvgPool2d, lambda m, n: _pool(OpKind.AVGPOOL)(n)),
     (nn.AdaptiveAvgPool2d, lambda m, n: _adaptive_avg(n)),
     (nn.MaxPool2d, lambda m, n: _pool(OpKind.SAME_SCALE)(n)),
@@ -338,6 +413,11 @@ def classify(gm: fx.GraphModule, node: fx.Node) -> Kind:
         problem = recurrent_problem(gm.get_submodule(node.target), node)
         return (OpKind.UNSUPPORTED, problem + FIX + "see docs/sequence-models.md") if problem else \
             (OpKind.RECURRENT, "")
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
+        problem = multihead_attention_problem(gm.get_submodule(node.target), node)
+        return (OpKind.UNSUPPORTED, f"nn.MultiheadAttention: {problem}{FIX}write the attention out (q/k/v Linear, "
+                "head reshapes, q @ k.transpose(-2, -1), softmax, @ v, out Linear), as in docs/sequence-models.md") \
+            if problem else (OpKind.MULTIHEAD_ATTENTION, "")
     if not is_tensor(node):
         return OpKind.NON_TENSOR, ""
     if node.op == "call_module":

@@ -84,7 +84,7 @@ def prepare_qat(model: nn.Module, example_inputs, config: QATConfig | None = Non
         if node in plan.skipped:
             _keep_float(plan, node, kind)
             continue
-        for src in _inputs(node, kind):
+        for src in _inputs(plan, node, kind):
             plan.input_slot(src)
         HANDLERS[kind](plan, node, detail)
     if plan.problems:
@@ -106,14 +106,17 @@ def _plan(gm: fx.GraphModule, config: QATConfig) -> Plan:
                 skipped={n for n in calls if _is_skipped(gm, n, config.skip)})
 
 
-def _inputs(node: fx.Node, kind: OpKind) -> list[fx.Node]:
-    return [] if kind in (OpKind.NON_TENSOR, OpKind.UNSUPPORTED) else tensor_inputs(node)
+def _inputs(plan: Plan, node: fx.Node, kind: OpKind) -> list[fx.Node]:
+    """The activations an op reads (constant operands are quantized by the converter, not at a point)."""
+    if kind in (OpKind.NON_TENSOR, OpKind.UNSUPPORTED, OpKind.CONSTANT):
+        return []
+    return [n for n in tensor_inputs(node) if n.op != "get_attr" and plan.kind(n) is not OpKind.CONSTANT]
 
 
 def _keep_float(plan: Plan, node: fx.Node, kind: OpKind) -> None:
     """A skipped op is not simulated: it runs in float in training and its output gets a range of its own, so
     the converter can quantize it with TFLite's int8 kernel for it (LeakyReLU -> int8 LEAKY_RELU, seen in the
-    .tflite); an op without such a kernel (GELU needs Erf) makes the conversion fail."""
+    .tflite); an op without such a kernel makes the conversion fail."""
     gm = plan.gm
     warnings.warn(f"xqat: '{module_path(gm, node)}' ({describe(gm, node)}) is skipped: it trains in float and its "
                   "output gets its own range; the exported model stays full-integer only if TFLite has an int8 "

@@ -202,7 +202,9 @@ def _run_interpreter(raw: bytes, tfl: TFLiteModel, mapping: TFLiteMapping, xs: l
         else:
             codes[key] = a.astype(np.int64) - (UINT8_ZERO_POINT_SHIFT if d["dtype"] == np.uint8 else 0)
     io_float = any(d["dtype"] == np.float32 for d, _ in feeds)
-    return codes, {t: np.concatenate(v).astype(np.int64) for t, v in layers.items()}, io_float
+    # a tensor without the batch dim ((T, F) of a Linear on a sequence, rows = steps): one sample per row of the stack
+    return codes, {t: (np.concatenate(v) if v[0].shape[:1] == (1,) else np.stack(v)).astype(np.int64)
+                   for t, v in layers.items()}, io_float
 
 
 def _first_line(e: Exception) -> str:

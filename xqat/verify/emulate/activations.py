@@ -9,7 +9,7 @@ import torch
 
 from . import fixedpoint as fxp
 from .base import Kernel, Op, table_kernel
-from .libm import expf, tanhf
+from .libm import erfcf, expf, tanhf
 from .rounding import (
     quantize_multiplier,
     rdbp,
@@ -32,19 +32,27 @@ def _gelu_tanh(x: np.ndarray) -> np.ndarray:
     return ((f(0.5) * x).astype(f) * (f(1) + tanhf((_SQRT_2_OVER_PI * inner).astype(f))).astype(f)).astype(f)
 
 
+_NEG_SQRT1_2 = np.float32(-0.70710678118654752440)  # static_cast<float>(-M_SQRT1_2)
+
+
+def _gelu_erf(x: np.ndarray) -> np.ndarray:
+    """reference_ops::GeluTransform (approximate=False) in C float arithmetic with C erfcf:
+    0.5f * x * erfcf(x * -M_SQRT1_2)."""
+    f = np.float32
+    return ((f(0.5) * x).astype(f) * erfcf((x * _NEG_SQRT1_2).astype(f))).astype(f)
+
+
 def lut_op(o: Op, fn: str) -> Kernel:
     """LOGISTIC / TANH / GELU as a table built the way the backend builds its own (rules.py, "lut"); GELU runs
-    TFLite's table on every backend (XNNPACK leaves int8 GELU) and only its tanh form converts to TFLite."""
+    TFLite's table on every backend (XNNPACK leaves int8 GELU), in its exact (erf) or tanh form."""
     tin, tout = o.tin(0), o.tout
     (si, zi), (so, zo) = o.qp(tin), o.qp(tout)
     qmin, qmax = o.qrange(tin)
     codes = np.arange(qmin, qmax + 1)
     x = (np.float32(si) * (codes - zi).astype(np.float32)).astype(np.float32)
     one = np.float32(1)
-    if fn == "gelu" and not o.op.options.get("approximate", False):
-        raise o.fail("GELU with approximate=False (erf) is not emulated; only the tanh approximation is")
     if fn == "gelu":
-        y = _gelu_tanh(x)
+        y = _gelu_tanh(x) if o.op.options.get("approximate", False) else _gelu_erf(x)
     elif o.rules["lut"] == "xnnpack":  # XNNPACK: the function in double (C exp/tanh), rounded to float32
         f64 = (lambda v: 1.0 / (1.0 + math.exp(-v))) if fn == "logistic" else math.tanh
         y = np.array([f64(float(v)) for v in x], np.float32)

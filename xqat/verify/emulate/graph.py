@@ -56,6 +56,9 @@ class Emulator:
         self._kernels = [(op, build(op, self.model, backend, self.device, self.num_threads))
                          for op in self.model.ops]
         self._constants: dict[int, torch.Tensor] = {}
+        # tensors without the batch dim (a Linear's (T, F) rows of a batch-1 sequence model): kept as (N, T, F)
+        self._batchless = {t: tuple(self.model.tensor(t).shape) for op in self.model.ops for t in op.outputs
+                           if len(self.model.tensor(t).shape) > 1 and self.model.tensor(t).shape[0] != 1}
         last: dict[int, int] = {}
         for pos, op in enumerate(self.model.ops):
             for t in op.inputs:
@@ -140,6 +143,8 @@ class Emulator:
                     raise EmulationError(f"op #{op.index} {op.name} reads tensor {t} "
                                          f"('{self.model.tensor(t).name}') before any op writes it")
             out = kernel(args)  # a tuple for ops with several outputs (SPLIT)
+            if op.outputs[0] in self._batchless and not isinstance(out, tuple):
+                out = out.reshape(-1, *self._batchless[op.outputs[0]])
             env.update(zip(op.outputs, out) if isinstance(out, tuple) else [(op.outputs[0], out)])
             if not intermediates:
                 for t in self._free_after[pos]:

@@ -7,8 +7,9 @@ samples. The builders live by concern: `conv` (convolutions, FULLY_CONNECTED, TR
 `elementwise` (ADD, SUB, MUL), `rectifiers` (RELU family, LEAKY_RELU, HARD_SWISH), `activations` (tables:
 LOGISTIC, TANH, GELU; SOFTMAX), `pooling` (pools, MEAN), `movement` (CONCATENATION, RESHAPE, PAD), `layout`
 (index maps: transposes, slices, splits, gathers, nearest resize, pixel shuffles; code comparisons),
-`resize` (RESIZE_BILINEAR), `quantize`; shared pieces in `base` (the op context, lookup-table kernels) and
-`requant` (output stages, activation clamps). Backend differences are data in `rules`.
+`resize` (RESIZE_BILINEAR), `normalization` (RSQRT, LayerNorm's), `quantize`; shared pieces in `base` (the op
+context, lookup-table kernels) and `requant` (output stages, activation clamps). Backend differences are data in
+`rules`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .layout import (
     unpack,
 )
 from .movement import concatenation, pad, reshape
+from .normalization import rsqrt
 from .pooling import mean, pool
 from .quantize import dequantize, float_quantizer, quantize
 from .rectifiers import hard_swish, leaky_relu, relu
@@ -93,6 +95,7 @@ _BUILDERS: dict[str, Callable[[Op], Kernel]] = {
     "RELU_N1_TO_1": relu,
     "LEAKY_RELU": leaky_relu,
     "HARD_SWISH": hard_swish,
+    "RSQRT": rsqrt,
 }
 SUPPORTED_OPS = frozenset(_BUILDERS)
 

@@ -1,6 +1,6 @@
-"""float32 expf/tanhf from the C math library the TFLite runtime itself links (glibc libm on Linux).
+"""float32 expf/tanhf/erfcf from the C math library the TFLite runtime itself links (glibc libm on Linux).
 
-The lookup tables of LOGISTIC, TANH and SOFTMAX are built from expf/tanhf in float32;
+The lookup tables of LOGISTIC, TANH, GELU and SOFTMAX are built from expf/tanhf/erfcf in float32;
 a 1-ulp difference in expf can flip a table entry at a rounding tie, so the tables call the same
 libm functions through ctypes. Elsewhere numpy's float32 functions are the (documented) fallback.
 """
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["expf", "tanhf"]
+__all__ = ["erfcf", "expf", "tanhf"]
 
 
 @lru_cache(maxsize=1)
@@ -25,7 +26,7 @@ def _libm():
         lib = ctypes.CDLL(name)
     except OSError:
         return None
-    for fn in ("expf", "tanhf"):
+    for fn in ("expf", "tanhf", "erfcf"):
         getattr(lib, fn).restype = ctypes.c_float
         getattr(lib, fn).argtypes = [ctypes.c_float]
     return lib
@@ -48,3 +49,11 @@ def expf(x) -> np.ndarray:
 def tanhf(x) -> np.ndarray:
     """Elementwise C tanhf on float32 values."""
     return _apply("tanhf", x)
+
+
+def erfcf(x) -> np.ndarray:
+    """Elementwise C erfcf on float32 values (std::erfc of a float, GELU's exact form)."""
+    x = np.asarray(x, np.float32)
+    if _libm() is None:  # pragma: no cover - non-glibc platforms: erfc in double, rounded to float32
+        return np.array([math.erfc(float(v)) for v in x.ravel()], np.float32).reshape(x.shape)
+    return _apply("erfcf", x)
