@@ -15,6 +15,8 @@ def test_demo_end_to_end(tmp_path):
     assert "ptq_tflite" in acc
     assert acc["int8_emulated"] == acc["int8_tflite"]  # xqat.evaluate (batched emulator) = the interpreter
     assert res.parity["top1_agreement"] >= 0.99 and res.parity["max_abs"] <= 1
+    assert acc["qat_exact"] == acc["int8_tflite"]  # exact numerics: the QAT model computes the device's model
+    assert res.parity["exact_identical"] == 1.0 and res.parity["exact_top1_agreement"] == 1.0
     assert res.edgetpu["fully_mapped"]
     assert res.size_bytes["float_tflite"] > 2 * res.size_bytes["int8_tflite"]
     run = tmp_path / res.run_dir.split("/")[-1]
@@ -23,4 +25,4 @@ def test_demo_end_to_end(tmp_path):
         assert (run / f).is_file(), f
     saved = json.loads((run / "results.json").read_text())
     assert saved["accuracy"] == acc
-    assert "int8 TFLite (PTQ" in res.table()
+    assert "int8 TFLite (PTQ" in res.table() and "exact numerics (xnnpack)" in res.table()

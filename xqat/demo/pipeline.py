@@ -19,7 +19,7 @@ from .data import digits
 from .nets import DigitsCNN
 from .training import accuracy, fit
 
-__all__ = ["run_demo", "DemoResult"]
+__all__ = ["run_demo", "DemoResult", "tflite_accuracy"]
 
 
 @dataclass
@@ -39,6 +39,10 @@ class DemoResult:
         rows = [
             ["accuracy: float torch model", f"{100 * a['float_torch']:.2f}%"],
             ["accuracy: QAT torch simulation", f"{100 * a['qat_simulation']:.2f}%"],
+        ]
+        if "qat_exact" in a:
+            rows.append(["accuracy: QAT torch, exact numerics (xnnpack)", f"{100 * a['qat_exact']:.2f}%"])
+        rows += [
             ["accuracy: int8 TFLite (xqat export)", f"{100 * a['int8_tflite']:.2f}%"],
         ]
         if "int8_emulated" in a:
@@ -50,6 +54,11 @@ class DemoResult:
             ["parity: output codes identical (sim vs TFLite, xnnpack)", f"{100 * p['identical']:.2f}%"],
             ["parity: max |Δ| / mean Δ (output LSB)", f"{p['max_abs']:.0f} / {p['mean_delta']:+.4f}"],
             ["parity: top-1 agreement sim vs TFLite", f"{100 * p['top1_agreement']:.2f}%"],
+        ]
+        if "exact_identical" in p:
+            rows.append(["parity, exact numerics: identical codes (every tensor) / top-1 agreement",
+                         f"{100 * p['exact_identical']:.2f}% / {100 * p['exact_top1_agreement']:.2f}%"])
+        rows += [
             ["EdgeTPU check", f"{'ready' if e['fully_mapped'] else 'NOT ready'} ({e['findings']} findings, "
                               f"{100 * e['mapped_op_share']:.0f}% of ops on the TPU)"],
         ]
@@ -84,6 +93,11 @@ def _tflite_predict(model: bytes, x: torch.Tensor, backend: str = "xnnpack") -> 
     return np.array(preds)
 
 
+def tflite_accuracy(model: bytes, x: torch.Tensor, y: torch.Tensor, backend: str = "xnnpack") -> float:
+    """Top-1 accuracy of a .tflite classifier on the TFLite interpreter itself, one image at a time."""
+    return float((_tflite_predict(model, x, backend) == y.numpy()).mean())
+
+
 def _latency_ms(model: bytes, repeats: int = 300) -> float:
     """Median invoke time of the interpreter, batch 1, 1 thread."""
     from ..verify.interpreter import make_interpreter
@@ -110,6 +124,7 @@ def run_demo(out_dir: str | Path = "runs", seed: int = 0, epochs: int = 8, qat_e
     from ..export.float_baseline import float_tflite
     from ..torch_side.prepare import prepare_qat
     from ..verify.evaluate import evaluate
+    from ..verify.exact import set_numerics
     from ..verify.parity import parity
 
     def say(msg: str) -> None:
@@ -148,9 +163,9 @@ def run_demo(out_dir: str | Path = "runs", seed: int = 0, epochs: int = 8, qat_e
     int8 = int8_path.read_bytes()
     res.seconds["export"] = time.perf_counter() - t
 
-    say("[4/5] verifying: accuracy and parity of the .tflite, EdgeTPU check")
+    say("[4/5] verifying: accuracy and parity of the .tflite, exact numerics, EdgeTPU check")
     t = time.perf_counter()
-    res.accuracy["int8_tflite"] = float((_tflite_predict(int8, data.x_test) == data.y_test.numpy()).mean())
+    res.accuracy["int8_tflite"] = tflite_accuracy(int8, data.x_test, data.y_test)
     batches = [(data.x_test[i:i + 256], data.y_test[i:i + 256]) for i in range(0, len(data.x_test), 256)]
     res.accuracy["int8_emulated"] = evaluate(int8, batches, backend="xnnpack").value  # equals the line above
     par = parity(qat, int8, data.x_test, layerwise=True)
@@ -159,6 +174,11 @@ def run_demo(out_dir: str | Path = "runs", seed: int = 0, epochs: int = 8, qat_e
     out = par.outputs[0]
     res.parity = {"identical": out.identical, "max_abs": out.max_abs, "mean_delta": out.mean_delta,
                   "top1_agreement": out.top1_agreement or 0.0, "inputs": par.inputs}
+    set_numerics(qat, "xnnpack")  # the QAT model now computes the device's integer model, bit for bit
+    res.accuracy["qat_exact"] = accuracy(qat, data.x_test, data.y_test)
+    exact = parity(qat, int8, data.x_test, layerwise=True)
+    res.parity["exact_identical"] = min(t.identical for t in exact.layers + exact.outputs)
+    res.parity["exact_top1_agreement"] = exact.outputs[0].top1_agreement or 0.0
     tpu = check_edgetpu(int8)
     res.edgetpu = {"ok": tpu.ok, "fully_mapped": tpu.fully_mapped, "findings": len(tpu.findings),
                    "mapped_op_share": tpu.mapped_op_share}
@@ -173,7 +193,7 @@ def run_demo(out_dir: str | Path = "runs", seed: int = 0, epochs: int = 8, qat_e
     ptq = float_tflite(float_model, data.x_train[:1], representative=calib)
     (run / "model_float.tflite").write_bytes(f32)
     (run / "model_ptq_int8.tflite").write_bytes(ptq)
-    res.accuracy["ptq_tflite"] = float((_tflite_predict(ptq, data.x_test) == data.y_test.numpy()).mean())
+    res.accuracy["ptq_tflite"] = tflite_accuracy(ptq, data.x_test, data.y_test)
     res.size_bytes["float_tflite"] = len(f32)
     res.latency_ms["float_tflite"] = _latency_ms(f32)
     res.seconds["baselines"] = time.perf_counter() - t
