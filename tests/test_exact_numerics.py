@@ -4,7 +4,9 @@ produces, bit for bit, against the real interpreter on every tensor; training wo
 from __future__ import annotations
 
 import copy
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,10 +14,12 @@ from torch import fx, nn
 
 import xqat
 from tests.models import INPUT_SHAPE, MODELS, calibrate, make_model
+from tests.op_models import OP_MODELS, make_op_model, train_random
 from xqat.demo.nets import ResNetSmall
 from xqat.errors import NotQATModelError, QATConfigError, UnsupportedLayerError
+from xqat.tflite.model import read_tflite
 from xqat.torch_side.config import NUMERICS
-from xqat.torch_side.prepare import POINTS, qat_config
+from xqat.torch_side.prepare import POINTS, point_module, qat_config
 from xqat.verify.backends import BACKENDS
 from xqat.verify.teacher_forced import run_recording
 
@@ -38,6 +42,36 @@ def test_exact_numerics_match_the_interpreter_on_every_tensor(exported, parity_i
         for backend in BACKENDS:
             xqat.set_numerics(qat, backend)
             report = xqat.parity(qat, path, parity_inputs, backend=backend, layerwise=True)
+            assert len(report.layers) == len(xqat.quant_points(qat))
+            assert _all_identical(report) == [], f"{name} on {backend}"
+    finally:
+        xqat.set_numerics(qat, "tf")
+
+
+@pytest.fixture(scope="module")
+def op_exported(tmp_path_factory):
+    """Every op model (tests/op_models.py), trained a few steps and exported once: name -> (qat, path, shape)."""
+    folder, out = tmp_path_factory.mktemp("exact_ops"), {}
+    for name in OP_MODELS:
+        model, shape = make_op_model(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qat = train_random(xqat.prepare_qat(model, torch.rand(shape)), shape)
+            xqat.export_tflite(qat, torch.rand(shape), folder / f"{name}.tflite")
+        out[name] = (qat, folder / f"{name}.tflite", shape)
+    return out
+
+
+@pytest.mark.parametrize("name", list(OP_MODELS))
+def test_exact_numerics_of_every_op_kind_match_the_interpreter(op_exported, name):
+    """SE gates (broadcast MUL), SiLU, hard swish / sigmoid (constant ADD and MUL), standalone ReLU, softmax,
+    bilinear and nearest resize, Conv1d, grouped convs and channel shuffle, pads, pass-through ops."""
+    qat, path, shape = op_exported[name]
+    x = torch.rand(16, *shape[1:], generator=torch.Generator().manual_seed(3))
+    try:
+        for backend in BACKENDS:
+            xqat.set_numerics(qat, backend)
+            report = xqat.parity(qat, path, x, backend=backend, layerwise=True)
             assert len(report.layers) == len(xqat.quant_points(qat))
             assert _all_identical(report) == [], f"{name} on {backend}"
     finally:
@@ -225,6 +259,67 @@ def test_inputs_read_through_folded_pool_and_flatten(tmp_path):
     path = tmp_path / "head.tflite"
     xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), path)
     xs = torch.rand(16, *INPUT_SHAPE[1:])
+    for backend in BACKENDS:
+        xqat.set_numerics(qat, backend)
+        assert _all_identical(xqat.parity(qat, path, xs, backend=backend, layerwise=True)) == [], backend
+
+
+def _near_tie_biases(p: np.ndarray) -> np.ndarray:
+    """Per channel, a float32 bias b whose b / p (the converter's double bias scale) and b / float32(p) round to
+    different int32 codes: on either side of a .5 tie."""
+    out = np.zeros(len(p), np.float32)
+    for c, pc in enumerate(p):
+        pf = float(np.float32(pc))
+        for k in range(1000, 200000):
+            t = np.float32((k + 0.5) * pc)
+            found = False
+            for b in (t, np.nextafter(t, np.float32(np.inf)), np.nextafter(t, np.float32(-np.inf))):
+                if np.floor(float(b) / pc + 0.5) != np.floor(float(b) / pf + 0.5):
+                    out[c], found = b, True
+                    break
+            if found:
+                break
+        else:
+            raise AssertionError(f"no near-tie bias for channel {c}")
+    return out
+
+
+def test_int32_bias_is_the_converters_at_near_ties(tmp_path):
+    """One rule (qparams.bias_codes: the converter's double scales) for the simulated bias, exact numerics and
+    the file; dividing by the float32 product instead gives other codes on these biases."""
+    from xqat.torch_side.qparams import bias_codes, converter_scale, int32_bias
+    from xqat.verify.exact.integer_ops import Grid, _bias_codes
+
+    torch.manual_seed(0)
+    qat = xqat.prepare_qat(nn.Sequential(nn.Linear(8, 4)).eval(), torch.rand(1, 8)).train()
+    with torch.no_grad():
+        for i in range(3):
+            qat(torch.rand(16, 8, generator=torch.Generator().manual_seed(i)))
+    qat.eval()
+    layer = next(m for m in qat.modules() if type(m).__name__ == "QLinear")
+    in_q = xqat.quant_points(qat)[0]
+    scale, zp = point_module(qat, in_q.key).quantizer.scale_zero_point()
+    s_w = layer.weight_quant.scales(layer.linear.weight)
+    p = np.broadcast_to((converter_scale(scale, zp) * converter_scale(s_w, 128, 8, True)).numpy(), (4,))
+    with torch.no_grad():
+        layer.linear.bias.copy_(torch.from_numpy(_near_tie_biases(p)))
+    path = tmp_path / "tie.tflite"
+    report = xqat.export_tflite(qat, torch.rand(1, 8), path)
+    assert report.ok and report.all_qparams_equal, report.problems()
+    m = read_tflite(path)
+    fc = next(o for o in m.ops if o.name == "FULLY_CONNECTED")
+    in_grid = m.tensors[fc.inputs[0]]
+    file_codes = m.tensors[fc.inputs[2]].data.astype(np.int64)
+    bias = layer.linear.bias.detach()
+    ours, _ = bias_codes(bias, converter_scale(scale, zp), converter_scale(s_w, 128, 8, True))
+    assert np.array_equal(ours.numpy().astype(np.int64), file_codes)
+    f32_rule = np.floor(bias.double().numpy() / p.astype(np.float32).astype(np.float64) + 0.5)
+    assert (f32_rule != file_codes).all()  # the float32 product's codes: wrong on every channel
+    grid = Grid(float(in_grid.scales[0]), int(in_grid.zero_points[0]), float(converter_scale(scale, zp)))
+    assert np.array_equal(_bias_codes(bias, 4, grid, converter_scale(s_w, 128, 8, True).numpy()), file_codes)
+    stored = m.tensors[fc.inputs[2]].scales.astype(np.float64)
+    assert np.array_equal(int32_bias(bias, scale, zp, s_w).double().numpy(), (file_codes * stored).astype(np.float32))
+    xs = torch.rand(32, 8, generator=torch.Generator().manual_seed(9)) * 0.01  # the bias dominates the outputs
     for backend in BACKENDS:
         xqat.set_numerics(qat, backend)
         assert _all_identical(xqat.parity(qat, path, xs, backend=backend, layerwise=True)) == [], backend

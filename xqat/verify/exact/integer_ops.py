@@ -18,7 +18,7 @@ from ...export.qdq_plan import weight_converter_scales
 from ...tflite.model import TFLiteModel, TFLiteOp, TFLiteTensor
 from ...tflite.qtypes import int8_zero_point
 from ...torch_side.modules import QConv2d, QLinear
-from ...torch_side.qparams import tflite_qparams
+from ...torch_side.qparams import bias_codes, tflite_qparams
 from ..emulate.base import Kernel
 from ..emulate.kernels import build
 from ..emulate.quantize import float_quantizer
@@ -76,12 +76,11 @@ def nhwc(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def _bias_codes(bias: torch.Tensor | None, channels: int, s_in: Grid, w_scales: np.ndarray) -> np.ndarray:
-    """The converter's int32 bias (docs/numerics.md#bias): round_half_away(b / (s_in * s_w)) with its *double*
-    scales, before the product is stored as float32 (dividing by the stored float32 scale differs at near-ties:
-    4674.49984 -> 4674 where the converter writes 4675)."""
-    b = np.zeros(channels) if bias is None else bias.detach().cpu().double().numpy()
-    q = round_half_away(torch.from_numpy(b / (np.float64(s_in.converter_scale) * w_scales))).numpy()
-    return np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32)
+    """The converter's int32 bias (`qparams.bias_codes`: its double input and weight scales), clipped to int32."""
+    if bias is None:
+        return np.zeros(channels, np.int32)
+    q, _ = bias_codes(bias, s_in.converter_scale, torch.from_numpy(np.asarray(w_scales, np.float64)))
+    return np.clip(q.cpu().numpy(), -INT32_MAX, INT32_MAX).astype(np.int32)
 
 
 def _weight_codes(wq: torch.Tensor, scales: torch.Tensor, axis: int) -> np.ndarray:
