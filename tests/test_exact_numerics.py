@@ -323,3 +323,37 @@ def test_int32_bias_is_the_converters_at_near_ties(tmp_path):
     for backend in BACKENDS:
         xqat.set_numerics(qat, backend)
         assert _all_identical(xqat.parity(qat, path, xs, backend=backend, layerwise=True)) == [], backend
+
+
+class _UpAndTime(nn.Module):
+    """Ops beyond the op models: Conv1d -> mean over time -> Linear; ConvTranspose2d (with BN + ReLU, and plain);
+    padded max pools after a ReLU (PAD + VALID) and on signed values (SAME)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv1d(3, 8, 3, padding=1), nn.Linear(8, 4)
+        self.up, self.up2 = nn.ConvTranspose2d(4, 6, 2, stride=2), nn.ConvTranspose2d(6, 5, 2, stride=2)
+        self.bn, self.pool, self.pool_signed = nn.BatchNorm2d(5), nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(3, 1, 1)
+
+    def forward(self, x, y):
+        return self.fc(torch.relu(self.c(x)).mean(2)), self.pool(torch.relu(self.bn(self.up2(self.up(y))))), \
+            self.pool_signed(y)
+
+
+def test_exact_transpose_conv_mean_over_time_and_padded_max_pools(tmp_path):
+    torch.manual_seed(0)
+    shapes = ((1, 3, 16), (1, 4, 4, 4))
+    qat = xqat.prepare_qat(_UpAndTime().eval(), tuple(torch.rand(s) for s in shapes)).train()
+    with torch.no_grad():
+        for _ in range(3):
+            qat(torch.rand(8, 3, 16) - 0.3, torch.randn(8, 4, 4, 4))
+    qat.eval()
+    path = tmp_path / "up.tflite"
+    xqat.export_tflite(qat, tuple(torch.rand(s) for s in shapes), path)
+    assert {"TRANSPOSE_CONV", "MEAN", "MAX_POOL_2D", "PAD"} <= {op.name for op in read_tflite(path).ops}
+    xs = (torch.rand(16, 3, 16) - 0.3, torch.randn(16, 4, 4, 4))
+    xqat.set_numerics(qat, "tf")
+    assert _all_identical(xqat.parity(qat, path, xs, layerwise=True)) != []  # the float simulation is 1 LSB off
+    for backend in BACKENDS:
+        xqat.set_numerics(qat, backend)
+        assert _all_identical(xqat.parity(qat, path, xs, backend=backend, layerwise=True)) == [], backend

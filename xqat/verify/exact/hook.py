@@ -21,6 +21,7 @@ from .integer_ops import (
     nhwc,
     op_kernel,
     requantize_kernel,
+    transpose_conv_kernel,
 )
 from .layers import Layer
 
@@ -133,22 +134,32 @@ class ExactPoint(nn.Module):
     def _op(self, xs, g_ins, shapes, y, g_out: Grid, key) -> torch.Tensor:
         """Any other device op: `layers._op`'s name, options and constants, one kernel call on the real shapes."""
         p, dev = self.params, y.device
-        tfl_shapes = [nhwc(s) for s in shapes]
+        tfl_shapes, out_shape = [nhwc(s) for s in shapes], nhwc(y.shape)
+        if p.get("channels_last"):  # (N, C, T) codes in torch layout: TFLite's (N, T, C)
+            xs = [x.permute(0, 2, 1) for x in xs]
+            tfl_shapes = [(1, s[2], s[1]) for s in shapes]
+            out_shape = (1, y.shape[2], y.shape[1]) if y.dim() == 3 else out_shape
         if p["same_grid"] and any(g != g_out for g in g_ins):
             # an input on another grid (its range moved this training step): the converter's requantize first
             xs = [x if g == g_out else requantize_kernel(self.label, tfl_shapes[i], g, g_out, self.backend, dev)([x])
                   for i, (x, g) in enumerate(zip(xs, g_ins))]
             g_ins = [g_out] * len(xs)
             key = (g_out, tuple(g_ins), *key[2:])
-        k = self._kernel(key, lambda: op_kernel(p["op"], self.label, tfl_shapes, g_ins, nhwc(y.shape), g_out,
+        k = self._kernel(key, lambda: op_kernel(p["op"], self.label, tfl_shapes, g_ins, out_shape, g_out,
                                                 p["options"], self.backend, dev, p["consts"]))
-        return k(xs)
+        out = k(xs)
+        return out.permute(0, 2, 1) if p.get("channels_last") and out.dim() == 3 else out
 
     def _conv(self, x, x_shape, y, g_in: Grid, g_out: Grid, key) -> torch.Tensor:
         m: QConv2d = self._layer_module
         fold = None
         if m.training and m.bn is not None and not bool(m.bn_frozen):
             fold = m.batch_fold  # this step's fold with batch statistics
+        if isinstance(m.conv, nn.ConvTranspose2d):
+            k = self._kernel(None if fold is not None else key + _versions(m),
+                             lambda: transpose_conv_kernel(m, self.label, x_shape, y.shape, g_in, g_out, self.backend,
+                                                           y.device, fold))
+            return k([x])
         conv1d = x.dim() == 3
         if conv1d:  # codes (N, C, W) -> the CONV_2D view [N, 1, W, C]
             x = x.permute(0, 2, 1).unsqueeze(1)

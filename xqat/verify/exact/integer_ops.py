@@ -25,8 +25,8 @@ from ..emulate.quantize import float_quantizer
 from ..emulate.rounding import INT32_MAX, round_half_away
 from ..emulate.rules import rules_for
 
-__all__ = ["Grid", "grid_of", "conv_kernel", "fc_kernel", "op_kernel", "const_grid", "input_quantizer",
-           "requantize_kernel", "FUSED"]
+__all__ = ["Grid", "grid_of", "conv_kernel", "transpose_conv_kernel", "fc_kernel", "op_kernel", "const_grid",
+           "input_quantizer", "requantize_kernel", "FUSED"]
 
 FUSED = {None: "NONE", "relu": "RELU", "relu6": "RELU6"}
 
@@ -91,20 +91,29 @@ def _weight_codes(wq: torch.Tensor, scales: torch.Tensor, axis: int) -> np.ndarr
     return torch.round(wq.detach().float() / scales.float().reshape(shape)).cpu().numpy().astype(np.int8)
 
 
-def conv_kernel(m: QConv2d, label: str, x_shape: Sequence[int], y_shape: Sequence[int], s_in: Grid, s_out: Grid,
-                backend: str, device: torch.device, fold=None) -> Kernel:
-    """CONV_2D / DEPTHWISE_CONV_2D of a QConv2d (Conv2d, or Conv1d on an [N, 1, W, C] view) on input codes
-    already padded with the input zero point (the converter writes torch's padding as SAME or PAD + VALID: the
-    same integer sums). `fold`: a training step's `BatchFold` (weight codes of FQ(w·γ/σ_mv), scales · σ_mv/σ_B,
-    bias β − μ_B·γ/σ_B)."""
+def _weights(m: QConv2d, label: str, s_in: Grid, fold) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A conv's int8 weight codes (output channels on `weight_axis`), float32 scales, and its int32 bias input.
+    `fold`: a training step's `BatchFold` (weight codes of FQ(w·γ/σ_mv), scales · σ_mv/σ_B, bias β − μ_B·γ/σ_B)."""
     wq, scales, bias = m.export_weights(None if fold is None else (fold.weight, fold.shift))
-    codes = _weight_codes(wq, scales, 0)
+    codes = _weight_codes(wq, scales, m.weight_axis)
     s_w = scales.detach().cpu().numpy().astype(np.float32).reshape(-1)
     if fold is None:
         w_conv = weight_converter_scales(s_w, f"layer {label}")
     else:  # a training step's layer is never converted: its float32 scales are the bias scale's factors
         s_w = (s_w * fold.scale.detach().cpu().numpy().astype(np.float32)).astype(np.float32)
         w_conv = s_w.astype(np.float64)
+    cout = codes.shape[m.weight_axis]
+    bias_in = {"dtype": "INT32", "data": _bias_codes(bias, cout, s_in, w_conv), "qdim": 0,
+               "scales": (np.float64(s_in.converter_scale) * w_conv).astype(np.float32)}
+    return codes, s_w, bias_in
+
+
+def conv_kernel(m: QConv2d, label: str, x_shape: Sequence[int], y_shape: Sequence[int], s_in: Grid, s_out: Grid,
+                backend: str, device: torch.device, fold=None) -> Kernel:
+    """CONV_2D / DEPTHWISE_CONV_2D of a QConv2d (Conv2d, or Conv1d on an [N, 1, W, C] view) on input codes
+    already padded with the input zero point (the converter writes torch's padding as SAME or PAD + VALID: the
+    same integer sums). `fold`: see `_weights`."""
+    codes, s_w, bias_in = _weights(m, label, s_in, fold)
     c = m.conv
     depthwise = m.is_depthwise
     if codes.ndim == 3:  # Conv1d: CONV_2D on an [N, 1, W, C] view (what export writes)
@@ -123,11 +132,28 @@ def conv_kernel(m: QConv2d, label: str, x_shape: Sequence[int], y_shape: Sequenc
         options["depthMultiplier"] = cout // c.in_channels
     ins = [("input", in_shape, s_in, {}),
            ("filter", filt.shape, None, {"scales": s_w, "data": filt, "qdim": 3 if depthwise else 0}),
-           ("bias", (cout,), None, {"dtype": "INT32", "data": _bias_codes(bias, cout, s_in, w_conv), "qdim": 0,
-                                    "scales": (np.float64(s_in.converter_scale) * w_conv).astype(np.float32)})]
-    return _kernel("DEPTHWISE_CONV_2D" if depthwise else "CONV_2D", label, ins,
-                   (label, nhwc(y_shape) if len(y_shape) == 4 else (1, 1, y_shape[2], y_shape[1]), s_out, {}), options,
-                   backend, device)
+           ("bias", (cout,), None, bias_in)]
+    out_shape = nhwc(y_shape) if len(y_shape) == 4 else (1, 1, y_shape[2], y_shape[1])
+    return _kernel("DEPTHWISE_CONV_2D" if depthwise else "CONV_2D", label, ins, (label, out_shape, s_out, {}),
+                   options, backend, device)
+
+
+def transpose_conv_kernel(m: QConv2d, label: str, x_shape: Sequence[int], y_shape: Sequence[int], s_in: Grid,
+                          s_out: Grid, backend: str, device: torch.device, fold=None) -> Kernel:
+    """TRANSPOSE_CONV of a QConv2d around a ConvTranspose2d without padding (what export writes: output shape,
+    (O, kh, kw, I) filter, input, int32 bias; VALID, fused activation). The kernel takes the input codes only."""
+    codes, s_w, bias_in = _weights(m, label, s_in, fold)
+    filt = codes.transpose(1, 2, 3, 0)  # torch (I, O, kh, kw) -> (O, kh, kw, I)
+    out_shape = nhwc(y_shape)
+    ins = [("output_shape", (4,), None, {"dtype": "INT32", "data": np.array(out_shape, np.int32)}),
+           ("filter", filt.shape, None, {"scales": s_w, "data": filt, "qdim": 0}),
+           ("input", nhwc(x_shape), s_in, {}),
+           ("bias", (filt.shape[0],), None, bias_in)]
+    c = m.conv
+    options = {"padding": "VALID", "strideH": c.stride[0], "strideW": c.stride[1],
+               "fusedActivationFunction": FUSED[m.act]}
+    k = _kernel("TRANSPOSE_CONV", label, ins, (label, out_shape, s_out, {}), options, backend, device)
+    return lambda xs: k([None, None, xs[0], None])
 
 
 def _pair2d(v: Sequence[int]) -> tuple[int, int]:

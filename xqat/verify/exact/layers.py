@@ -136,9 +136,13 @@ def _layer(gm: fx.GraphModule, anchor: fx.Node, point) -> Layer:
     shape = _shape(anchor)
     if isinstance(module, QConv2d):
         c = module.conv
-        if type(c) not in (nn.Conv2d, nn.Conv1d) or c.padding_mode != "zeros":
+        if type(c) not in (nn.Conv2d, nn.Conv1d, nn.ConvTranspose2d) or c.padding_mode != "zeros":
             raise _Refused(f"{type(c).__name__} (padding_mode {c.padding_mode!r}); only Conv2d / Conv1d with zero "
-                           "padding")
+                           "padding and ConvTranspose2d")
+        if isinstance(c, nn.ConvTranspose2d) and (any(c.padding) or any(c.output_padding) or c.groups != 1
+                                                  or any(d != 1 for d in c.dilation)):
+            raise _Refused("ConvTranspose2d with padding, output_padding, groups or dilation; only the plain "
+                           "upsampling form (TRANSPOSE_CONV, VALID)")
         return Layer("conv", label, keys, nodes, module)
     if isinstance(module, QLinear):
         if len(_shape(anchor.args[0])) != 2:
@@ -149,7 +153,10 @@ def _layer(gm: fx.GraphModule, anchor: fx.Node, point) -> Layer:
             raise _Refused("an add with a constant operand")
         return _op(label, keys, nodes, "ADD", {"fusedActivationFunction": _FUSED[module.act]})
     kind, detail = classify(gm, anchor)
-    if kind is OpKind.SAME_SCALE and point.passthrough:  # max pool, reshape, flatten, ...: codes are copied
+    if kind is OpKind.SAME_SCALE and point.passthrough:
+        # max pool, reshape, flatten, slicing, transpose, nearest resize, pad: the codes are copied, so the float
+        # op on grid values gives the device's codes (a padded max pool too: export pads with the lowest code, or
+        # with the zero point where that is the lowest code, as torch's -inf)
         return Layer("copy", label, keys, nodes)
     if kind in (OpKind.MUL, OpKind.SUB):
         if len(keys) != 2:
@@ -218,9 +225,13 @@ def _pooling(anchor: fx.Node, module: nn.Module | None, keys, nodes, label: str,
             d = arg(anchor, 1, "dim")
             dims = {int(v) % len(in_shape) for v in (d if isinstance(d, (list, tuple)) else [d])}
             keep = bool(arg(anchor, 2, "keepdim", False))
+        if len(in_shape) == 3 and dims == {2}:  # over time, (N, C, T): MEAN over axis 1 of TFLite's (N, T, C)
+            layer = _op(label, keys, nodes, "MEAN", {"keepDims": keep}, [Const(np.array([1], np.int32))])
+            layer.params["channels_last"] = True
+            return layer
         if len(in_shape) != 4 or dims != {2, 3}:
             raise _Refused(f"mean over dims {sorted(dims)} of a rank-{len(in_shape)} tensor; only the spatial mean "
-                           "of an NCHW tensor")
+                           "of an NCHW or over time of an (N, C, T) tensor")
         return _op(label, keys, nodes, "MEAN", {"keepDims": keep}, [Const(np.array([1, 2], np.int32))])
     if adaptive:  # equal windows (divisible sizes): an AVERAGE_POOL_2D of kernel = stride = in / out
         k = s = (in_shape[2] // shape[2], in_shape[3] // shape[3])
