@@ -352,8 +352,6 @@ def test_exact_transpose_conv_mean_over_time_and_padded_max_pools(tmp_path):
     xqat.export_tflite(qat, tuple(torch.rand(s) for s in shapes), path)
     assert {"TRANSPOSE_CONV", "MEAN", "MAX_POOL_2D", "PAD"} <= {op.name for op in read_tflite(path).ops}
     xs = (torch.rand(16, 3, 16) - 0.3, torch.randn(16, 4, 4, 4))
-    xqat.set_numerics(qat, "tf")
-    assert _all_identical(xqat.parity(qat, path, xs, layerwise=True)) != []  # the float simulation is 1 LSB off
     for backend in BACKENDS:
         xqat.set_numerics(qat, backend)
         assert _all_identical(xqat.parity(qat, path, xs, backend=backend, layerwise=True)) == [], backend

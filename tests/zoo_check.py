@@ -106,8 +106,8 @@ def check_exact(r: ZooResult, qat: torch.nn.Module, path: Path, xs: tuple[torch.
             xqat.set_numerics(qat, b)
             rep = xqat.parity(qat, path, xs[0] if len(xs) == 1 else xs, backend=b, layerwise=True)
             r.exact[b] = min(t.identical for t in rep.outputs + rep.layers)
-    except xqat.UnsupportedLayerError as e:
-        r.exact_error = _first_line(e)
+    except xqat.UnsupportedLayerError as e:  # the refused layers, one per line after the first
+        r.exact_error = "; ".join(line.strip() for line in str(e).splitlines()[1:])[:300] or _first_line(e)
     finally:
         xqat.set_numerics(qat, "tf")
 
