@@ -219,22 +219,24 @@ def test_bad_numerics_names_and_models():
 
 
 class _Unsupported(nn.Module):
+    """A Gram matrix (BATCH_MATMUL of two activations): no exact form yet, so exact numerics refuse it."""
+
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.hswish = nn.Hardswish()
-        self.head = nn.Conv2d(8, 4, 1)
+        self.head = nn.Linear(8, 4)
 
     def forward(self, x):
-        return self.head(self.hswish(self.conv(x)))
+        f = self.conv(x).flatten(2)
+        return self.head(torch.matmul(f, f.transpose(1, 2)).mean(2))
 
 
 def test_unsupported_layers_are_refused_by_name():
     qat = xqat.prepare_qat(_Unsupported().eval(), torch.randn(INPUT_SHAPE))
-    with pytest.raises(UnsupportedLayerError, match="'hswish' \\(Hardswish\\)"):
+    with pytest.raises(UnsupportedLayerError, match="'matmul' \\(matmul\\)"):
         xqat.set_numerics(qat, "xnnpack")
     assert xqat.numerics(qat) == "tf"
-    with pytest.raises(UnsupportedLayerError, match="hswish"):
+    with pytest.raises(UnsupportedLayerError, match="matmul"):
         xqat.prepare_qat(_Unsupported().eval(), torch.randn(INPUT_SHAPE), xqat.QATConfig(numerics="builtin"))
 
 

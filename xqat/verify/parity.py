@@ -218,6 +218,8 @@ def _compare(label: str, index: int, torch_out: torch.Tensor, scale: float, zp: 
         tc = codes.reshape(len(codes), -1)[:, order.reshape(-1)].reshape(len(codes), *order.shape[1:])
     else:
         tc = to_tflite_layout(codes, tfl_codes.shape, sequence_layout)
+    if tc.shape != tfl_codes.shape and tc.size == tfl_codes.size and tfl_codes.shape[0] % len(codes) == 0:
+        tc = tc.reshape(tfl_codes.shape)  # a FULLY_CONNECTED of a sequence: its rows, (T, F) per sample
     if tc.shape != tfl_codes.shape:
         raise ParityError(f"'{label}': torch shape {tuple(torch_out.shape)} vs tflite {tfl_codes.shape}")
     return _stats(label, index, tc, tfl_codes, classifier)

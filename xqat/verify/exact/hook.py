@@ -126,7 +126,8 @@ class ExactPoint(nn.Module):
             m = self._layer_module
             k = self._kernel(key + _versions(m), lambda: fc_kernel(m, self.label, shapes[0], g_ins[0], g_out,
                                                                    self.backend, dev))
-            return k([xs[0], None, None])
+            x = xs[0]  # 2-D, or (N, T, D) of a sequence in torch layout: FULLY_CONNECTED on its rows
+            return k([x.reshape(-1, x.shape[-1]), None, None]).reshape(*x.shape[:-1], -1)
         if kind == "op":
             return self._op(xs, g_ins, shapes, y, g_out, key)
         raise EmulationError(f"layer {self.label}: no exact kernel for {kind!r}")

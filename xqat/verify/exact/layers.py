@@ -145,8 +145,8 @@ def _layer(gm: fx.GraphModule, anchor: fx.Node, point) -> Layer:
                            "upsampling form (TRANSPOSE_CONV, VALID)")
         return Layer("conv", label, keys, nodes, module)
     if isinstance(module, QLinear):
-        if len(_shape(anchor.args[0])) != 2:
-            raise _Refused("Linear on a tensor of rank > 2")
+        if len(_shape(anchor.args[0])) not in (2, 3):
+            raise _Refused("Linear on a tensor of rank > 3")
         return Layer("fc", label, keys, nodes, module)
     if isinstance(module, QAdd):
         if len(keys) != 2:
