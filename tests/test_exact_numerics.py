@@ -357,3 +357,21 @@ def test_exact_transpose_conv_mean_over_time_and_padded_max_pools(tmp_path):
     for backend in BACKENDS:
         xqat.set_numerics(qat, backend)
         assert _all_identical(xqat.parity(qat, path, xs, backend=backend, layerwise=True)) == [], backend
+
+
+def test_exact_linear_on_sequences(tmp_path):
+    """Linear on (N, T, D): FULLY_CONNECTED on the rows of each sample (the .tflite's (T, F) tensors)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    qat = xqat.prepare_qat(net.eval(), torch.rand(1, 10, 6)).train()
+    with torch.no_grad():
+        for _ in range(3):
+            qat(torch.randn(8, 10, 6))
+    qat.eval()
+    path = tmp_path / "seq.tflite"
+    xqat.export_tflite(qat, torch.rand(1, 10, 6), path)
+    xs = torch.randn(16, 10, 6)
+    for backend in BACKENDS:
+        xqat.set_numerics(qat, backend)
+        report = xqat.parity(qat, path, xs, backend=backend, layerwise=True)
+        assert len(report.layers) == 3 and _all_identical(report) == [], backend
