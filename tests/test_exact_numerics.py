@@ -375,3 +375,37 @@ def test_exact_linear_on_sequences(tmp_path):
         xqat.set_numerics(qat, backend)
         report = xqat.parity(qat, path, xs, backend=backend, layerwise=True)
         assert len(report.layers) == 3 and _all_identical(report) == [], backend
+
+
+def test_training_with_dropout_in_exact_numerics():
+    """Dropout / DropPath drop in training (their points keep the "tf" value: a random mask has no device form)
+    and are identities in eval, where the whole model is the integer one."""
+    model, shape = make_op_model("pass_through")
+    qat = xqat.prepare_qat(model, torch.rand(shape), xqat.QATConfig(numerics="xnnpack"))
+    train_random(qat, shape, steps=3)
+    x = torch.rand(4, *shape[1:])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        a, b = qat.train()(x), qat(x)
+        assert not torch.equal(a, b) and bool(torch.isfinite(a).all())
+        assert torch.equal(qat.eval()(x), qat(x))
+
+
+def test_exact_leaky_relu_left_to_the_converter(tmp_path):
+    """QATConfig(skip=...) on a LeakyReLU: the converter's int8 LEAKY_RELU, computed by its kernel."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.1), nn.Conv2d(4, 4, 1)).eval()
+    with pytest.warns(UserWarning, match="is skipped"):
+        qat = xqat.prepare_qat(net, torch.rand(1, 3, 8, 8), xqat.QATConfig(skip=["1"]))
+    qat.train()
+    with torch.no_grad():
+        for _ in range(3):
+            qat(torch.randn(4, 3, 8, 8))
+    qat.eval()
+    path = tmp_path / "leaky.tflite"
+    xqat.export_tflite(qat, torch.rand(1, 3, 8, 8), path)
+    assert "LEAKY_RELU" in [op.name for op in read_tflite(path).ops]
+    xs = torch.randn(16, 3, 8, 8)
+    for backend in BACKENDS:
+        xqat.set_numerics(qat, backend)
+        assert _all_identical(xqat.parity(qat, path, xs, backend=backend, layerwise=True)) == [], backend

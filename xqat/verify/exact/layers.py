@@ -28,7 +28,8 @@ _FUSED = {None: "NONE", "relu": "RELU", "relu6": "RELU6"}
 SUPPORTED = ("conv / depthwise / grouped conv and Conv1d, Linear, with BN and fused ReLU/ReLU6; add, sub, mul (also "
              "broadcast SE gates); ReLU, ReLU6, hard swish, hard sigmoid, SiLU, sigmoid, tanh, softmax; average / "
              "max / global pooling, mean; bilinear and nearest resize; concat; copies (reshape, flatten, slicing, "
-             "chunk/split, transpose, channel shuffle, pad); Identity / Dropout / DropPath")
+             "chunk/split, transpose, channel shuffle, pad); Identity / Dropout / DropPath; ConvTranspose2d without "
+             "padding; Linear on sequences; a LeakyReLU left to the converter (skip)")
 
 
 class Const(NamedTuple):
@@ -152,6 +153,9 @@ def _layer(gm: fx.GraphModule, anchor: fx.Node, point) -> Layer:
         if len(keys) != 2:
             raise _Refused("an add with a constant operand")
         return _op(label, keys, nodes, "ADD", {"fusedActivationFunction": _FUSED[module.act]})
+    if isinstance(module, nn.LeakyReLU) or anchor.target is F.leaky_relu:  # left to the converter (skip): its op
+        slope = module.negative_slope if module is not None else arg(anchor, 1, "negative_slope", 0.01)
+        return _op(label, keys, nodes, "LEAKY_RELU", {"alpha": float(slope)})
     kind, detail = classify(gm, anchor)
     if kind is OpKind.SAME_SCALE and point.passthrough:
         # max pool, reshape, flatten, slicing, transpose, nearest resize, pad: the codes are copied, so the float
