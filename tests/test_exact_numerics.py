@@ -409,3 +409,16 @@ def test_exact_leaky_relu_left_to_the_converter(tmp_path):
     for backend in BACKENDS:
         xqat.set_numerics(qat, backend)
         assert _all_identical(xqat.parity(qat, path, xs, backend=backend, layerwise=True)) == [], backend
+
+
+def test_in_place_activation_does_not_change_the_recorded_point(tmp_path):
+    """torchvision's Hardswish(inplace=True) after a conv overwrites the tensor the conv's point passed on; parity
+    records a copy, so the conv's row compares the conv's codes."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.Hardswish(inplace=True), nn.Conv2d(8, 4, 1)).eval()
+    qat = calibrate(xqat.prepare_qat(net, torch.randn(INPUT_SHAPE)))
+    path = tmp_path / "hs.tflite"
+    xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), path)
+    xqat.set_numerics(qat, "xnnpack")
+    report = xqat.parity(qat, path, torch.rand(8, *INPUT_SHAPE[1:]), layerwise=True)
+    assert [t.name for t in report.layers] == ["input:input_1", "0", "1", "2"] and _all_identical(report) == []
