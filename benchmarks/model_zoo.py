@@ -87,7 +87,9 @@ def write_doc(results: dict[tuple[int, int], list[ZooResult]], seconds: float) -
         "Each model: random init, 10 classes, `prepare_qat` -> 3 training steps -> `export_tflite` (strict: every "
         "scale, zero point and weight code equal, full-integer) -> `parity` on xnnpack / builtin / reference "
         "(output codes identical; top-1 agreement for classifiers; 8 random inputs) -> integer emulator vs "
-        "interpreter (bit-exact on every backend) -> `check_edgetpu` (share of ops in the TPU segment). "
+        "interpreter (bit-exact on every backend) -> exact numerics (`xqat.set_numerics(qat, backend)`, layerwise "
+        "parity: ✓ when every tensor's codes are identical, else the least identical share) -> `check_edgetpu` "
+        "(share of ops in the TPU segment). "
         "EdgeTPU-friendly families also export with `edgetpu=True`.",
         "",
         f"Command: `.venv/bin/python -m benchmarks.model_zoo` ({platform.machine()}, {os.cpu_count()} cores, "
