@@ -422,3 +422,31 @@ def test_in_place_activation_does_not_change_the_recorded_point(tmp_path):
     xqat.set_numerics(qat, "xnnpack")
     report = xqat.parity(qat, path, torch.rand(8, *INPUT_SHAPE[1:]), layerwise=True)
     assert [t.name for t in report.layers] == ["input:input_1", "0", "1", "2"] and _all_identical(report) == []
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, kind: type[nn.Module]):
+        super().__init__()
+        self.rnn, self.fc = kind(6, 8, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.fc(y[:, -1])
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+def test_exact_unrolled_recurrent_layers(tmp_path, kind):
+    """LSTM / GRU unrolled into gate FULLY_CONNECTEDs, LOGISTIC, TANH, MUL, ADD, SUB: every tensor identical."""
+    torch.manual_seed(0)
+    qat = xqat.prepare_qat(_Recurrent(kind).eval(), torch.rand(1, 5, 6)).train()
+    with torch.no_grad():
+        for _ in range(3):
+            qat(torch.randn(8, 5, 6))
+    qat.eval()
+    path = tmp_path / "rnn.tflite"
+    xqat.export_tflite(qat, torch.rand(1, 5, 6), path)
+    xs = torch.randn(16, 5, 6)
+    for backend in BACKENDS:
+        xqat.set_numerics(qat, backend)
+        report = xqat.parity(qat, path, xs, backend=backend, layerwise=True)
+        assert len(report.layers) > 50 and _all_identical(report) == [], backend

@@ -29,7 +29,7 @@ SUPPORTED = ("conv / depthwise / grouped conv and Conv1d, Linear, with BN and fu
              "broadcast SE gates); ReLU, ReLU6, hard swish, hard sigmoid, SiLU, sigmoid, tanh, softmax; average / "
              "max / global pooling, mean; bilinear and nearest resize; concat; copies (reshape, flatten, slicing, "
              "chunk/split, transpose, channel shuffle, pad); Identity / Dropout / DropPath; ConvTranspose2d without "
-             "padding; Linear on sequences; a LeakyReLU left to the converter (skip)")
+             "padding; Linear on sequences, unrolled LSTM / GRU; a LeakyReLU left to the converter (skip)")
 
 
 class Const(NamedTuple):
