@@ -450,3 +450,17 @@ def test_exact_unrolled_recurrent_layers(tmp_path, kind):
         xqat.set_numerics(qat, backend)
         report = xqat.parity(qat, path, xs, backend=backend, layerwise=True)
         assert len(report.layers) > 50 and _all_identical(report) == [], backend
+
+
+def test_exact_ceil_mode_average_pool_without_partial_windows(tmp_path):
+    """timm's ResNet-D downsample: AvgPool2d(2, 2, ceil_mode=True) at an even size is the VALID pool."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
+                        nn.Conv2d(8, 4, 1)).eval()
+    qat = calibrate(xqat.prepare_qat(net, torch.randn(INPUT_SHAPE)))
+    path = tmp_path / "pool.tflite"
+    xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), path)
+    for backend in BACKENDS:
+        xqat.set_numerics(qat, backend)
+        report = xqat.parity(qat, path, torch.rand(8, *INPUT_SHAPE[1:]), backend=backend, layerwise=True)
+        assert _all_identical(report) == [], backend

@@ -218,6 +218,16 @@ def _resize(gm: fx.GraphModule, anchor: fx.Node, module, label: str, keys, nodes
                same_grid=True)
 
 
+def _ceil_changes(ceil: bool, k, s, in_shape, shape) -> bool:
+    """ceil_mode adds a partial window here (else the pool is the VALID one: timm's ResNet-D downsample at even
+    sizes)."""
+    if not ceil:
+        return False
+    (kh, kw) = _pair(k)
+    (sh, sw) = _pair(s) if s not in (None, []) else (kh, kw)
+    return tuple(shape[2:]) != ((in_shape[2] - kh) // sh + 1, (in_shape[3] - kw) // sw + 1)
+
+
 def _pooling(anchor: fx.Node, module: nn.Module | None, keys, nodes, label: str, shape) -> Layer:
     in_shape = _shape(anchor.args[0])
     adaptive = isinstance(module, nn.AdaptiveAvgPool2d) or anchor.target is F.adaptive_avg_pool2d
@@ -241,12 +251,13 @@ def _pooling(anchor: fx.Node, module: nn.Module | None, keys, nodes, label: str,
         k = s = (in_shape[2] // shape[2], in_shape[3] // shape[3])
     elif isinstance(module, nn.AvgPool2d):
         k, s, p = module.kernel_size, module.stride, module.padding
-        if _pair(p) != (0, 0) or module.ceil_mode or module.divisor_override:
-            raise _Refused("average pooling with padding, ceil_mode or divisor_override")
+        if _pair(p) != (0, 0) or _ceil_changes(module.ceil_mode, k, s, in_shape, shape) or module.divisor_override:
+            raise _Refused("average pooling with padding, ceil_mode (where it adds a window) or divisor_override")
     else:
         k, s, p = arg(anchor, 1, "kernel_size"), arg(anchor, 2, "stride"), arg(anchor, 3, "padding", 0)
-        if _pair(p) != (0, 0) or arg(anchor, 4, "ceil_mode", False) or arg(anchor, 6, "divisor_override"):
-            raise _Refused("average pooling with padding, ceil_mode or divisor_override")
+        if _pair(p) != (0, 0) or _ceil_changes(arg(anchor, 4, "ceil_mode", False), k, s, in_shape, shape) \
+                or arg(anchor, 6, "divisor_override"):
+            raise _Refused("average pooling with padding, ceil_mode (where it adds a window) or divisor_override")
     (kh, kw) = _pair(k)
     (sh, sw) = _pair(s) if s not in (None, []) else (kh, kw)
     options = {"filterHeight": kh, "filterWidth": kw, "strideH": sh, "strideW": sw, "padding": "VALID",
