@@ -60,8 +60,17 @@ def _detail_rows(results: list[ZooResult]) -> list[str]:
         tpu += f" (edgetpu=True: {r.edgetpu_export})" if r.edgetpu_export else ""
         status = "ok" if r.ok else f"fails at {r.stage}: {r.error}"
         max_abs = max(r.max_abs.values()) if r.max_abs else "-"
-        rows.append(f"| {r.model} | {status} | {ident} | {max_abs} | {top1} | {emu} | {tpu} |")
+        rows.append(f"| {r.model} | {status} | {ident} | {max_abs} | {top1} | {emu} | {_exact_cell(r)} | {tpu} |")
     return rows
+
+
+def _exact_cell(r: ZooResult) -> str:
+    """Exact numerics per backend: "✓" when every tensor's codes are identical, else the least identical share."""
+    if r.exact_error:
+        return f"refused: {r.exact_error}"
+    if not r.exact:
+        return "-"
+    return " / ".join(("✓" if r.exact[b] == 1.0 else f"{100 * r.exact[b]:.1f}%") for b in BACKENDS if b in r.exact)
 
 
 def write_doc(results: dict[tuple[int, int], list[ZooResult]], seconds: float) -> str:
@@ -74,7 +83,9 @@ def write_doc(results: dict[tuple[int, int], list[ZooResult]], seconds: float) -
         "Each model: random init, 10 classes, `prepare_qat` -> 3 training steps -> `export_tflite` (strict: every "
         "scale, zero point and weight code equal, full-integer) -> `parity` on xnnpack / builtin / reference "
         "(output codes identical; top-1 agreement for classifiers; 8 random inputs) -> integer emulator vs "
-        "interpreter (bit-exact on every backend) -> `check_edgetpu` (share of ops in the TPU segment). "
+        "interpreter (bit-exact on every backend) -> exact numerics (`xqat.set_numerics(qat, backend)`, layerwise "
+        "parity: ✓ when every tensor's codes are identical, else the least identical share) -> `check_edgetpu` "
+        "(share of ops in the TPU segment). "
         "EdgeTPU-friendly families also export with `edgetpu=True`.",
         "",
         f"Command: `.venv/bin/python -m benchmarks.model_zoo` ({platform.machine()}, {os.cpu_count()} cores, "
@@ -100,7 +111,8 @@ def write_doc(results: dict[tuple[int, int], list[ZooResult]], seconds: float) -
     for s in sizes:
         lines += [f"## Details at {s[0]}×{s[1]}", "",
                   "| model | result | output identical (xnnpack / builtin / reference) | max abs Δ | top-1 agreement "
-                  "| emulator | EdgeTPU mapped |", "|---|---|---|---|---|---|---|"]
+                  "| emulator | exact numerics: every tensor identical (xnnpack / builtin / reference) "
+                  "| EdgeTPU mapped |", "|---|---|---|---|---|---|---|---|"]
         lines += _detail_rows(results[s]) + [""]
     if KNOWN_CAUSES:
         lines += ["## Known causes of the failures", ""] + [f"- **{k}**: {v}" for k, v in KNOWN_CAUSES.items()] + [""]

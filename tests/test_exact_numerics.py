@@ -4,7 +4,9 @@ produces, bit for bit, against the real interpreter on every tensor; training wo
 from __future__ import annotations
 
 import copy
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,10 +14,12 @@ from torch import fx, nn
 
 import xqat
 from tests.models import INPUT_SHAPE, MODELS, calibrate, make_model
+from tests.op_models import OP_MODELS, make_op_model, train_random
 from xqat.demo.nets import ResNetSmall
 from xqat.errors import NotQATModelError, QATConfigError, UnsupportedLayerError
+from xqat.tflite.model import read_tflite
 from xqat.torch_side.config import NUMERICS
-from xqat.torch_side.prepare import POINTS, qat_config
+from xqat.torch_side.prepare import POINTS, point_module, qat_config
 from xqat.verify.backends import BACKENDS
 from xqat.verify.teacher_forced import run_recording
 
@@ -38,6 +42,36 @@ def test_exact_numerics_match_the_interpreter_on_every_tensor(exported, parity_i
         for backend in BACKENDS:
             xqat.set_numerics(qat, backend)
             report = xqat.parity(qat, path, parity_inputs, backend=backend, layerwise=True)
+            assert len(report.layers) == len(xqat.quant_points(qat))
+            assert _all_identical(report) == [], f"{name} on {backend}"
+    finally:
+        xqat.set_numerics(qat, "tf")
+
+
+@pytest.fixture(scope="module")
+def op_exported(tmp_path_factory):
+    """Every op model (tests/op_models.py), trained a few steps and exported once: name -> (qat, path, shape)."""
+    folder, out = tmp_path_factory.mktemp("exact_ops"), {}
+    for name in OP_MODELS:
+        model, shape = make_op_model(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qat = train_random(xqat.prepare_qat(model, torch.rand(shape)), shape)
+            xqat.export_tflite(qat, torch.rand(shape), folder / f"{name}.tflite")
+        out[name] = (qat, folder / f"{name}.tflite", shape)
+    return out
+
+
+@pytest.mark.parametrize("name", list(OP_MODELS))
+def test_exact_numerics_of_every_op_kind_match_the_interpreter(op_exported, name):
+    """SE gates (broadcast MUL), SiLU, hard swish / sigmoid (constant ADD and MUL), standalone ReLU, softmax,
+    bilinear and nearest resize, Conv1d, grouped convs and channel shuffle, pads, pass-through ops."""
+    qat, path, shape = op_exported[name]
+    x = torch.rand(16, *shape[1:], generator=torch.Generator().manual_seed(3))
+    try:
+        for backend in BACKENDS:
+            xqat.set_numerics(qat, backend)
+            report = xqat.parity(qat, path, x, backend=backend, layerwise=True)
             assert len(report.layers) == len(xqat.quant_points(qat))
             assert _all_identical(report) == [], f"{name} on {backend}"
     finally:
@@ -185,22 +219,24 @@ def test_bad_numerics_names_and_models():
 
 
 class _Unsupported(nn.Module):
+    """A Gram matrix (BATCH_MATMUL of two activations): no exact form yet, so exact numerics refuse it."""
+
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.hswish = nn.Hardswish()
-        self.head = nn.Conv2d(8, 4, 1)
+        self.head = nn.Linear(8, 4)
 
     def forward(self, x):
-        return self.head(self.hswish(self.conv(x)))
+        f = self.conv(x).flatten(2)
+        return self.head(torch.matmul(f, f.transpose(1, 2)).mean(2))
 
 
 def test_unsupported_layers_are_refused_by_name():
     qat = xqat.prepare_qat(_Unsupported().eval(), torch.randn(INPUT_SHAPE))
-    with pytest.raises(UnsupportedLayerError, match="'hswish' \\(Hardswish\\)"):
+    with pytest.raises(UnsupportedLayerError, match="'matmul' \\(matmul\\)"):
         xqat.set_numerics(qat, "xnnpack")
     assert xqat.numerics(qat) == "tf"
-    with pytest.raises(UnsupportedLayerError, match="hswish"):
+    with pytest.raises(UnsupportedLayerError, match="matmul"):
         xqat.prepare_qat(_Unsupported().eval(), torch.randn(INPUT_SHAPE), xqat.QATConfig(numerics="builtin"))
 
 
@@ -228,3 +264,203 @@ def test_inputs_read_through_folded_pool_and_flatten(tmp_path):
     for backend in BACKENDS:
         xqat.set_numerics(qat, backend)
         assert _all_identical(xqat.parity(qat, path, xs, backend=backend, layerwise=True)) == [], backend
+
+
+def _near_tie_biases(p: np.ndarray) -> np.ndarray:
+    """Per channel, a float32 bias b whose b / p (the converter's double bias scale) and b / float32(p) round to
+    different int32 codes: on either side of a .5 tie."""
+    out = np.zeros(len(p), np.float32)
+    for c, pc in enumerate(p):
+        pf = float(np.float32(pc))
+        for k in range(1000, 200000):
+            t = np.float32((k + 0.5) * pc)
+            found = False
+            for b in (t, np.nextafter(t, np.float32(np.inf)), np.nextafter(t, np.float32(-np.inf))):
+                if np.floor(float(b) / pc + 0.5) != np.floor(float(b) / pf + 0.5):
+                    out[c], found = b, True
+                    break
+            if found:
+                break
+        else:
+            raise AssertionError(f"no near-tie bias for channel {c}")
+    return out
+
+
+def test_int32_bias_is_the_converters_at_near_ties(tmp_path):
+    """One rule (qparams.bias_codes: the converter's double scales) for the simulated bias, exact numerics and
+    the file; dividing by the float32 product instead gives other codes on these biases."""
+    from xqat.torch_side.qparams import bias_codes, converter_scale, int32_bias
+    from xqat.verify.exact.integer_ops import Grid, _bias_codes
+
+    torch.manual_seed(0)
+    qat = xqat.prepare_qat(nn.Sequential(nn.Linear(8, 4)).eval(), torch.rand(1, 8)).train()
+    with torch.no_grad():
+        for i in range(3):
+            qat(torch.rand(16, 8, generator=torch.Generator().manual_seed(i)))
+    qat.eval()
+    layer = next(m for m in qat.modules() if type(m).__name__ == "QLinear")
+    in_q = xqat.quant_points(qat)[0]
+    scale, zp = point_module(qat, in_q.key).quantizer.scale_zero_point()
+    s_w = layer.weight_quant.scales(layer.linear.weight)
+    p = np.broadcast_to((converter_scale(scale, zp) * converter_scale(s_w, 128, 8, True)).numpy(), (4,))
+    with torch.no_grad():
+        layer.linear.bias.copy_(torch.from_numpy(_near_tie_biases(p)))
+    path = tmp_path / "tie.tflite"
+    report = xqat.export_tflite(qat, torch.rand(1, 8), path)
+    assert report.ok and report.all_qparams_equal, report.problems()
+    m = read_tflite(path)
+    fc = next(o for o in m.ops if o.name == "FULLY_CONNECTED")
+    in_grid = m.tensors[fc.inputs[0]]
+    file_codes = m.tensors[fc.inputs[2]].data.astype(np.int64)
+    bias = layer.linear.bias.detach()
+    ours, _ = bias_codes(bias, converter_scale(scale, zp), converter_scale(s_w, 128, 8, True))
+    assert np.array_equal(ours.numpy().astype(np.int64), file_codes)
+    f32_rule = np.floor(bias.double().numpy() / p.astype(np.float32).astype(np.float64) + 0.5)
+    assert (f32_rule != file_codes).all()  # the float32 product's codes: wrong on every channel
+    grid = Grid(float(in_grid.scales[0]), int(in_grid.zero_points[0]), float(converter_scale(scale, zp)))
+    assert np.array_equal(_bias_codes(bias, 4, grid, converter_scale(s_w, 128, 8, True).numpy()), file_codes)
+    stored = m.tensors[fc.inputs[2]].scales.astype(np.float64)
+    assert np.array_equal(int32_bias(bias, scale, zp, s_w).double().numpy(), (file_codes * stored).astype(np.float32))
+    xs = torch.rand(32, 8, generator=torch.Generator().manual_seed(9)) * 0.01  # the bias dominates the outputs
+    for backend in BACKENDS:
+        xqat.set_numerics(qat, backend)
+        assert _all_identical(xqat.parity(qat, path, xs, backend=backend, layerwise=True)) == [], backend
+
+
+class _UpAndTime(nn.Module):
+    """Ops beyond the op models: Conv1d -> mean over time -> Linear; ConvTranspose2d (with BN + ReLU, and plain);
+    padded max pools after a ReLU (PAD + VALID) and on signed values (SAME)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv1d(3, 8, 3, padding=1), nn.Linear(8, 4)
+        self.up, self.up2 = nn.ConvTranspose2d(4, 6, 2, stride=2), nn.ConvTranspose2d(6, 5, 2, stride=2)
+        self.bn, self.pool, self.pool_signed = nn.BatchNorm2d(5), nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(3, 1, 1)
+
+    def forward(self, x, y):
+        return self.fc(torch.relu(self.c(x)).mean(2)), self.pool(torch.relu(self.bn(self.up2(self.up(y))))), \
+            self.pool_signed(y)
+
+
+def test_exact_transpose_conv_mean_over_time_and_padded_max_pools(tmp_path):
+    torch.manual_seed(0)
+    shapes = ((1, 3, 16), (1, 4, 4, 4))
+    qat = xqat.prepare_qat(_UpAndTime().eval(), tuple(torch.rand(s) for s in shapes)).train()
+    with torch.no_grad():
+        for _ in range(3):
+            qat(torch.rand(8, 3, 16) - 0.3, torch.randn(8, 4, 4, 4))
+    qat.eval()
+    path = tmp_path / "up.tflite"
+    xqat.export_tflite(qat, tuple(torch.rand(s) for s in shapes), path)
+    assert {"TRANSPOSE_CONV", "MEAN", "MAX_POOL_2D", "PAD"} <= {op.name for op in read_tflite(path).ops}
+    xs = (torch.rand(16, 3, 16) - 0.3, torch.randn(16, 4, 4, 4))
+    for backend in BACKENDS:
+        xqat.set_numerics(qat, backend)
+        assert _all_identical(xqat.parity(qat, path, xs, backend=backend, layerwise=True)) == [], backend
+
+
+def test_exact_linear_on_sequences(tmp_path):
+    """Linear on (N, T, D): FULLY_CONNECTED on the rows of each sample (the .tflite's (T, F) tensors)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    qat = xqat.prepare_qat(net.eval(), torch.rand(1, 10, 6)).train()
+    with torch.no_grad():
+        for _ in range(3):
+            qat(torch.randn(8, 10, 6))
+    qat.eval()
+    path = tmp_path / "seq.tflite"
+    xqat.export_tflite(qat, torch.rand(1, 10, 6), path)
+    xs = torch.randn(16, 10, 6)
+    for backend in BACKENDS:
+        xqat.set_numerics(qat, backend)
+        report = xqat.parity(qat, path, xs, backend=backend, layerwise=True)
+        assert len(report.layers) == 3 and _all_identical(report) == [], backend
+
+
+def test_training_with_dropout_in_exact_numerics():
+    """Dropout / DropPath drop in training (their points keep the "tf" value: a random mask has no device form)
+    and are identities in eval, where the whole model is the integer one."""
+    model, shape = make_op_model("pass_through")
+    qat = xqat.prepare_qat(model, torch.rand(shape), xqat.QATConfig(numerics="xnnpack"))
+    train_random(qat, shape, steps=3)
+    x = torch.rand(4, *shape[1:])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        a, b = qat.train()(x), qat(x)
+        assert not torch.equal(a, b) and bool(torch.isfinite(a).all())
+        assert torch.equal(qat.eval()(x), qat(x))
+
+
+def test_exact_leaky_relu_left_to_the_converter(tmp_path):
+    """QATConfig(skip=...) on a LeakyReLU: the converter's int8 LEAKY_RELU, computed by its kernel."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.1), nn.Conv2d(4, 4, 1)).eval()
+    with pytest.warns(UserWarning, match="is skipped"):
+        qat = xqat.prepare_qat(net, torch.rand(1, 3, 8, 8), xqat.QATConfig(skip=["1"]))
+    qat.train()
+    with torch.no_grad():
+        for _ in range(3):
+            qat(torch.randn(4, 3, 8, 8))
+    qat.eval()
+    path = tmp_path / "leaky.tflite"
+    xqat.export_tflite(qat, torch.rand(1, 3, 8, 8), path)
+    assert "LEAKY_RELU" in [op.name for op in read_tflite(path).ops]
+    xs = torch.randn(16, 3, 8, 8)
+    for backend in BACKENDS:
+        xqat.set_numerics(qat, backend)
+        assert _all_identical(xqat.parity(qat, path, xs, backend=backend, layerwise=True)) == [], backend
+
+
+def test_in_place_activation_does_not_change_the_recorded_point(tmp_path):
+    """torchvision's Hardswish(inplace=True) after a conv overwrites the tensor the conv's point passed on; parity
+    records a copy, so the conv's row compares the conv's codes."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.Hardswish(inplace=True), nn.Conv2d(8, 4, 1)).eval()
+    qat = calibrate(xqat.prepare_qat(net, torch.randn(INPUT_SHAPE)))
+    path = tmp_path / "hs.tflite"
+    xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), path)
+    xqat.set_numerics(qat, "xnnpack")
+    report = xqat.parity(qat, path, torch.rand(8, *INPUT_SHAPE[1:]), layerwise=True)
+    assert [t.name for t in report.layers] == ["input:input_1", "0", "1", "2"] and _all_identical(report) == []
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, kind: type[nn.Module]):
+        super().__init__()
+        self.rnn, self.fc = kind(6, 8, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.fc(y[:, -1])
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+def test_exact_unrolled_recurrent_layers(tmp_path, kind):
+    """LSTM / GRU unrolled into gate FULLY_CONNECTEDs, LOGISTIC, TANH, MUL, ADD, SUB: every tensor identical."""
+    torch.manual_seed(0)
+    qat = xqat.prepare_qat(_Recurrent(kind).eval(), torch.rand(1, 5, 6)).train()
+    with torch.no_grad():
+        for _ in range(3):
+            qat(torch.randn(8, 5, 6))
+    qat.eval()
+    path = tmp_path / "rnn.tflite"
+    xqat.export_tflite(qat, torch.rand(1, 5, 6), path)
+    xs = torch.randn(16, 5, 6)
+    for backend in BACKENDS:
+        xqat.set_numerics(qat, backend)
+        report = xqat.parity(qat, path, xs, backend=backend, layerwise=True)
+        assert len(report.layers) > 50 and _all_identical(report) == [], backend
+
+
+def test_exact_ceil_mode_average_pool_without_partial_windows(tmp_path):
+    """timm's ResNet-D downsample: AvgPool2d(2, 2, ceil_mode=True) at an even size is the VALID pool."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
+                        nn.Conv2d(8, 4, 1)).eval()
+    qat = calibrate(xqat.prepare_qat(net, torch.randn(INPUT_SHAPE)))
+    path = tmp_path / "pool.tflite"
+    xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), path)
+    for backend in BACKENDS:
+        xqat.set_numerics(qat, backend)
+        report = xqat.parity(qat, path, torch.rand(8, *INPUT_SHAPE[1:]), backend=backend, layerwise=True)
+        assert _all_identical(report) == [], backend

@@ -1,5 +1,6 @@
 """Real architectures end to end (torchvision, timm, detection/segmentation heads, Conv1d): every zoo model
-prepares, trains, exports strictly, matches the emulator bit for bit on three backends and, for the EdgeTPU
+prepares, trains, exports strictly, matches the emulator bit for bit on three backends, computes in exact numerics
+(`xqat.set_numerics`) the interpreter's codes on every tensor and, for the EdgeTPU
 families, exports with edgetpu=True fully mapped. The same runs fill docs/model-zoo.md
 (`python -m benchmarks.model_zoo`; a model too heavy for the CI machine runs as its stand-in,
 `TEST_STAND_INS`). Marked `zoo` (slow); CI runs it: `pytest -m "not zoo"` skips it locally."""
@@ -46,6 +47,8 @@ def test_zoo_model_end_to_end(name, size, tmp_path):
     assert r.ok, f"{name} at {size}: fails at {r.stage}: {r.error}"
     assert all(r.emulator_exact[b] for b in BACKENDS), f"emulator differs from the interpreter: {r.emulator_exact}"
     assert max(r.max_abs.values()) <= MAX_OUTPUT_LSB, f"output parity {r.max_abs} LSB"
+    assert not r.exact_error, f"exact numerics refused: {r.exact_error}"
+    assert all(r.exact[b] == 1.0 for b in BACKENDS), f"exact numerics: least share of identical codes {r.exact}"
     if z.edgetpu:
         assert r.edgetpu_export == "ok", r.edgetpu_export
         assert r.edgetpu_fully_mapped, f"EdgeTPU segment covers {r.edgetpu_mapped:.0%} of ops"

@@ -24,7 +24,8 @@ class ZooResult:
 
     model: str
     size: tuple[int, int]
-    stage: str = "build"  # the last stage reached: build, prepare, train, export, parity, emulate, edgetpu, done
+    stage: str = "build"  # the last stage reached: build, prepare, train, export, parity, emulate, exact, edgetpu,
+    # done
     error: str = ""
     identical: dict[str, float] = field(default_factory=dict)  # backend -> share of output codes identical
     max_abs: dict[str, int] = field(default_factory=dict)
@@ -33,6 +34,9 @@ class ZooResult:
     edgetpu_mapped: float | None = None  # share of ops in the TPU segment
     edgetpu_fully_mapped: bool | None = None
     edgetpu_export: str = ""  # "ok" / the reason export_tflite(edgetpu=True) refused; "" when not asked
+    exact: dict[str, float] = field(default_factory=dict)  # backend -> least share of identical codes over all
+    # tensors, layerwise, in that backend's exact numerics (1.0: every tensor identical)
+    exact_error: str = ""  # why exact numerics could not run (a refused layer), "" otherwise
 
     @property
     def ok(self) -> bool:
@@ -93,6 +97,21 @@ def emulator_matches(path: Path, xs: tuple[torch.Tensor, ...], backend: str) -> 
     return len(got) == len(want) and all(np.array_equal(np.asarray(g), w) for g, w in zip(got, want))
 
 
+def check_exact(r: ZooResult, qat: torch.nn.Module, path: Path, xs: tuple[torch.Tensor, ...],
+                backends: tuple[str, ...]) -> None:
+    """Per backend, the model in that backend's exact numerics against the interpreter, layerwise: the least share
+    of identical codes over all tensors (1.0: every tensor identical); a refusal is recorded, not raised."""
+    try:
+        for b in backends:
+            xqat.set_numerics(qat, b)
+            rep = xqat.parity(qat, path, xs[0] if len(xs) == 1 else xs, backend=b, layerwise=True)
+            r.exact[b] = min(t.identical for t in rep.outputs + rep.layers)
+    except xqat.UnsupportedLayerError as e:  # the refused layers, one per line after the first
+        r.exact_error = "; ".join(line.strip() for line in str(e).splitlines()[1:])[:300] or _first_line(e)
+    finally:
+        xqat.set_numerics(qat, "tf")
+
+
 def check_model(z: ZooModel, size: tuple[int, int], workdir: str | os.PathLike, n_inputs: int = 8,
                 backends: tuple[str, ...] = BACKENDS) -> ZooResult:
     """Run `z` at `size` through the chain; stop at the first failing stage and record why."""
@@ -120,6 +139,8 @@ def check_model(z: ZooModel, size: tuple[int, int], workdir: str | os.PathLike, 
             r.stage = "emulate"
             for b in backends:
                 r.emulator_exact[b] = emulator_matches(path, xs, b)
+            r.stage = "exact"
+            check_exact(r, qat, path, xs, backends)
             r.stage = "edgetpu"
             tpu = xqat.check_edgetpu(path)
             r.edgetpu_mapped, r.edgetpu_fully_mapped = tpu.mapped_op_share, tpu.fully_mapped

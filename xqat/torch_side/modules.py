@@ -120,12 +120,12 @@ class WeightQuantizedModule(nn.Module):
             active = (q.step > 0) | (q.fixed or q.ema == "tfmot")
             if q.training:
                 active = active & (q.step > q.quant_delay)
-            scale = nudge(q.min.detach(), q.max.detach(), q.num_bits, False).scale
-            return select(active, bias + (int32_bias(bias, scale, self.weight_quant.scales(weight)) - bias).detach(),
-                          bias)
+            g = nudge(q.min.detach(), q.max.detach(), q.num_bits, False)
+            deployed = int32_bias(bias, g.scale, g.zero_point, self.weight_quant.scales(weight))
+            return select(active, bias + (deployed - bias).detach(), bias)
         if not q.initialized or (q.training and int(q.step) <= q.quant_delay):
             return bias
-        return bias + (int32_bias(bias, q.scale_zero_point()[0], self.weight_quant.scales(weight)) - bias).detach()
+        return bias + (int32_bias(bias, *q.scale_zero_point(), self.weight_quant.scales(weight)) - bias).detach()
 
     def _deployed_bias_if(self, quant: bool | torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor | None) -> torch.Tensor | None:

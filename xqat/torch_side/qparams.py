@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 __all__ = ["nudge", "tflite_qparams", "quant_bounds", "check_num_bits", "Nudged", "TFLiteQParams", "int32_bias",
-           "MIN_WEIGHT_ABSMAX"]
+           "bias_codes", "converter_scale", "MIN_WEIGHT_ABSMAX"]
 
 INT32_MAX = (1 << 31) - 1
 
@@ -131,19 +131,50 @@ def tflite_qparams(min_val, max_val, num_bits: int = 8, narrow_range: bool = Fal
     return TFLiteQParams(scale.astype(np.float32), zp, zp - (1 << (num_bits - 1)))
 
 
-def int32_bias(bias: torch.Tensor, input_scale: float | torch.Tensor, weight_scales: torch.Tensor) -> torch.Tensor:
-    """`bias` as the .tflite holds it, back in float: int32 codes `round_half_away(b / s_b)` on the grid
-    `s_b = f32(s_in · s_w[c])`, zero point 0 (docs/numerics.md#bias). Where `s_b` exceeds the output scale (large
-    folded weights into a narrow output range) that rounding is worth several output LSB, so the simulation
-    must apply it too. `s_b` here is the product of the float32 scales in double, at most 1 ulp from the
-    converter's product of its double scales (a code differs only on an exact tie). Channels whose code would
-    not fit int32 keep the float bias (the converter widens those weight scales; export reports it)."""
-    s_in = input_scale.detach().double() if isinstance(input_scale, torch.Tensor) else float(input_scale)
-    s = (weight_scales.detach().double() * s_in).float().double()
+def converter_scale(scale: float | torch.Tensor, zero_point: int | torch.Tensor, num_bits: int = 8,
+                    narrow_range: bool = False) -> torch.Tensor:
+    """The converter's double scale of TF's grid (scale, unsigned zero point) as export writes it: (max - min) /
+    (qmax - qmin) of the FakeQuant range with the float32 grid ends (qmin - zp)·s, (qmax - zp)·s (the canonical
+    range; `canonical_range` searches further only where TF and the converter disagree on those, which is rare).
+    Weights: narrow_range=True, zero point 2^(num_bits-1) (symmetric)."""
+    qmin, qmax = quant_bounds(num_bits, narrow_range)
+    s = torch.as_tensor(scale).to(torch.float32)
+    zp = torch.as_tensor(zero_point, device=s.device).to(torch.float32)
+    lo, hi = (qmin - zp) * s, (qmax - zp) * s  # float32 products: the range export writes
+    return (hi.double() - lo.double()) / float(qmax - qmin)
+
+
+def bias_codes(bias: torch.Tensor, input_scale: float | torch.Tensor,
+               weight_scales: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The converter's int32 bias (docs/numerics.md#bias): round_half_away(b / (s_in · s_w[c])) with its *double*
+    scales (`converter_scale`), before that product is stored as float32; dividing by the stored float32 product
+    instead flips codes at near-ties (4674.49984 -> 4674 where the converter writes 4675). Returns the codes (float64)
+    and where they fit int32 (elsewhere the converter widens the weight scale; export reports it)."""
+    s = _double(weight_scales) * _double(input_scale)
     q = bias.detach().double() / torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.sign(q) * torch.floor(q.abs() + 0.5)
-    fits = (s > 0) & (q.abs() <= INT32_MAX)
-    return torch.where(fits, (q * s).to(bias.dtype), bias.detach())
+    t = torch.trunc(q)
+    q = t + torch.sign(q) * ((q - t).abs() >= 0.5).double()  # ties away from zero, exactly (no q + 0.5 rounding)
+    return q, (s > 0) & (q.abs() <= INT32_MAX)
+
+
+def _double(v) -> torch.Tensor:
+    """A float64 tensor of a scale (a Python float is a double already: never through float32)."""
+    return v.detach().double() if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=torch.float64)
+
+
+def int32_bias(bias: torch.Tensor, input_scale: float | torch.Tensor, input_zero_point: int | torch.Tensor,
+               weight_scales: torch.Tensor) -> torch.Tensor:
+    """`bias` as the .tflite holds it, back in float: the converter's int32 codes (`bias_codes`) on the grid of
+    TF's input grid (scale, unsigned zero point) and weight scales, times the float32 bias scale the file stores.
+    Where that scale exceeds the output scale (large folded weights into a narrow output range) the rounding is
+    worth several output LSB, so the simulation must apply it too. Channels whose code would not fit int32 keep
+    the float bias."""
+    s_w = converter_scale(weight_scales.detach(), 1 << 7, 8, True)
+    s_in = converter_scale(input_scale.detach() if isinstance(input_scale, torch.Tensor) else input_scale,
+                           input_zero_point)
+    q, fits = bias_codes(bias, s_in, s_w)
+    stored = (s_in * s_w).float().double()  # the float32 bias scale in the .tflite
+    return torch.where(fits, (q * stored).to(bias.dtype), bias.detach())
 
 
 class SnappedRange(NamedTuple):

@@ -27,6 +27,7 @@ from ..tflite.validate import validate_model
 from ..torch_side.point_hooks import point_hooks
 from ..torch_side.prepare import POINTS, point_module, require_qat_model
 from .backends import check_backend
+from .copy_layout import copy_orders
 from .interpreter import QUANTIZE_RULES, make_interpreter, quantize_input
 from .io_match import as_input_list, io_tensor, read_model_bytes, to_tflite_layout, to_torch_layout
 from .teacher_forced import run_recording
@@ -213,8 +214,14 @@ def _first_line(e: Exception) -> str:
 
 
 def _compare(label: str, index: int, torch_out: torch.Tensor, scale: float, zp: int, tfl_codes: np.ndarray,
-             classifier: bool, sequence_layout: bool = False) -> TensorParity:
-    tc = to_tflite_layout(_codes(torch_out, scale, zp), tfl_codes.shape, sequence_layout)
+             classifier: bool, sequence_layout: bool = False, order: np.ndarray | None = None) -> TensorParity:
+    codes = _codes(torch_out, scale, zp)
+    if order is not None and order.max(initial=-1) < codes[0].size:  # a copy's own element order (copy_layout.py)
+        tc = codes.reshape(len(codes), -1)[:, order.reshape(-1)].reshape(len(codes), *order.shape[1:])
+    else:
+        tc = to_tflite_layout(codes, tfl_codes.shape, sequence_layout)
+    if tc.shape != tfl_codes.shape and tc.size == tfl_codes.size and tfl_codes.shape[0] % len(codes) == 0:
+        tc = tc.reshape(tfl_codes.shape)  # a FULLY_CONNECTED of a sequence: its rows, (T, F) per sample
     if tc.shape != tfl_codes.shape:
         raise ParityError(f"'{label}': torch shape {tuple(torch_out.shape)} vs tflite {tfl_codes.shape}")
     return _stats(label, index, tc, tfl_codes, classifier)
@@ -273,9 +280,10 @@ def parity(model: nn.Module, tflite: str | os.PathLike | bytes, inputs, backend:
     if local:
         own = run_recording(model, xs, keys, _teacher(tfl, {p.key: p.tensor for p in points}, t_layers,
                                                       mapping.sequence_layout))
+    orders = copy_orders(model, tfl, mapping, mapping.sequence_layout) if layerwise else {}
     for p in points if layerwise else ():
         report.layers.append(_compare(p.label, p.tensor, own[p.key], *_point_grid(model, p.key),
-                                      t_layers[p.tensor], False, mapping.sequence_layout))
+                                      t_layers[p.tensor], False, mapping.sequence_layout, orders.get(p.key)))
     report.first_divergent = next((t.name for t in report.layers if t.diverges(tolerance)), None)
     return report
 

@@ -35,7 +35,8 @@ class _Recorder(fx.Interpreter):
             key = name[len(HOOKS) + 1:]
         if key is None or key not in self.keys:
             return out
-        self.own[key] = out
+        self.own[key] = out.clone()  # an in-place op downstream (torchvision's Hardswish(inplace=True)) must not
+        # change the recorded value
         forced = self.teacher(key, out) if self.teacher is not None else None
         return out if forced is None else forced.to(dtype=out.dtype, device=out.device)
 

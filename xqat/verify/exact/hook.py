@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import weakref
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,7 +13,6 @@ from torch import nn
 from ...errors import EmulationError
 from ...torch_side.modules import QConv2d
 from .integer_ops import (
-    FUSED,
     Grid,
     conv_kernel,
     fc_kernel,
@@ -23,6 +21,7 @@ from .integer_ops import (
     nhwc,
     op_kernel,
     requantize_kernel,
+    transpose_conv_kernel,
 )
 from .layers import Layer
 
@@ -58,6 +57,7 @@ class ExactPoint(nn.Module):
         object.__setattr__(self, "_layer_module", layer.module)
         object.__setattr__(self, "_point", point)
         object.__setattr__(self, "_in_points", list(in_points))
+        object.__setattr__(self, "_stochastic", list(layer.stochastic))  # Dropout / DropPath before the point
         object.__setattr__(self, "_cache", (None, None))
         object.__setattr__(self, "producers", [])  # the hooks of `in_points` (set_numerics links them)
         object.__setattr__(self, "_last", (None, None, None))  # weakref to the last output, its codes and grid
@@ -74,6 +74,8 @@ class ExactPoint(nn.Module):
         quantizers = [self._point.quantizer] + [p.quantizer for p in self._in_points]
         if not all(_active(q) for q in quantizers) or (self.kind in ("conv", "fc") and not self._weights_active()):
             return y  # no integer model exists yet (ranges not observed, quant_delay): the float path
+        if any(m.training for m in self._stochastic):
+            return y  # a training step's dropout has no device form: this point keeps the "tf" value
         g_out = grid_of(self._point.quantizer)
         with torch.no_grad():
             codes = self._codes(y, inputs, g_out)
@@ -124,55 +126,52 @@ class ExactPoint(nn.Module):
             m = self._layer_module
             k = self._kernel(key + _versions(m), lambda: fc_kernel(m, self.label, shapes[0], g_ins[0], g_out,
                                                                    self.backend, dev))
-            return k([xs[0], None, None])
-        out_shape = nhwc(y.shape)
-        tfl_shapes = [nhwc(s) for s in shapes]
-        if kind == "add":
-            opts = {"fusedActivationFunction": FUSED[self._layer_module.act]}
-            k = self._kernel(key, lambda: op_kernel("ADD", self.label, tfl_shapes, g_ins, out_shape, g_out, opts,
-                                                    self.backend, dev))
-            return k(xs)
-        if kind == "lut":
-            k = self._kernel(key, lambda: op_kernel(self.params["op"], self.label, tfl_shapes, g_ins, out_shape,
-                                                    g_out, {}, self.backend, dev))
-            return k(xs)
-        if kind == "cat":  # inputs on another grid (ranges moved this step) go through the converter's requantize
+            x = xs[0]  # 2-D, or (N, T, D) of a sequence in torch layout: FULLY_CONNECTED on its rows
+            return k([x.reshape(-1, x.shape[-1]), None, None]).reshape(*x.shape[:-1], -1)
+        if kind == "op":
+            return self._op(xs, g_ins, shapes, y, g_out, key)
+        raise EmulationError(f"layer {self.label}: no exact kernel for {kind!r}")
+
+    def _op(self, xs, g_ins, shapes, y, g_out: Grid, key) -> torch.Tensor:
+        """Any other device op: `layers._op`'s name, options and constants, one kernel call on the real shapes."""
+        p, dev = self.params, y.device
+        tfl_shapes, out_shape = [nhwc(s) for s in shapes], nhwc(y.shape)
+        if p.get("channels_last"):  # (N, C, T) codes in torch layout: TFLite's (N, T, C)
+            xs = [x.permute(0, 2, 1) for x in xs]
+            tfl_shapes = [(1, s[2], s[1]) for s in shapes]
+            out_shape = (1, y.shape[2], y.shape[1]) if y.dim() == 3 else out_shape
+        if p["same_grid"] and any(g != g_out for g in g_ins):
+            # an input on another grid (its range moved this training step): the converter's requantize first
             xs = [x if g == g_out else requantize_kernel(self.label, tfl_shapes[i], g, g_out, self.backend, dev)([x])
                   for i, (x, g) in enumerate(zip(xs, g_ins))]
-            opts = {"axis": self.params["axis"], "fusedActivationFunction": "NONE"}
-            k = self._kernel(key, lambda: op_kernel("CONCATENATION", self.label, tfl_shapes, [g_out] * len(xs),
-                                                    out_shape, g_out, opts, self.backend, dev))
-            return k(xs)
-        if kind == "avgpool":
-            if g_ins[0] != g_out:  # the input's range moved this step: the converter's requantize first
-                xs = [requantize_kernel(self.label, tfl_shapes[0], g_ins[0], g_out, self.backend, dev)(xs)]
-                g_ins = [g_out]
-            (kh, kw), (sh, sw) = self.params["kernel"], self.params["stride"]
-            opts = {"filterHeight": kh, "filterWidth": kw, "strideH": sh, "strideW": sw, "padding": "VALID",
-                    "fusedActivationFunction": "NONE"}
-            k = self._kernel(key, lambda: op_kernel("AVERAGE_POOL_2D", self.label, tfl_shapes, g_ins, out_shape,
-                                                    g_out, opts, self.backend, dev))
-            return k(xs)
-        if kind == "mean":
-            axes = np.array([1, 2], np.int32)  # NHWC spatial axes
-            keep = self.params["keep"]
-            k = self._kernel(key, lambda: op_kernel("MEAN", self.label, tfl_shapes, g_ins, out_shape, g_out,
-                                                    {"keepDims": keep}, self.backend, dev, consts=[axes]))
-            return k([xs[0], None])
-        raise EmulationError(f"layer {self.label}: no exact kernel for {kind!r}")
+            g_ins = [g_out] * len(xs)
+            key = (g_out, tuple(g_ins), *key[2:])
+        k = self._kernel(key, lambda: op_kernel(p["op"], self.label, tfl_shapes, g_ins, out_shape, g_out,
+                                                p["options"], self.backend, dev, p["consts"]))
+        out = k(xs)
+        return out.permute(0, 2, 1) if p.get("channels_last") and out.dim() == 3 else out
 
     def _conv(self, x, x_shape, y, g_in: Grid, g_out: Grid, key) -> torch.Tensor:
         m: QConv2d = self._layer_module
         fold = None
         if m.training and m.bn is not None and not bool(m.bn_frozen):
             fold = m.batch_fold  # this step's fold with batch statistics
+        if isinstance(m.conv, nn.ConvTranspose2d):
+            k = self._kernel(None if fold is not None else key + _versions(m),
+                             lambda: transpose_conv_kernel(m, self.label, x_shape, y.shape, g_in, g_out, self.backend,
+                                                           y.device, fold))
+            return k([x])
+        conv1d = x.dim() == 3
+        if conv1d:  # codes (N, C, W) -> the CONV_2D view [N, 1, W, C]
+            x = x.permute(0, 2, 1).unsqueeze(1)
         pad = m.conv._reversed_padding_repeated_twice
         if any(pad):
             x = F.pad(x, (0, 0, *pad), value=g_in.zero_point)  # out-of-image taps are the code of a real 0
         k = self._kernel(None if fold is not None else key + _versions(m),
                          lambda: conv_kernel(m, self.label, x_shape, y.shape, g_in, g_out, self.backend, y.device,
                                              fold))
-        return k([x, None, None])
+        out = k([x, None, None])
+        return out.squeeze(1).permute(0, 2, 1) if conv1d else out
 
 
 def _versions(m: nn.Module) -> tuple:

@@ -18,14 +18,15 @@ from ...export.qdq_plan import weight_converter_scales
 from ...tflite.model import TFLiteModel, TFLiteOp, TFLiteTensor
 from ...tflite.qtypes import int8_zero_point
 from ...torch_side.modules import QConv2d, QLinear
+from ...torch_side.qparams import bias_codes, tflite_qparams
 from ..emulate.base import Kernel
 from ..emulate.kernels import build
 from ..emulate.quantize import float_quantizer
 from ..emulate.rounding import INT32_MAX, round_half_away
 from ..emulate.rules import rules_for
 
-__all__ = ["Grid", "grid_of", "conv_kernel", "fc_kernel", "op_kernel", "input_quantizer", "requantize_kernel",
-           "FUSED"]
+__all__ = ["Grid", "grid_of", "conv_kernel", "transpose_conv_kernel", "fc_kernel", "op_kernel", "const_grid",
+           "input_quantizer", "requantize_kernel", "FUSED"]
 
 FUSED = {None: "NONE", "relu": "RELU", "relu6": "RELU6"}
 
@@ -75,12 +76,11 @@ def nhwc(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def _bias_codes(bias: torch.Tensor | None, channels: int, s_in: Grid, w_scales: np.ndarray) -> np.ndarray:
-    """The converter's int32 bias (docs/numerics.md#bias): round_half_away(b / (s_in * s_w)) with its *double*
-    scales, before the product is stored as float32 (dividing by the stored float32 scale differs at near-ties:
-    4674.49984 -> 4674 where the converter writes 4675)."""
-    b = np.zeros(channels) if bias is None else bias.detach().cpu().double().numpy()
-    q = round_half_away(torch.from_numpy(b / (np.float64(s_in.converter_scale) * w_scales))).numpy()
-    return np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32)
+    """The converter's int32 bias (`qparams.bias_codes`: its double input and weight scales), clipped to int32."""
+    if bias is None:
+        return np.zeros(channels, np.int32)
+    q, _ = bias_codes(bias, s_in.converter_scale, torch.from_numpy(np.asarray(w_scales, np.float64)))
+    return np.clip(q.cpu().numpy(), -INT32_MAX, INT32_MAX).astype(np.int32)
 
 
 def _weight_codes(wq: torch.Tensor, scales: torch.Tensor, axis: int) -> np.ndarray:
@@ -91,35 +91,74 @@ def _weight_codes(wq: torch.Tensor, scales: torch.Tensor, axis: int) -> np.ndarr
     return torch.round(wq.detach().float() / scales.float().reshape(shape)).cpu().numpy().astype(np.int8)
 
 
-def conv_kernel(m: QConv2d, label: str, x_shape: Sequence[int], y_shape: Sequence[int], s_in: Grid, s_out: Grid,
-                backend: str, device: torch.device, fold=None) -> Kernel:
-    """CONV_2D / DEPTHWISE_CONV_2D of a QConv2d (Conv2d only) on input codes already padded with the input zero
-    point (the converter writes torch's padding as SAME or PAD + VALID: the same integer sums). `fold`: a
-    training step's `BatchFold` (weight codes of FQ(w·γ/σ_mv), scales · σ_mv/σ_B, bias β − μ_B·γ/σ_B)."""
+def _weights(m: QConv2d, label: str, s_in: Grid, fold) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A conv's int8 weight codes (output channels on `weight_axis`), float32 scales, and its int32 bias input.
+    `fold`: a training step's `BatchFold` (weight codes of FQ(w·γ/σ_mv), scales · σ_mv/σ_B, bias β − μ_B·γ/σ_B)."""
     wq, scales, bias = m.export_weights(None if fold is None else (fold.weight, fold.shift))
-    codes = _weight_codes(wq, scales, 0)
+    codes = _weight_codes(wq, scales, m.weight_axis)
     s_w = scales.detach().cpu().numpy().astype(np.float32).reshape(-1)
     if fold is None:
         w_conv = weight_converter_scales(s_w, f"layer {label}")
     else:  # a training step's layer is never converted: its float32 scales are the bias scale's factors
         s_w = (s_w * fold.scale.detach().cpu().numpy().astype(np.float32)).astype(np.float32)
         w_conv = s_w.astype(np.float64)
+    cout = codes.shape[m.weight_axis]
+    bias_in = {"dtype": "INT32", "data": _bias_codes(bias, cout, s_in, w_conv), "qdim": 0,
+               "scales": (np.float64(s_in.converter_scale) * w_conv).astype(np.float32)}
+    return codes, s_w, bias_in
+
+
+def conv_kernel(m: QConv2d, label: str, x_shape: Sequence[int], y_shape: Sequence[int], s_in: Grid, s_out: Grid,
+                backend: str, device: torch.device, fold=None) -> Kernel:
+    """CONV_2D / DEPTHWISE_CONV_2D of a QConv2d (Conv2d, or Conv1d on an [N, 1, W, C] view) on input codes
+    already padded with the input zero point (the converter writes torch's padding as SAME or PAD + VALID: the
+    same integer sums). `fold`: see `_weights`."""
+    codes, s_w, bias_in = _weights(m, label, s_in, fold)
     c = m.conv
     depthwise = m.is_depthwise
+    if codes.ndim == 3:  # Conv1d: CONV_2D on an [N, 1, W, C] view (what export writes)
+        codes = codes[:, :, None, :]
     filt = codes.transpose(1, 2, 3, 0) if depthwise else codes.transpose(0, 2, 3, 1)  # (1,kh,kw,C*M) / OHWI
     cout = codes.shape[0]
     pad = c._reversed_padding_repeated_twice
-    in_shape = (1, x_shape[2] + pad[2] + pad[3], x_shape[3] + pad[0] + pad[1], x_shape[1])
-    options = {"padding": "VALID", "strideH": c.stride[0], "strideW": c.stride[1], "dilationHFactor": c.dilation[0],
-               "dilationWFactor": c.dilation[1], "fusedActivationFunction": FUSED[m.act]}
+    stride, dilation = _pair2d(c.stride), _pair2d(c.dilation)
+    if len(x_shape) == 3:
+        in_shape = (1, 1, x_shape[2] + pad[0] + pad[1], x_shape[1])
+    else:
+        in_shape = (1, x_shape[2] + pad[2] + pad[3], x_shape[3] + pad[0] + pad[1], x_shape[1])
+    options = {"padding": "VALID", "strideH": stride[0], "strideW": stride[1], "dilationHFactor": dilation[0],
+               "dilationWFactor": dilation[1], "fusedActivationFunction": FUSED[m.act]}
     if depthwise:
         options["depthMultiplier"] = cout // c.in_channels
     ins = [("input", in_shape, s_in, {}),
            ("filter", filt.shape, None, {"scales": s_w, "data": filt, "qdim": 3 if depthwise else 0}),
-           ("bias", (cout,), None, {"dtype": "INT32", "data": _bias_codes(bias, cout, s_in, w_conv), "qdim": 0,
-                                    "scales": (np.float64(s_in.converter_scale) * w_conv).astype(np.float32)})]
-    return _kernel("DEPTHWISE_CONV_2D" if depthwise else "CONV_2D", label, ins,
-                   (label, nhwc(y_shape), s_out, {}), options, backend, device)
+           ("bias", (cout,), None, bias_in)]
+    out_shape = nhwc(y_shape) if len(y_shape) == 4 else (1, 1, y_shape[2], y_shape[1])
+    return _kernel("DEPTHWISE_CONV_2D" if depthwise else "CONV_2D", label, ins, (label, out_shape, s_out, {}),
+                   options, backend, device)
+
+
+def transpose_conv_kernel(m: QConv2d, label: str, x_shape: Sequence[int], y_shape: Sequence[int], s_in: Grid,
+                          s_out: Grid, backend: str, device: torch.device, fold=None) -> Kernel:
+    """TRANSPOSE_CONV of a QConv2d around a ConvTranspose2d without padding (what export writes: output shape,
+    (O, kh, kw, I) filter, input, int32 bias; VALID, fused activation). The kernel takes the input codes only."""
+    codes, s_w, bias_in = _weights(m, label, s_in, fold)
+    filt = codes.transpose(1, 2, 3, 0)  # torch (I, O, kh, kw) -> (O, kh, kw, I)
+    out_shape = nhwc(y_shape)
+    ins = [("output_shape", (4,), None, {"dtype": "INT32", "data": np.array(out_shape, np.int32)}),
+           ("filter", filt.shape, None, {"scales": s_w, "data": filt, "qdim": 0}),
+           ("input", nhwc(x_shape), s_in, {}),
+           ("bias", (filt.shape[0],), None, bias_in)]
+    c = m.conv
+    options = {"padding": "VALID", "strideH": c.stride[0], "strideW": c.stride[1],
+               "fusedActivationFunction": FUSED[m.act]}
+    k = _kernel("TRANSPOSE_CONV", label, ins, (label, out_shape, s_out, {}), options, backend, device)
+    return lambda xs: k([None, None, xs[0], None])
+
+
+def _pair2d(v: Sequence[int]) -> tuple[int, int]:
+    """A conv's stride / dilation as the (H, W) pair of its CONV_2D (a Conv1d's W is its only dimension)."""
+    return (1, int(v[0])) if len(v) == 1 else (int(v[0]), int(v[1]))
 
 
 def fc_kernel(m: QLinear, label: str, x_shape: Sequence[int], s_in: Grid, s_out: Grid, backend: str,
@@ -139,12 +178,33 @@ def fc_kernel(m: QLinear, label: str, x_shape: Sequence[int], s_in: Grid, s_out:
 
 def op_kernel(name: str, label: str, in_shapes: Sequence[Sequence[int]], s_ins: Sequence[Grid],
               out_shape: Sequence[int], s_out: Grid, options: dict, backend: str, device: torch.device,
-              consts: Sequence[np.ndarray] = ()) -> Kernel:
-    """A kernel of int8 activations (ADD, pools, MEAN, CONCATENATION, LOGISTIC, ...); shapes in TFLite layout,
-    `consts` appended as constant INT32 inputs (MEAN's axes)."""
+              consts: Sequence = ()) -> Kernel:
+    """A kernel of int8 activations (ADD, MUL, pools, MEAN, CONCATENATION, LOGISTIC, RESIZE_BILINEAR, ...); shapes
+    in TFLite layout. `consts` are appended as constant inputs: INT32 arrays (MEAN's axes, a resize's size) or
+    `layers.Const` values the converter quantizes to int8 (`const_grid`). The kernel takes the activations only."""
     ins = [(f"input{i}", s, g, {}) for i, (s, g) in enumerate(zip(in_shapes, s_ins))]
-    ins += [(f"const{i}", c.shape, None, {"dtype": "INT32", "data": c}) for i, c in enumerate(consts)]
-    return _kernel(name, label, ins, (label, out_shape, s_out, {}), options, backend, device)
+    fixed: list[torch.Tensor | None] = []  # what the kernel gets for each constant input
+    for i, c in enumerate(consts):
+        if getattr(c, "quantized", False):
+            g = const_grid(c.data)
+            codes = np.clip(round_half_away(torch.from_numpy(c.data.astype(np.float64) / g.scale)).numpy()
+                            + g.zero_point, -128, 127).astype(np.int8)
+            ins.append((f"const{i}", codes.shape, g, {"data": codes}))
+            fixed.append(torch.from_numpy(codes).to(device))  # elementwise kernels read it as an input
+        else:
+            c = np.asarray(getattr(c, "data", c), np.int32)
+            ins.append((f"const{i}", c.shape, None, {"dtype": "INT32", "data": c}))
+            fixed.append(None)
+    k = _kernel(name, label, ins, (label, out_shape, s_out, {}), options, backend, device)
+    return (lambda xs: k([*xs, *fixed])) if fixed else k
+
+
+def const_grid(data: np.ndarray) -> Grid:
+    """The int8 grid the converter gives a float constant operand of an activation op: per tensor, its range
+    widened to contain 0, by the converter's double formula (docs/numerics.md#converter-qparams)."""
+    lo, hi = min(0.0, float(data.min())), max(0.0, float(data.max()))
+    q = tflite_qparams(lo, hi)
+    return Grid(float(q.scale), int(q.zero_point_signed), (hi - lo) / 255.0)
 
 
 def requantize_kernel(label: str, shape: Sequence[int], s_in: Grid, s_out: Grid, backend: str,
