@@ -29,6 +29,28 @@ def _all_identical(report) -> list[tuple[str, float, int]]:
     return [(t.name, t.identical, t.max_abs) for t in report.outputs + report.layers if t.identical != 1.0]
 
 
+def _observe(qat: nn.Module, make_batch, steps: int = 3) -> nn.Module:
+    """A few training-mode forwards without gradients (ranges and BN statistics observed), then eval."""
+    qat.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            qat(*make_batch())
+    return qat.eval()
+
+
+def _exact_reports(qat: nn.Module, path, xs) -> dict:
+    """Backend -> layerwise parity of the model in that backend's exact numerics against the .tflite; the model is
+    back in "tf" numerics afterwards (fixtures share it)."""
+    reports = {}
+    try:
+        for backend in BACKENDS:
+            xqat.set_numerics(qat, backend)
+            reports[backend] = xqat.parity(qat, path, xs, backend=backend, layerwise=True)
+    finally:
+        xqat.set_numerics(qat, "tf")
+    return reports
+
+
 @pytest.fixture(scope="module")
 def parity_inputs():
     g = torch.Generator().manual_seed(3)
@@ -38,14 +60,9 @@ def parity_inputs():
 @pytest.mark.parametrize("name", list(MODELS))
 def test_exact_numerics_match_the_interpreter_on_every_tensor(exported, parity_inputs, name):
     qat, path, _ = exported[name]  # shared, exported without snapping the model: exact numerics use the file's grid
-    try:
-        for backend in BACKENDS:
-            xqat.set_numerics(qat, backend)
-            report = xqat.parity(qat, path, parity_inputs, backend=backend, layerwise=True)
-            assert len(report.layers) == len(xqat.quant_points(qat))
-            assert _all_identical(report) == [], f"{name} on {backend}"
-    finally:
-        xqat.set_numerics(qat, "tf")
+    for backend, report in _exact_reports(qat, path, parity_inputs).items():
+        assert len(report.layers) == len(xqat.quant_points(qat))
+        assert _all_identical(report) == [], f"{name} on {backend}"
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +85,9 @@ def test_exact_numerics_of_every_op_kind_match_the_interpreter(op_exported, name
     bilinear and nearest resize, Conv1d, grouped convs and channel shuffle, pads, pass-through ops."""
     qat, path, shape = op_exported[name]
     x = torch.rand(16, *shape[1:], generator=torch.Generator().manual_seed(3))
-    try:
-        for backend in BACKENDS:
-            xqat.set_numerics(qat, backend)
-            report = xqat.parity(qat, path, x, backend=backend, layerwise=True)
-            assert len(report.layers) == len(xqat.quant_points(qat))
-            assert _all_identical(report) == [], f"{name} on {backend}"
-    finally:
-        xqat.set_numerics(qat, "tf")
+    for backend, report in _exact_reports(qat, path, x).items():
+        assert len(report.layers) == len(xqat.quant_points(qat))
+        assert _all_identical(report) == [], f"{name} on {backend}"
 
 
 @pytest.fixture(scope="module")
@@ -260,10 +272,8 @@ def test_inputs_read_through_folded_pool_and_flatten(tmp_path):
     xqat.set_numerics(qat, "builtin")
     path = tmp_path / "head.tflite"
     xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), path)
-    xs = torch.rand(16, *INPUT_SHAPE[1:])
-    for backend in BACKENDS:
-        xqat.set_numerics(qat, backend)
-        assert _all_identical(xqat.parity(qat, path, xs, backend=backend, layerwise=True)) == [], backend
+    for backend, report in _exact_reports(qat, path, torch.rand(16, *INPUT_SHAPE[1:])).items():
+        assert _all_identical(report) == [], backend
 
 
 def _near_tie_biases(p: np.ndarray) -> np.ndarray:
@@ -322,9 +332,8 @@ def test_int32_bias_is_the_converters_at_near_ties(tmp_path):
     stored = m.tensors[fc.inputs[2]].scales.astype(np.float64)
     assert np.array_equal(int32_bias(bias, scale, zp, s_w).double().numpy(), (file_codes * stored).astype(np.float32))
     xs = torch.rand(32, 8, generator=torch.Generator().manual_seed(9)) * 0.01  # the bias dominates the outputs
-    for backend in BACKENDS:
-        xqat.set_numerics(qat, backend)
-        assert _all_identical(xqat.parity(qat, path, xs, backend=backend, layerwise=True)) == [], backend
+    for backend, report in _exact_reports(qat, path, xs).items():
+        assert _all_identical(report) == [], backend
 
 
 class _UpAndTime(nn.Module):
@@ -345,35 +354,24 @@ class _UpAndTime(nn.Module):
 def test_exact_transpose_conv_mean_over_time_and_padded_max_pools(tmp_path):
     torch.manual_seed(0)
     shapes = ((1, 3, 16), (1, 4, 4, 4))
-    qat = xqat.prepare_qat(_UpAndTime().eval(), tuple(torch.rand(s) for s in shapes)).train()
-    with torch.no_grad():
-        for _ in range(3):
-            qat(torch.rand(8, 3, 16) - 0.3, torch.randn(8, 4, 4, 4))
-    qat.eval()
+    qat = _observe(xqat.prepare_qat(_UpAndTime().eval(), tuple(torch.rand(s) for s in shapes)),
+                   lambda: (torch.rand(8, 3, 16) - 0.3, torch.randn(8, 4, 4, 4)))
     path = tmp_path / "up.tflite"
     xqat.export_tflite(qat, tuple(torch.rand(s) for s in shapes), path)
     assert {"TRANSPOSE_CONV", "MEAN", "MAX_POOL_2D", "PAD"} <= {op.name for op in read_tflite(path).ops}
     xs = (torch.rand(16, 3, 16) - 0.3, torch.randn(16, 4, 4, 4))
-    for backend in BACKENDS:
-        xqat.set_numerics(qat, backend)
-        assert _all_identical(xqat.parity(qat, path, xs, backend=backend, layerwise=True)) == [], backend
+    for backend, report in _exact_reports(qat, path, xs).items():
+        assert _all_identical(report) == [], backend
 
 
 def test_exact_linear_on_sequences(tmp_path):
     """Linear on (N, T, D): FULLY_CONNECTED on the rows of each sample (the .tflite's (T, F) tensors)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
-    qat = xqat.prepare_qat(net.eval(), torch.rand(1, 10, 6)).train()
-    with torch.no_grad():
-        for _ in range(3):
-            qat(torch.randn(8, 10, 6))
-    qat.eval()
+    qat = _observe(xqat.prepare_qat(net.eval(), torch.rand(1, 10, 6)), lambda: (torch.randn(8, 10, 6),))
     path = tmp_path / "seq.tflite"
     xqat.export_tflite(qat, torch.rand(1, 10, 6), path)
-    xs = torch.randn(16, 10, 6)
-    for backend in BACKENDS:
-        xqat.set_numerics(qat, backend)
-        report = xqat.parity(qat, path, xs, backend=backend, layerwise=True)
+    for backend, report in _exact_reports(qat, path, torch.randn(16, 10, 6)).items():
         assert len(report.layers) == 3 and _all_identical(report) == [], backend
 
 
@@ -397,18 +395,12 @@ def test_exact_leaky_relu_left_to_the_converter(tmp_path):
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.1), nn.Conv2d(4, 4, 1)).eval()
     with pytest.warns(UserWarning, match="is skipped"):
         qat = xqat.prepare_qat(net, torch.rand(1, 3, 8, 8), xqat.QATConfig(skip=["1"]))
-    qat.train()
-    with torch.no_grad():
-        for _ in range(3):
-            qat(torch.randn(4, 3, 8, 8))
-    qat.eval()
+    _observe(qat, lambda: (torch.randn(4, 3, 8, 8),))
     path = tmp_path / "leaky.tflite"
     xqat.export_tflite(qat, torch.rand(1, 3, 8, 8), path)
     assert "LEAKY_RELU" in [op.name for op in read_tflite(path).ops]
-    xs = torch.randn(16, 3, 8, 8)
-    for backend in BACKENDS:
-        xqat.set_numerics(qat, backend)
-        assert _all_identical(xqat.parity(qat, path, xs, backend=backend, layerwise=True)) == [], backend
+    for backend, report in _exact_reports(qat, path, torch.randn(16, 3, 8, 8)).items():
+        assert _all_identical(report) == [], backend
 
 
 def test_in_place_activation_does_not_change_the_recorded_point(tmp_path):
@@ -438,17 +430,10 @@ class _Recurrent(nn.Module):
 def test_exact_unrolled_recurrent_layers(tmp_path, kind):
     """LSTM / GRU unrolled into gate FULLY_CONNECTEDs, LOGISTIC, TANH, MUL, ADD, SUB: every tensor identical."""
     torch.manual_seed(0)
-    qat = xqat.prepare_qat(_Recurrent(kind).eval(), torch.rand(1, 5, 6)).train()
-    with torch.no_grad():
-        for _ in range(3):
-            qat(torch.randn(8, 5, 6))
-    qat.eval()
+    qat = _observe(xqat.prepare_qat(_Recurrent(kind).eval(), torch.rand(1, 5, 6)), lambda: (torch.randn(8, 5, 6),))
     path = tmp_path / "rnn.tflite"
     xqat.export_tflite(qat, torch.rand(1, 5, 6), path)
-    xs = torch.randn(16, 5, 6)
-    for backend in BACKENDS:
-        xqat.set_numerics(qat, backend)
-        report = xqat.parity(qat, path, xs, backend=backend, layerwise=True)
+    for backend, report in _exact_reports(qat, path, torch.randn(16, 5, 6)).items():
         assert len(report.layers) > 50 and _all_identical(report) == [], backend
 
 
@@ -460,7 +445,5 @@ def test_exact_ceil_mode_average_pool_without_partial_windows(tmp_path):
     qat = calibrate(xqat.prepare_qat(net, torch.randn(INPUT_SHAPE)))
     path = tmp_path / "pool.tflite"
     xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), path)
-    for backend in BACKENDS:
-        xqat.set_numerics(qat, backend)
-        report = xqat.parity(qat, path, torch.rand(8, *INPUT_SHAPE[1:]), backend=backend, layerwise=True)
+    for backend, report in _exact_reports(qat, path, torch.rand(8, *INPUT_SHAPE[1:])).items():
         assert _all_identical(report) == [], backend
