@@ -92,13 +92,17 @@ def mean(o: Op) -> Kernel:
         ruy = _mean_simd_channels(channels, o.threads)
         stage = fixed_point_stage(o, m, sh, ruy, bias, qmin, qmax, float(span))
         offset = 0
-    elif rule == "fp32":  # XNNPACK: f32(sum - zp*N) * f32(f32(s_in/s_out) * f32(1/N)) + zp_out, half even
+    elif rule == "fp32":  # XNNPACK: f32(raw sum) * scale + f32(zp_out - f32(zp_in*N) * scale), half even
+        # scale = f32(f32(s_in/s_out) * f32(1/N)). The input zero point is not subtracted from the integer sum: it
+        # is part of the float bias, so the float32 rounding of that bias decides near-ties (a 16x16 SE mean of
+        # MobileNetV3-Small landed on -126.5 exactly where the exact value is -126.50005).
         scale = np.float32(np.float32(si / so) * np.float32(np.float32(1.0) / np.float32(n)))
-        st, zt = torch.tensor(scale, device=o.device), torch.tensor(np.float32(zo), device=o.device)
+        bias = np.float32(np.float32(zo) - np.float32(np.float32(zi * n) * scale))
+        st, bt = torch.tensor(scale, device=o.device), torch.tensor(bias, device=o.device)
 
-        def stage(total):  # the output zero point is added in float32 before rounding (unlike conv)
-            return o.cast_out(total.to(torch.float32).mul_(st).add_(zt).round_().clamp_(qmin, qmax))
-        offset = zi * n
+        def stage(total):
+            return o.cast_out(total.to(torch.float32).mul_(st).add_(bt).round_().clamp_(qmin, qmax))
+        offset = 0
     else:  # reference QuantizedMeanOrSum: multiplier << k / N with k = min(floor(log2 N), 32, 31 + shift)
         m, sh = quantize_multiplier(np.float64(si) / np.float64(so))
         m, sh = int(m[0]), int(sh[0])
