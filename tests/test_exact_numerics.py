@@ -252,6 +252,20 @@ def test_unsupported_layers_are_refused_by_name():
     assert xqat.numerics(qat) == "tf"
     with pytest.raises(UnsupportedLayerError, match="matmul"):
         xqat.prepare_qat(_Unsupported().eval(), torch.randn(INPUT_SHAPE), xqat.QATConfig(numerics="builtin"))
+    qat = calibrate(xqat.prepare_qat(_ChannelGain().eval(), torch.randn(INPUT_SHAPE)))
+    with pytest.raises(UnsupportedLayerError, match="'mul' \\(mul\\): a parameter operand 'gain' of a 4-D tensor"):
+        xqat.set_numerics(qat, "xnnpack")
+
+
+class _ChannelGain(nn.Module):
+    """A per-channel parameter gain on an NCHW map (a constant operand in export's channels-last layout): refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gain = nn.Conv2d(3, 4, 3), nn.Parameter(torch.rand(4, 1, 1))
+
+    def forward(self, x):
+        return self.conv(x) * self.gain
 
 
 class _FoldedHead(nn.Module):

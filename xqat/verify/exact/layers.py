@@ -105,7 +105,7 @@ def _is_constant(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in _CONSTANTS
 
 
-def _constants(gm: fx.GraphModule, anchor: fx.Node, rank: int) -> list[Const]:
+def _constants(gm: fx.GraphModule, anchor: fx.Node, rank: int, sequence: bool) -> list[Const]:
     """The constant operands of an ADD/SUB/MUL (`transformer.constant_operands`, LayerNorm's gamma and beta), on
     the converter's int8 grid of them (`integer_ops.const_grid`), shaped as the op's rank."""
     out = []
@@ -121,6 +121,8 @@ def _constants(gm: fx.GraphModule, anchor: fx.Node, rank: int) -> list[Const]:
             raise _Refused(f"a constant operand '{a.name}' that is not a parameter of the model")
         param = gm.get_parameter(src.target) if src.target in dict(gm.named_parameters()) \
             else gm.get_buffer(src.target)
+        if rank == 4 and not sequence and param.numel() > 1:
+            raise _Refused(f"a parameter operand '{src.target}' of a 4-D tensor that export holds channels-last")
         out.append(Const(None, True, param, position))
     return out
 
@@ -200,7 +202,8 @@ def _device_op(gm: fx.GraphModule, anchor: fx.Node, point, sequence: bool) -> La
         if len(_shape(anchor.args[0])) not in (2, 3):
             raise _Refused("Linear on a tensor of rank > 3")
         return Layer("fc", label, keys, nodes, module)
-    consts = _constants(gm, anchor, len(shape)) if isinstance(module, QAdd) or anchor.op == "call_function" else []
+    with_consts = isinstance(module, QAdd) or anchor.op == "call_function"
+    consts = _constants(gm, anchor, len(shape), sequence) if with_consts else []
     if isinstance(module, QAdd):
         if len(keys) + len(consts) != 2:
             raise _Refused("an add of a tensor with itself")
