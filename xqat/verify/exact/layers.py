@@ -121,8 +121,8 @@ def _constants(gm: fx.GraphModule, anchor: fx.Node, rank: int, sequence: bool) -
             raise _Refused(f"a constant operand '{a.name}' that is not a parameter of the model")
         param = gm.get_parameter(src.target) if src.target in dict(gm.named_parameters()) \
             else gm.get_buffer(src.target)
-        if rank == 4 and not sequence and param.numel() > 1:
-            raise _Refused(f"a parameter operand '{src.target}' of a 4-D tensor that export holds channels-last")
+        if rank >= 3 and not sequence and param.numel() > 1:
+            raise _Refused(f"a parameter operand '{src.target}' of a {rank}-D tensor that export holds channels-last")
         out.append(Const(None, True, param, position))
     return out
 
