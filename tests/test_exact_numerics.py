@@ -15,6 +15,7 @@ from torch import fx, nn
 import xqat
 from tests.models import INPUT_SHAPE, MODELS, calibrate, make_model
 from tests.op_models import OP_MODELS, make_op_model, train_random
+from tests.test_sequence_models import MODELS as SEQUENCE_MODELS
 from xqat.demo.nets import ResNetSmall
 from xqat.errors import NotQATModelError, QATConfigError, UnsupportedLayerError
 from xqat.tflite.model import read_tflite
@@ -231,7 +232,8 @@ def test_bad_numerics_names_and_models():
 
 
 class _Unsupported(nn.Module):
-    """A Gram matrix (BATCH_MATMUL of two activations): no exact form yet, so exact numerics refuse it."""
+    """A Gram matrix of a conv net's features (BATCH_MATMUL of (N, C, HW) tensors that export holds channels-last):
+    no exact form yet, so exact numerics refuse it (a sequence model's matmul is exact)."""
 
     def __init__(self):
         super().__init__()
@@ -250,6 +252,20 @@ def test_unsupported_layers_are_refused_by_name():
     assert xqat.numerics(qat) == "tf"
     with pytest.raises(UnsupportedLayerError, match="matmul"):
         xqat.prepare_qat(_Unsupported().eval(), torch.randn(INPUT_SHAPE), xqat.QATConfig(numerics="builtin"))
+    qat = calibrate(xqat.prepare_qat(_ChannelGain().eval(), torch.randn(INPUT_SHAPE)))
+    with pytest.raises(UnsupportedLayerError, match="'mul' \\(mul\\): a parameter operand 'gain' of a 4-D tensor"):
+        xqat.set_numerics(qat, "xnnpack")
+
+
+class _ChannelGain(nn.Module):
+    """A per-channel parameter gain on an NCHW map (a constant operand in export's channels-last layout): refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gain = nn.Conv2d(3, 4, 3), nn.Parameter(torch.rand(4, 1, 1))
+
+    def forward(self, x):
+        return self.conv(x) * self.gain
 
 
 class _FoldedHead(nn.Module):
@@ -447,3 +463,42 @@ def test_exact_ceil_mode_average_pool_without_partial_windows(tmp_path):
     xqat.export_tflite(qat, torch.rand(INPUT_SHAPE), path)
     for backend, report in _exact_reports(qat, path, torch.rand(8, *INPUT_SHAPE[1:])).items():
         assert _all_identical(report) == [], backend
+
+
+@pytest.mark.parametrize("name", ["encoder", "norm_gelu", "mha"])
+def test_exact_transformer_layers(tmp_path, name):
+    """LayerNorm (MEAN, SUB, MUL, MEAN, RSQRT, MUL, gamma, beta), GELU (erf and tanh), number and parameter operands
+    (c - x, x * c, a positional embedding), head split / merge copies, BATCH_MATMUL and SOFTMAX on torch's axes:
+    every tensor identical on every backend."""
+    factory, shape = SEQUENCE_MODELS[name]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = train_random(xqat.prepare_qat(factory().eval(), torch.rand(shape)), shape, lr=1e-2)
+        xqat.export_tflite(qat, torch.rand(shape), tmp_path / "seq.tflite")
+    x = torch.rand(16, *shape[1:], generator=torch.Generator().manual_seed(3))
+    for backend, report in _exact_reports(qat, tmp_path / "seq.tflite", x).items():
+        assert len(report.layers) == len(xqat.quant_points(qat))
+        assert _all_identical(report) == [], f"{name} on {backend}"
+
+
+def test_training_a_transformer_in_exact_numerics_follows_its_parameter_constants(tmp_path):
+    """Training steps in exact numerics move LayerNorm's gamma / beta and the positional embedding (constant operands
+    on the converter's grid): the kernels are rebuilt from the new values, and every tensor still matches the
+    interpreter after a new export."""
+    factory, shape = SEQUENCE_MODELS["encoder"]
+    torch.manual_seed(0)
+    qat = train_random(xqat.prepare_qat(factory().eval(), torch.rand(shape)), shape, lr=1e-2)
+    before = {k: v.clone() for k, v in qat.state_dict().items() if k in ("ln1.weight", "ln2.bias", "pos")}
+    xqat.set_numerics(qat, "builtin")  # kept through training, export (of a "tf" copy) and parity: kernels cached
+    try:
+        train_random(qat, shape, steps=2, seed=1, lr=5e-2)
+        assert all(not torch.equal(v, qat.state_dict()[k]) for k, v in before.items())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            xqat.export_tflite(qat, torch.rand(shape), tmp_path / "enc.tflite")
+        report = xqat.parity(qat, tmp_path / "enc.tflite", torch.rand(16, *shape[1:]), backend="builtin",
+                             layerwise=True)
+    finally:
+        xqat.set_numerics(qat, "tf")
+    assert _all_identical(report) == []

@@ -217,7 +217,8 @@ def _compare(label: str, index: int, torch_out: torch.Tensor, scale: float, zp: 
              classifier: bool, sequence_layout: bool = False, order: np.ndarray | None = None) -> TensorParity:
     codes = _codes(torch_out, scale, zp)
     if order is not None and order.max(initial=-1) < codes[0].size:  # a copy's own element order (copy_layout.py)
-        tc = codes.reshape(len(codes), -1)[:, order.reshape(-1)].reshape(len(codes), *order.shape[1:])
+        per_sample = order.shape[1:] if order.shape[0] == 1 else order.shape  # (T, F) rows: no batch dim
+        tc = codes.reshape(len(codes), -1)[:, order.reshape(-1)].reshape(len(codes), *per_sample)
     else:
         tc = to_tflite_layout(codes, tfl_codes.shape, sequence_layout)
     if tc.shape != tfl_codes.shape and tc.size == tfl_codes.size and tfl_codes.shape[0] % len(codes) == 0:

@@ -140,6 +140,11 @@ class ExactPoint(nn.Module):
             xs = [x.permute(0, 2, 1) for x in xs]
             tfl_shapes = [(1, s[2], s[1]) for s in shapes]
             out_shape = (1, y.shape[2], y.shape[1]) if y.dim() == 3 else out_shape
+        if p.get("torch_layout"):  # a sequence model: TFLite keeps torch's axes, 4-D codes (NHWC) go back to them
+            xs = [x.permute(0, 3, 1, 2) if x.dim() == 4 else x for x in xs]
+            tfl_shapes, out_shape = [(1, *s[1:]) for s in shapes], (1, *y.shape[1:])
+        params = tuple((id(c.source), c.source._version) for c in p["consts"] if getattr(c, "source", None) is not None)
+        key = (*key, params)  # a parameter operand (gamma, beta, a positional embedding) changed: rebuilt
         if p["same_grid"] and any(g != g_out for g in g_ins):
             # an input on another grid (its range moved this training step): the converter's requantize first
             xs = [x if g == g_out else requantize_kernel(self.label, tfl_shapes[i], g, g_out, self.backend, dev)([x])
@@ -149,6 +154,8 @@ class ExactPoint(nn.Module):
         k = self._kernel(key, lambda: op_kernel(p["op"], self.label, tfl_shapes, g_ins, out_shape, g_out,
                                                 p["options"], self.backend, dev, p["consts"]))
         out = k(xs)
+        if p.get("torch_layout") and out.dim() == 4:
+            return out.permute(0, 2, 3, 1)  # `from_codes` reads 4-D codes as NHWC
         return out.permute(0, 2, 1) if p.get("channels_last") and out.dim() == 3 else out
 
     def _conv(self, x, x_shape, y, g_in: Grid, g_out: Grid, key) -> torch.Tensor:

@@ -180,23 +180,31 @@ def op_kernel(name: str, label: str, in_shapes: Sequence[Sequence[int]], s_ins: 
               out_shape: Sequence[int], s_out: Grid, options: dict, backend: str, device: torch.device,
               consts: Sequence = ()) -> Kernel:
     """A kernel of int8 activations (ADD, MUL, pools, MEAN, CONCATENATION, LOGISTIC, RESIZE_BILINEAR, ...); shapes
-    in TFLite layout. `consts` are appended as constant inputs: INT32 arrays (MEAN's axes, a resize's size) or
-    `layers.Const` values the converter quantizes to int8 (`const_grid`). The kernel takes the activations only."""
+    in TFLite layout. `consts` are constant inputs (after the activations, or at their `position`): INT32 arrays
+    (MEAN's axes, a resize's size) or `layers.Const` values the converter quantizes to int8 (`const_grid`; a
+    parameter's current value), shaped to the op's rank. The kernel takes the activations only."""
     ins = [(f"input{i}", s, g, {}) for i, (s, g) in enumerate(zip(in_shapes, s_ins))]
-    fixed: list[torch.Tensor | None] = []  # what the kernel gets for each constant input
+    slots: list[int | None] = list(range(len(ins)))  # per op input: the activation it reads, None for a constant
+    fixed: list[torch.Tensor | None] = [None] * len(ins)  # what the kernel gets for each constant input
     for i, c in enumerate(consts):
+        at = len(ins) if getattr(c, "position", None) is None else c.position
         if getattr(c, "quantized", False):
-            g = const_grid(c.data)
-            codes = np.clip(round_half_away(torch.from_numpy(c.data.astype(np.float64) / g.scale)).numpy()
+            data = c.data if c.source is None else c.source.detach().cpu().numpy().astype(np.float32)
+            data = data.reshape((1,) * (len(out_shape) - data.ndim) + data.shape)  # the op's rank, as the converter
+            g = const_grid(data)
+            codes = np.clip(round_half_away(torch.from_numpy(data.astype(np.float64) / g.scale)).numpy()
                             + g.zero_point, -128, 127).astype(np.int8)
-            ins.append((f"const{i}", codes.shape, g, {"data": codes}))
-            fixed.append(torch.from_numpy(codes).to(device))  # elementwise kernels read it as an input
+            entry, value = (f"const{i}", codes.shape, g, {"data": codes}), torch.from_numpy(codes).to(device)
         else:
-            c = np.asarray(getattr(c, "data", c), np.int32)
-            ins.append((f"const{i}", c.shape, None, {"dtype": "INT32", "data": c}))
-            fixed.append(None)
+            data = np.asarray(getattr(c, "data", c), np.int32)
+            entry, value = (f"const{i}", data.shape, None, {"dtype": "INT32", "data": data}), None
+        ins.insert(at, entry)
+        slots.insert(at, None)
+        fixed.insert(at, value)  # elementwise kernels read an int8 constant as an input
     k = _kernel(name, label, ins, (label, out_shape, s_out, {}), options, backend, device)
-    return (lambda xs: k([*xs, *fixed])) if fixed else k
+    if not consts:
+        return k
+    return lambda xs: k([fixed[j] if a is None else xs[a] for j, a in enumerate(slots)])
 
 
 def const_grid(data: np.ndarray) -> Grid:

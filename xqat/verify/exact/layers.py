@@ -9,12 +9,14 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.utils import _pair
 
 from ...errors import UnsupportedLayerError
 from ...torch_side.capture import check_input
+from ...torch_side.decomposed import constant_like, converter_constant
 from ...torch_side.modules import QAdd, QConv2d, QLinear
 from ...torch_side.patterns import FixedGrid, OpKind, arg, classify, describe, is_pass_through_module, tensor_inputs
 from ...torch_side.prepare import point_key, point_module
@@ -29,15 +31,22 @@ SUPPORTED = ("conv / depthwise / grouped conv and Conv1d, Linear, with BN and fu
              "broadcast SE gates); ReLU, ReLU6, hard swish, hard sigmoid, SiLU, sigmoid, tanh, softmax; average / "
              "max / global pooling, mean; bilinear and nearest resize; concat; copies (reshape, flatten, slicing, "
              "chunk/split, transpose, channel shuffle, pad); Identity / Dropout / DropPath; ConvTranspose2d without "
-             "padding; Linear on sequences, unrolled LSTM / GRU; a LeakyReLU left to the converter (skip)")
+             "padding; Linear on sequences, unrolled LSTM / GRU; LayerNorm over the last dim (MEAN, SUB, MUL, RSQRT, "
+             "constant gamma / beta), GELU, add / sub / mul with a number or parameter operand, matmul, softmax "
+             "over the last dim of a sequence model's tensors; a LeakyReLU left to the converter (skip)")
+_CONSTANTS = (constant_like, converter_constant)
 
 
 class Const(NamedTuple):
     """A constant input of a device op: INT32 data (MEAN's axes, a resize's size), or a float value the converter
-    quantizes to int8 on its own grid (hard sigmoid's 3 and 1/6)."""
+    quantizes to int8 on its own grid (hard sigmoid's 3 and 1/6, x * 0.125, LayerNorm's gamma and beta).
+    `source`: a parameter whose current value is the data (read when the kernel is built); `position`: its input
+    index in the op (None: after the activations; 0 for c - x)."""
 
-    data: np.ndarray
+    data: np.ndarray | None
     quantized: bool = False
+    source: torch.Tensor | None = None
+    position: int | None = None
 
 
 @dataclass
@@ -62,6 +71,7 @@ def plan_layers(gm: fx.GraphModule) -> dict[str, Layer]:
     exactly."""
     layers: dict[str, Layer] = {}
     problems: list[str] = []
+    sequence = _sequence_layout(gm)
     for node in gm.graph.nodes:
         key = point_key(node)
         if key is None:
@@ -69,7 +79,7 @@ def plan_layers(gm: fx.GraphModule) -> dict[str, Layer]:
         point = point_module(gm, key)
         anchor, stochastic = _through_pass(gm, node.args[0])
         try:
-            layers[key] = _layer(gm, anchor, point)
+            layers[key] = _layer(gm, anchor, point, sequence)
             layers[key].stochastic = stochastic
         except _Refused as e:
             problems.append(f"'{point.label}' ({describe(gm, anchor)}): {e}")
@@ -81,6 +91,40 @@ def plan_layers(gm: fx.GraphModule) -> dict[str, Layer]:
 
 class _Refused(Exception):
     pass
+
+
+def _sequence_layout(gm: fx.GraphModule) -> bool:
+    """Export keeps every tensor in torch's order (no NHWC view) when a 3-D input feeds no Conv1d
+    (`export.onnx_layout.sequence_inputs`): the ops then run on torch's axes (docs/sequence-models.md)."""
+    if any(isinstance(m, QConv2d) and isinstance(m.conv, nn.Conv1d) for m in gm.modules()):
+        return False
+    return any(n.op == "placeholder" and "tensor_meta" in n.meta and len(_shape(n)) == 3 for n in gm.graph.nodes)
+
+
+def _is_constant(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in _CONSTANTS
+
+
+def _constants(gm: fx.GraphModule, anchor: fx.Node, rank: int, sequence: bool) -> list[Const]:
+    """The constant operands of an ADD/SUB/MUL (`transformer.constant_operands`, LayerNorm's gamma and beta), on
+    the converter's int8 grid of them (`integer_ops.const_grid`), shaped as the op's rank."""
+    out = []
+    for i, a in enumerate(anchor.args[:2]):
+        if not _is_constant(a):
+            continue
+        position = 0 if i == 0 else None
+        if a.target is constant_like:
+            out.append(Const(np.full((1,) * rank, float(a.args[1]), np.float32), True, position=position))
+            continue
+        src = a.args[0]
+        if not (isinstance(src, fx.Node) and src.op == "get_attr"):
+            raise _Refused(f"a constant operand '{a.name}' that is not a parameter of the model")
+        param = gm.get_parameter(src.target) if src.target in dict(gm.named_parameters()) \
+            else gm.get_buffer(src.target)
+        if rank >= 3 and not sequence and param.numel() > 1:
+            raise _Refused(f"a parameter operand '{src.target}' of a {rank}-D tensor that export holds channels-last")
+        out.append(Const(None, True, param, position))
+    return out
 
 
 def _through_pass(gm: fx.GraphModule, anchor: fx.Node) -> tuple[fx.Node, list[nn.Module]]:
@@ -99,6 +143,8 @@ def _through_pass(gm: fx.GraphModule, anchor: fx.Node) -> tuple[fx.Node, list[nn
 def _inputs(gm: fx.GraphModule, anchor: fx.Node) -> tuple[list[str], list[fx.Node]]:
     keys, nodes = [], []
     for first in tensor_inputs(anchor):
+        if _is_constant(first):  # a constant operand: `_constants`
+            continue
         # Between the input's point and this op: identities in eval (Identity, Dropout, DropPath; no device op, the
         # point's value is read instead) and same-scale copies without a point of their own (a flatten the
         # converter folds: the copied grid values are read, on the point's grid)
@@ -126,7 +172,14 @@ def _op(label, keys, nodes, op: str, options: dict | None = None, consts=(), sam
                                                   "same_grid": same_grid})
 
 
-def _layer(gm: fx.GraphModule, anchor: fx.Node, point) -> Layer:
+def _layer(gm: fx.GraphModule, anchor: fx.Node, point, sequence: bool) -> Layer:
+    layer = _device_op(gm, anchor, point, sequence)
+    if sequence and layer.kind == "op":
+        layer.params["torch_layout"] = True  # 4-D tensors too: the export keeps torch's axes
+    return layer
+
+
+def _device_op(gm: fx.GraphModule, anchor: fx.Node, point, sequence: bool) -> Layer:
     label = point.label
     if anchor.op == "placeholder" or (anchor.op == "call_function" and anchor.target is check_input):
         return Layer("input", label, nodes=[anchor])
@@ -149,10 +202,12 @@ def _layer(gm: fx.GraphModule, anchor: fx.Node, point) -> Layer:
         if len(_shape(anchor.args[0])) not in (2, 3):
             raise _Refused("Linear on a tensor of rank > 3")
         return Layer("fc", label, keys, nodes, module)
+    with_consts = isinstance(module, QAdd) or anchor.op == "call_function"
+    consts = _constants(gm, anchor, len(shape), sequence) if with_consts else []
     if isinstance(module, QAdd):
-        if len(keys) != 2:
-            raise _Refused("an add with a constant operand")
-        return _op(label, keys, nodes, "ADD", {"fusedActivationFunction": _FUSED[module.act]})
+        if len(keys) + len(consts) != 2:
+            raise _Refused("an add of a tensor with itself")
+        return _op(label, keys, nodes, "ADD", {"fusedActivationFunction": _FUSED[module.act]}, consts)
     if isinstance(module, nn.LeakyReLU) or anchor.target is F.leaky_relu:  # left to the converter (skip): its op
         slope = module.negative_slope if module is not None else arg(anchor, 1, "negative_slope", 0.01)
         return _op(label, keys, nodes, "LEAKY_RELU", {"alpha": float(slope)})
@@ -162,10 +217,18 @@ def _layer(gm: fx.GraphModule, anchor: fx.Node, point) -> Layer:
         # op on grid values gives the device's codes (a padded max pool too: export pads with the lowest code, or
         # with the zero point where that is the lowest code, as torch's -inf)
         return Layer("copy", label, keys, nodes)
-    if kind in (OpKind.MUL, OpKind.SUB):
-        if len(keys) != 2:
-            raise _Refused(f"a {kind.value} with a constant operand")
-        return _op(label, keys, nodes, kind.name, {"fusedActivationFunction": "NONE"})
+    if kind in (OpKind.MUL, OpKind.SUB, OpKind.ADD):
+        if len(keys) + len(consts) != 2:
+            raise _Refused(f"a {kind.value} with an operand that is neither a tensor nor a constant")
+        return _op(label, keys, nodes, kind.name, {"fusedActivationFunction": "NONE"}, consts)
+    if kind is OpKind.RSQRT:
+        return _op(label, keys, nodes, "RSQRT")
+    if kind is OpKind.GELU:
+        return _op(label, keys, nodes, "GELU", {"approximate": detail == "tanh"})
+    if kind is OpKind.MATMUL:  # k^T folded into adj_y reads the transposed values: adj 0 here
+        if not sequence:
+            raise _Refused("matmul of tensors export holds channels-last; only in a sequence model (torch's axes)")
+        return _op(label, keys, nodes, "BATCH_MATMUL", {"adjX": False, "adjY": False})
     if kind in (OpKind.RELU, OpKind.RELU6, OpKind.HARDSWISH):
         return _op(label, keys, nodes, {OpKind.HARDSWISH: "HARD_SWISH"}.get(kind, kind.name))
     if kind is OpKind.CAT:
@@ -177,15 +240,15 @@ def _layer(gm: fx.GraphModule, anchor: fx.Node, point) -> Layer:
         return _op(label, keys, nodes, "CONCATENATION", {"axis": axis, "fusedActivationFunction": "NONE"},
                    same_grid=True)
     if kind is OpKind.FIXED:
-        return _fixed(gm, anchor, detail, label, keys, nodes, shape)
+        return _fixed(gm, anchor, detail, label, keys, nodes, shape, sequence)
     if kind is OpKind.RESIZE:
         return _resize(gm, anchor, module, label, keys, nodes, shape)
     if kind in (OpKind.AVGPOOL, OpKind.MEAN):
-        return _pooling(anchor, module, keys, nodes, label, shape)
+        return _pooling(anchor, module, keys, nodes, label, shape, sequence)
     raise _Refused(f"{kind.value} ops have no exact integer form in xqat yet" + (f" ({detail})" if detail else ""))
 
 
-def _fixed(gm: fx.GraphModule, anchor: fx.Node, detail: str, label: str, keys, nodes, shape) -> Layer:
+def _fixed(gm: fx.GraphModule, anchor: fx.Node, detail: str, label: str, keys, nodes, shape, sequence: bool) -> Layer:
     if detail == FixedGrid.SIGMOID:
         return _op(label, keys, nodes, "LOGISTIC")
     if detail == FixedGrid.TANH:
@@ -201,7 +264,7 @@ def _fixed(gm: fx.GraphModule, anchor: fx.Node, detail: str, label: str, keys, n
         dim = arg(anchor, 1, "dim", None)
         if dim is None and anchor.op == "call_module":
             dim = gm.get_submodule(anchor.target).dim
-        last = 1 if rank == 4 else rank - 1  # TFLite's SOFTMAX is over the last axis of its (NHWC) layout
+        last = 1 if rank == 4 and not sequence else rank - 1  # SOFTMAX: the last axis of TFLite's layout
         if dim is None or int(dim) % rank != last:
             raise _Refused(f"softmax over dim {dim} of a rank-{rank} tensor; only over channels (4-D) or the last dim")
         return _op(label, keys, nodes, "SOFTMAX", {"beta": 1.0})
@@ -228,7 +291,7 @@ def _ceil_changes(ceil: bool, k, s, in_shape, shape) -> bool:
     return tuple(shape[2:]) != ((in_shape[2] - kh) // sh + 1, (in_shape[3] - kw) // sw + 1)
 
 
-def _pooling(anchor: fx.Node, module: nn.Module | None, keys, nodes, label: str, shape) -> Layer:
+def _pooling(anchor: fx.Node, module: nn.Module | None, keys, nodes, label: str, shape, sequence: bool) -> Layer:
     in_shape = _shape(anchor.args[0])
     adaptive = isinstance(module, nn.AdaptiveAvgPool2d) or anchor.target is F.adaptive_avg_pool2d
     name = anchor.target if isinstance(anchor.target, str) else getattr(anchor.target, "__name__", "")
@@ -239,6 +302,8 @@ def _pooling(anchor: fx.Node, module: nn.Module | None, keys, nodes, label: str,
             d = arg(anchor, 1, "dim")
             dims = {int(v) % len(in_shape) for v in (d if isinstance(d, (list, tuple)) else [d])}
             keep = bool(arg(anchor, 2, "keepdim", False))
+        if sequence and len(in_shape) == 3 and 0 not in dims:  # torch's axes (LayerNorm's mean, mean over time)
+            return _op(label, keys, nodes, "MEAN", {"keepDims": keep}, [Const(np.array(sorted(dims), np.int32))])
         if len(in_shape) == 3 and dims == {2}:  # over time, (N, C, T): MEAN over axis 1 of TFLite's (N, T, C)
             layer = _op(label, keys, nodes, "MEAN", {"keepDims": keep}, [Const(np.array([1], np.int32))])
             layer.params["channels_last"] = True
