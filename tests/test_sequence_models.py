@@ -49,6 +49,19 @@ class StackedGRU(nn.Module):
         return self.fc(h[-1])
 
 
+class LstmGru(nn.Module):
+    """An LSTM's output sequence feeding a GRU (two stacked recurrent modules), last step -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.gru, self.fc = nn.LSTM(8, 6, batch_first=True), nn.GRU(6, 4, batch_first=True), nn.Linear(4, 10)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        out, _ = self.gru(out)
+        return self.fc(out[:, -1])
+
+
 class SequenceOut(nn.Module):
     """The whole output sequence used (its steps concatenated: one range), final c_n as a second output."""
 
@@ -134,10 +147,11 @@ class TorchAttention(nn.Module):
         return self.fc(self.ln(x + self.attn(x, x, x)[0]).mean(dim=1))
 
 
-MODELS = {"lstm": (LastStep, (1, 6, 8)), "gru2": (StackedGRU, (1, 8, 8)), "linear": (SequenceLinear, (1, 6, 8)),
+MODELS = {"lstm": (LastStep, (1, 6, 8)), "gru2": (StackedGRU, (1, 8, 8)), "lstm_gru": (LstmGru, (1, 4, 8)),
+          "linear": (SequenceLinear, (1, 6, 8)),
           "attention": (Attention, (1, 6, 8)), "encoder": (Encoder, (1, 6, 8)), "norm_gelu": (NormGelu, (1, 8, 8)),
           "mha": (TorchAttention, (1, 6, 8))}
-RECURRENT = ["lstm", "gru2"]
+RECURRENT = ["lstm", "gru2", "lstm_gru"]
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +179,7 @@ def test_exports_strictly_full_integer_as_elementary_ops(exported, name):
     assert not ops & {"QUANTIZE", "DEQUANTIZE", "GATHER", "UNIDIRECTIONAL_SEQUENCE_LSTM"}
     assert sum(r.kind == "activation" for r in report.tensors) == len(xqat.quant_points(qat))
     # (N, T, F) as in torch, also a square (N, T, T) input (docs/sequence-models.md)
-    assert tuple(m.tensors[m.inputs[0]].shape) == ((1, 6, 8) if name == "lstm" else (1, 8, 8))
+    assert tuple(m.tensors[m.inputs[0]].shape) == MODELS[name][1]
     assert read_mapping(path.read_bytes()).sequence_layout
     fixed = {op.outputs[0]: op.name for op in m.ops if op.name in ("LOGISTIC", "TANH")}
     for idx, op in fixed.items():  # TFLite's fixed output grids
