@@ -341,6 +341,18 @@ def test_unrolled_model_computes_the_recurrent_layer_and_keeps_its_parameter_nam
     torch.testing.assert_close(unrolled(x), float_model(x), atol=0.02, rtol=0)
 
 
+def test_an_lstm_feeding_a_gru_unrolls_both_and_computes_them():
+    """The GRU reads the LSTM's unrolled output sequence, which must carry the shape the GRU's steps are cut from."""
+    torch.manual_seed(2)
+    float_model = LstmGru().eval()
+    unrolled = xqat.prepare_qat(float_model, torch.rand(MODELS["lstm_gru"][1])).eval()
+    assert {"lstm.weight_hh_l0", "gru.weight_hh_l0"} <= set(unrolled.state_dict())
+    labels = {p.label for p in xqat.quant_points(unrolled)}
+    assert {"lstm.l0_t3_h", "gru.l0_t3_h"} <= labels and not {lb for lb in labels if "_t4_" in lb}
+    x = torch.rand(4, *MODELS["lstm_gru"][1][1:])
+    torch.testing.assert_close(unrolled(x), float_model(x), atol=0.02, rtol=0)
+
+
 def test_edgetpu_config_accepts_the_unrolled_layers_and_refuses_a_linear_on_a_sequence():
     for model in (LastStep(), StackedGRU()):
         xqat.prepare_qat(model.eval(), torch.rand(1, 5, 8), xqat.QATConfig(edgetpu=True))
