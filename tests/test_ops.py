@@ -232,6 +232,17 @@ def test_conv_transpose_with_padding_is_transpose_conv_then_a_crop_each_layer_wi
     assert local.layers and all(t.max_abs <= 1 for t in local.layers), local.table()
 
 
+def test_conv_transpose_decoder_maps_fully_on_the_edgetpu(tmp_path):
+    model, shape = make_op_model("decoder")
+    qat = train_random(xqat.prepare_qat(model, torch.rand(shape), xqat.QATConfig(edgetpu=True)), shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = xqat.export_tflite(qat, torch.rand(shape), tmp_path / "decoder.tflite", edgetpu=True)
+    assert report.ok, report.problems()
+    r = xqat.check_edgetpu(tmp_path / "decoder.tflite")
+    assert r.fully_mapped, r.table()
+
+
 def test_several_inputs_each_get_a_quantized_int8_input(tmp_path):
     from tests.op_models import TwoInputs, randomize_bn
 
