@@ -190,6 +190,23 @@ class UNet(nn.Module):
         return self.out(d)
 
 
+class Decoder(nn.Module):
+    """The common transposed-conv decoder forms, each + BN + ReLU: kernel 3, stride 2, padding 1, output_padding 1
+    and kernel 4, stride 2, padding 1 (TRANSPOSE_CONV then a crop), and kernel 2, stride 2 (no crop)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = conv_bn(3, 8, stride=2)
+        self.up1 = nn.Sequential(nn.ConvTranspose2d(8, 6, 3, 2, padding=1, output_padding=1), nn.BatchNorm2d(6),
+                                 nn.ReLU())
+        self.down = conv_bn(6, 6, stride=2)
+        self.up2 = nn.Sequential(nn.ConvTranspose2d(6, 4, 4, 2, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU6())
+        self.up3 = nn.ConvTranspose2d(4, 3, 2, 2)
+
+    def forward(self, x):
+        return self.up3(self.up2(self.down(self.up1(self.enc(x)))))
+
+
 class ShuffleNet(nn.Module):
     """Grouped conv + BN + ReLU, channel shuffle (view/transpose/view as torchvision), chunk, a lonely BN."""
 
@@ -313,6 +330,7 @@ OP_MODELS = {
     "hard_activations": (HardActivations, (1, 3, 16, 16)),
     "mobilenet_v3_block": (MobileNetV3Block, (1, 3, 16, 16)),
     "unet": (UNet, (1, 3, 16, 16)),
+    "decoder": (Decoder, (1, 3, 16, 16)),
     "shuffle": (ShuffleNet, (1, 3, 16, 16)),
     "grouped_residual": (GroupedResidual, (1, 3, 16, 16)),
     "conv1d": (Conv1dNet, (1, 2, 32)),

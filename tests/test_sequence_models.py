@@ -49,6 +49,19 @@ class StackedGRU(nn.Module):
         return self.fc(h[-1])
 
 
+class LstmGru(nn.Module):
+    """An LSTM's output sequence feeding a GRU (two stacked recurrent modules), last step -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.gru, self.fc = nn.LSTM(8, 6, batch_first=True), nn.GRU(6, 4, batch_first=True), nn.Linear(4, 10)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        out, _ = self.gru(out)
+        return self.fc(out[:, -1])
+
+
 class SequenceOut(nn.Module):
     """The whole output sequence used (its steps concatenated: one range), final c_n as a second output."""
 
@@ -134,10 +147,11 @@ class TorchAttention(nn.Module):
         return self.fc(self.ln(x + self.attn(x, x, x)[0]).mean(dim=1))
 
 
-MODELS = {"lstm": (LastStep, (1, 6, 8)), "gru2": (StackedGRU, (1, 8, 8)), "linear": (SequenceLinear, (1, 6, 8)),
+MODELS = {"lstm": (LastStep, (1, 6, 8)), "gru2": (StackedGRU, (1, 8, 8)), "lstm_gru": (LstmGru, (1, 4, 8)),
+          "linear": (SequenceLinear, (1, 6, 8)),
           "attention": (Attention, (1, 6, 8)), "encoder": (Encoder, (1, 6, 8)), "norm_gelu": (NormGelu, (1, 8, 8)),
           "mha": (TorchAttention, (1, 6, 8))}
-RECURRENT = ["lstm", "gru2"]
+RECURRENT = ["lstm", "gru2", "lstm_gru"]
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +179,7 @@ def test_exports_strictly_full_integer_as_elementary_ops(exported, name):
     assert not ops & {"QUANTIZE", "DEQUANTIZE", "GATHER", "UNIDIRECTIONAL_SEQUENCE_LSTM"}
     assert sum(r.kind == "activation" for r in report.tensors) == len(xqat.quant_points(qat))
     # (N, T, F) as in torch, also a square (N, T, T) input (docs/sequence-models.md)
-    assert tuple(m.tensors[m.inputs[0]].shape) == ((1, 6, 8) if name == "lstm" else (1, 8, 8))
+    assert tuple(m.tensors[m.inputs[0]].shape) == MODELS[name][1]
     assert read_mapping(path.read_bytes()).sequence_layout
     fixed = {op.outputs[0]: op.name for op in m.ops if op.name in ("LOGISTIC", "TANH")}
     for idx, op in fixed.items():  # TFLite's fixed output grids
@@ -324,6 +338,18 @@ def test_unrolled_model_computes_the_recurrent_layer_and_keeps_its_parameter_nam
     unrolled = xqat.prepare_qat(float_model, torch.rand(shape)).eval()  # no range observed yet: weights quantized
     assert torch.equal(unrolled.get_parameter("rnn.weight_ih_l0"), float_model.rnn.weight_ih_l0)
     x = torch.rand(4, *shape[1:])
+    torch.testing.assert_close(unrolled(x), float_model(x), atol=0.02, rtol=0)
+
+
+def test_an_lstm_feeding_a_gru_unrolls_both_and_computes_them():
+    """The GRU reads the LSTM's unrolled output sequence, which must carry the shape the GRU's steps are cut from."""
+    torch.manual_seed(2)
+    float_model = LstmGru().eval()
+    unrolled = xqat.prepare_qat(float_model, torch.rand(MODELS["lstm_gru"][1])).eval()
+    assert {"lstm.weight_hh_l0", "gru.weight_hh_l0"} <= set(unrolled.state_dict())
+    labels = {p.label for p in xqat.quant_points(unrolled)}
+    assert {"lstm.l0_t3_h", "gru.l0_t3_h"} <= labels and not {lb for lb in labels if "_t4_" in lb}
+    x = torch.rand(4, *MODELS["lstm_gru"][1][1:])
     torch.testing.assert_close(unrolled(x), float_model(x), atol=0.02, rtol=0)
 
 

@@ -88,6 +88,8 @@ def _conv(plan: Plan, node: fx.Node, detail: str) -> None:
     act_node, act = _fused_act(plan, bn if bn is not None else node)
     if cfg.edgetpu and isinstance(conv, nn.ConvTranspose2d):
         act_node, act = None, None  # TRANSPOSE_CONV with a fused activation is op version 4: compiler 16 rejects it
+    elif _crops_output(conv):
+        act_node, act = None, None  # the crop (STRIDED_SLICE) sits between TRANSPOSE_CONV and the activation
     bn_mod = gm.get_submodule(bn.target) if bn is not None else None
     _replace_module(gm, node.target, QConv2d(conv, bn_mod, act=act, freeze_bn_delay=cfg.freeze_bn_delay,
                                              bn_stats=cfg.bn_stats, sync_bn=cfg.sync_bn, **_weight_kwargs(plan)))
@@ -96,6 +98,12 @@ def _conv(plan: Plan, node: fx.Node, detail: str) -> None:
         parent, _, name = str(bn.target).rpartition(".")
         delattr(gm.get_submodule(parent) if parent else gm, name)
     plan.add_point(node, OpKind.CONV)
+
+
+def _crops_output(conv: nn.Module) -> bool:
+    """A ConvTranspose2d with padding / output_padding: TFLite runs it as TRANSPOSE_CONV then a STRIDED_SLICE that
+    crops (or pads) to torch's size, so a following ReLU cannot be fused into the op; it is a RELU of its own."""
+    return isinstance(conv, nn.ConvTranspose2d) and (any(conv.padding) or any(conv.output_padding))
 
 
 def _bn_matches(gm: fx.GraphModule, conv_node: fx.Node, bn_node: fx.Node) -> bool:

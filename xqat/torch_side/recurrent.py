@@ -258,19 +258,27 @@ def _rewire(b: _Builder, node: fx.Node, rnn, seq: list[fx.Node], last_h: list[fx
 def _rewire_sequence(b: _Builder, user: fx.Node, rnn, seq: list[fx.Node], steps: int) -> None:
     for idx in [u for u in list(user.users) if u.op == "call_function" and u.target is operator.getitem
                 and _is_last_step(u.args[1], steps, rnn.batch_first)]:
-        idx.replace_all_uses_with(seq[-1])
+        _replace(idx, seq[-1])
     if user.users:
         dim = 1 if rnn.batch_first else 0
         with b.gm.graph.inserting_before(user):
             parts = [b.method("unsqueeze", (h, dim), f"seq_t{t}") for t, h in enumerate(seq)]
-            user.replace_all_uses_with(b.call(torch.cat, (parts, dim), "output"))
+            _replace(user, b.call(torch.cat, (parts, dim), "output"))
 
 
 def _rewire_state(b: _Builder, user: fx.Node, last: list[fx.Node], layers: int, name: str) -> None:
     for idx in [u for u in list(user.users) if u.op == "call_function" and u.target is operator.getitem
                 and u.args[1] in (-1, layers - 1)]:
-        idx.replace_all_uses_with(last[-1])
+        _replace(idx, last[-1])
     if user.users:
         with b.gm.graph.inserting_before(user):
             parts = [b.method("unsqueeze", (t, 0), f"{name}_n_l{k}") for k, t in enumerate(last)]
-            user.replace_all_uses_with(b.call(torch.cat, (parts, 0), f"{name}_n"))
+            _replace(user, b.call(torch.cat, (parts, 0), f"{name}_n"))
+
+
+def _replace(old: fx.Node, new: fx.Node) -> None:
+    """`old`'s users read `new` instead. `new` is the same tensor, so it takes `old`'s recorded shape: a later
+    rewrite in the same pass (a second LSTM/GRU fed by this one's output) reads it before shapes are run again."""
+    if "tensor_meta" in old.meta and "tensor_meta" not in new.meta:
+        new.meta["tensor_meta"] = old.meta["tensor_meta"]
+    old.replace_all_uses_with(new)
