@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         from ..export.workdir import terminate_raises
 
         with terminate_raises():  # SIGTERM: cleanup (temporary files) runs, then exit 143
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+        if interrupts.seen:  # a Ctrl-C whose KeyboardInterrupt a library swallowed (a C callback): still interrupted
+            raise KeyboardInterrupt
+        return code
     except XQATError as e:
         print(f"{command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -62,7 +62,10 @@ def terminate_raises() -> Iterator[None]:
         yield
         return
 
+    seen: list[int] = []
+
     def _terminate(signum, frame):
+        seen.append(signum)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _terminate)
@@ -70,6 +73,8 @@ def terminate_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if seen:  # the SystemExit was swallowed on the way (a library catching BaseException, a C callback): end anyway
+        raise SystemExit(128 + seen[0])
 
 
 @contextlib.contextmanager
