@@ -179,7 +179,13 @@ TRAP = "open({marker!r}, 'w').write('imported'); raise SystemExit(97)\n"
 def _spawn(argv: list[str], cwd: Path, tmpdir: Path) -> subprocess.Popen:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO), "TMPDIR": str(tmpdir)}
     return subprocess.Popen([sys.executable, "-m", "xqat", *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_terminal_signals)
+
+
+def _terminal_signals() -> None:
+    """SIGINT as in a terminal: a test run launched as a background job (`cmd &`) ignores it, the child inherits
+    that, and the CLI rightly keeps an ignored SIGINT ignored (nohup semantics)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_until_importing_torch(proc: subprocess.Popen, limit: float = 120) -> None:
