@@ -302,45 +302,43 @@ def decompose(plan: Plan) -> bool:
     """
     changed = False
     for node in list(plan.gm.graph.nodes):
-        kind = plan.kind(node)
-        if kind is OpKind.SILU:
-            _split_silu(plan, node)
-            changed = True
-        elif kind is OpKind.HARDSIGMOID or (kind is OpKind.HARDSWISH and plan.config.edgetpu):
-            _split_hard(plan, node, swish=kind is OpKind.HARDSWISH)
-            changed = True
-        elif kind is OpKind.GROUPED_CONV:
-            _split_groups(plan, node)
-            changed = True
-        elif kind is OpKind.RECURRENT:
-            unroll(plan.gm, node)
-            changed = True
-        elif kind is OpKind.ADAPTIVE_AVGPOOL:
-            _split_adaptive_pool(plan, node)
-            changed = True
-        elif _merges_into_key_transpose(plan, node):
-            _merge_key_transposes(plan, node)
-            changed = True
-        elif kind is OpKind.MULTIHEAD_ATTENTION:
-            split_multihead_attention(plan.gm, node)
-            changed = True
-        elif kind is OpKind.LAYER_NORM:
-            split_layer_norm(plan.gm, node)
-            changed = True
-        elif kind is not None and plan.kinds[node][1] == CONSTANT_OPERAND:
-            constant_operands(plan.gm, node)
-            changed = True
-        elif _is_channel_shuffle(plan.gm, node) and kind is not None:
-            _split_channel_shuffle(plan, node)
-            changed = True
-        elif _is_channels_to_last(node):
-            _channels_last_first(plan, node)
+        rewrite = _decomposition(plan, node)
+        if rewrite is not None:
+            rewrite()
             changed = True
     if changed:
         plan.gm.graph.eliminate_dead_code()
         plan.gm.delete_all_unused_submodules()
         plan.gm.recompile()
     return changed
+
+
+def _decomposition(plan: Plan, node: fx.Node) -> Callable[[], None] | None:
+    """The rewrite `decompose` applies to `node` (first match in this order), or None."""
+    gm, kind = plan.gm, plan.kind(node)
+    if kind is OpKind.SILU:
+        return lambda: _split_silu(plan, node)
+    if kind is OpKind.HARDSIGMOID or (kind is OpKind.HARDSWISH and plan.config.edgetpu):
+        return lambda: _split_hard(plan, node, swish=kind is OpKind.HARDSWISH)
+    if kind is OpKind.GROUPED_CONV:
+        return lambda: _split_groups(plan, node)
+    if kind is OpKind.RECURRENT:
+        return lambda: unroll(gm, node)
+    if kind is OpKind.ADAPTIVE_AVGPOOL:
+        return lambda: _split_adaptive_pool(plan, node)
+    if _merges_into_key_transpose(plan, node):
+        return lambda: _merge_key_transposes(plan, node)
+    if kind is OpKind.MULTIHEAD_ATTENTION:
+        return lambda: split_multihead_attention(gm, node)
+    if kind is OpKind.LAYER_NORM:
+        return lambda: split_layer_norm(gm, node)
+    if kind is not None and plan.kinds[node][1] == CONSTANT_OPERAND:
+        return lambda: constant_operands(gm, node)
+    if _is_channel_shuffle(gm, node) and kind is not None:
+        return lambda: _split_channel_shuffle(plan, node)
+    if _is_channels_to_last(node):
+        return lambda: _channels_last_first(plan, node)
+    return None
 
 
 def _split_silu(plan: Plan, node: fx.Node) -> None:
